@@ -1,0 +1,176 @@
+"""Raster I/O on rasterio: one place that opens files, so every reader gets the same GDAL env.
+
+Any GDAL-readable raster works (GeoTIFF first, PNG/JPEG masks too). Files without a CRS or
+with an identity transform are accepted and flagged as not georeferenced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+from rasterio.errors import RasterioIOError
+from rasterio.transform import Affine
+
+#: Extensions the dataset discovery treats as rasters.
+RASTER_EXTENSIONS: frozenset[str] = frozenset(
+    {".tif", ".tiff", ".png", ".jpg", ".jpeg", ".jp2", ".img", ".vrt", ".bmp"}
+)
+
+#: GDAL settings for opening many files: skipping the sibling-file listing roughly halves
+#: open cost on big folders (GDAL otherwise lists the directory on every open).
+GDAL_ENV: dict[str, Any] = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR", "CPL_LOG": os.devnull}
+
+
+class RasterReadError(ValueError):
+    """A raster could not be opened or read; the message names the file and the cause."""
+
+    def __init__(self, path: Path | str, reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+
+@dataclass(frozen=True)
+class RasterInfo:
+    """What the catalog needs to know about one raster without reading its pixels."""
+
+    path: Path
+    driver: str
+    width: int
+    height: int
+    count: int
+    dtype: str
+    crs: str | None
+    transform: tuple[float, float, float, float, float, float]
+    bounds: tuple[float, float, float, float]
+    nodata: float | None
+    georeferenced: bool
+
+
+@contextlib.contextmanager
+def gdal_env() -> Iterator[None]:
+    """Enter the project's GDAL environment (no-op if one is already active)."""
+    with rasterio.Env(**GDAL_ENV):
+        yield
+
+
+@contextlib.contextmanager
+def open_raster(path: Path | str) -> Iterator[rasterio.io.DatasetReader]:
+    """Open ``path`` read-only, turning GDAL failures into :class:`RasterReadError`."""
+    path = Path(path)
+    if not path.exists():
+        raise RasterReadError(path, "file does not exist")
+    if path.stat().st_size == 0:
+        raise RasterReadError(path, "file is empty (0 bytes); re-export or remove it")
+    try:
+        with gdal_env(), rasterio.open(path) as src:
+            yield src
+    except RasterioIOError as exc:
+        raise RasterReadError(path, f"not a readable raster ({exc}); re-export or remove it") from exc
+
+
+def info_from_dataset(src: rasterio.io.DatasetReader, path: Path) -> RasterInfo:
+    """Extract :class:`RasterInfo` from an open dataset."""
+    transform = src.transform
+    crs = src.crs.to_string() if src.crs else None
+    georeferenced = crs is not None and transform != Affine.identity()
+    return RasterInfo(
+        path=path,
+        driver=src.driver,
+        width=src.width,
+        height=src.height,
+        count=src.count,
+        dtype=src.dtypes[0],
+        crs=crs,
+        transform=tuple(transform)[:6],  # type: ignore[arg-type]
+        bounds=tuple(src.bounds),  # type: ignore[arg-type]
+        nodata=src.nodata,
+        georeferenced=georeferenced,
+    )
+
+
+def read_info(path: Path | str) -> RasterInfo:
+    """Read the header of a raster (no pixels)."""
+    with open_raster(path) as src:
+        return info_from_dataset(src, Path(path))
+
+
+def read_array(path: Path | str, window: rasterio.windows.Window | None = None) -> np.ndarray:
+    """Read all bands as a ``(bands, height, width)`` array; GDAL read errors name the file."""
+    with open_raster(path) as src:
+        try:
+            return src.read(window=window)
+        except RasterioIOError as exc:
+            raise RasterReadError(path, f"pixel data is corrupt or truncated ({exc})") from exc
+
+
+def file_sha256(path: Path | str, chunk_size: int = 1 << 20) -> str:
+    """Content hash of a file, streamed so big rasters do not load into memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def atomic_path(final_path: Path) -> Path:
+    """A temp path next to ``final_path`` (same filesystem, so ``os.replace`` is atomic)."""
+    final_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final_path.name}.", suffix=".tmp", dir=final_path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+@contextlib.contextmanager
+def atomic_write(final_path: Path | str) -> Iterator[Path]:
+    """Yield a temp path to write; rename onto ``final_path`` on success, delete on failure."""
+    final_path = Path(final_path)
+    tmp = atomic_path(final_path)
+    try:
+        yield tmp
+        os.replace(tmp, final_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_geotiff(
+    path: Path | str,
+    array: np.ndarray,
+    *,
+    crs: str | None = None,
+    transform: Affine | tuple[float, ...] | None = None,
+    nodata: float | None = None,
+    compress: str | None = "deflate",
+) -> Path:
+    """Write a ``(bands, H, W)`` or ``(H, W)`` array as a GeoTIFF, atomically."""
+    path = Path(path)
+    data = array[np.newaxis] if array.ndim == 2 else array
+    if transform is not None and not isinstance(transform, Affine):
+        transform = Affine(*transform[:6])
+    profile: dict[str, Any] = {
+        "driver": "GTiff",
+        "width": data.shape[2],
+        "height": data.shape[1],
+        "count": data.shape[0],
+        "dtype": data.dtype.name,
+        "crs": crs,
+        "transform": transform if transform is not None else Affine.identity(),
+        "nodata": nodata,
+    }
+    if compress:
+        profile["compress"] = compress
+    if data.shape[1] >= 256 and data.shape[2] >= 256:
+        profile.update(tiled=True, blockxsize=256, blockysize=256)
+    with atomic_write(path) as tmp, gdal_env():
+        with rasterio.open(tmp, "w", **profile) as dst:
+            dst.write(data)
+    return path

@@ -1,0 +1,284 @@
+"""Shards: the training-ready copy of a dataset, one folder per split, size-bounded, atomic.
+
+Layout (seed 000)::
+
+    <processed>/<dataset>/<split>/shard-00000/{inputs/, targets/, index.jsonl}
+    <processed>/<dataset>/manifest.json
+
+Each ``index.jsonl`` row is ``{item_id, input, target, split, ...}`` with paths relative to the
+shard folder. A shard is built in a hidden temp folder and renamed into place, so a reader
+never sees half a shard. The manifest lists every shard with a content hash; its overall
+``data_version`` is what Dagster records, and an unchanged shard is not rewritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from seg_pipeline.data.headers import STATUS_OK
+from seg_pipeline.data.raster_io import atomic_write, open_raster, write_geotiff
+
+INDEX_NAME = "index.jsonl"
+MANIFEST_NAME = "manifest.json"
+SHARD_PREFIX = "shard-"
+REQUIRED_INDEX_KEYS = ("item_id", "input", "target", "split")
+TILE_FORMATS = ("tif", "npy")
+
+
+class ShardError(ValueError):
+    """A shard is malformed or unsafe; the message names the shard and the row."""
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    """How to cut splits into shards.
+
+    Attributes:
+        max_items_per_shard: Upper bound on tiles per shard.
+        max_shard_bytes: Upper bound on source bytes per shard (a single larger tile still
+            gets a shard of its own).
+        tile_format: ``tif`` keeps GeoTIFFs (georeferenced, readable by any GIS); ``npy``
+            stores raw arrays, several times faster to load for training.
+    """
+
+    max_items_per_shard: int = 256
+    max_shard_bytes: int = 512 * 1024 * 1024
+    tile_format: str = "tif"
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field when a value is impossible."""
+        if self.max_items_per_shard < 1:
+            raise ValueError(f"max_items_per_shard={self.max_items_per_shard}: must be >= 1")
+        if self.max_shard_bytes < 1:
+            raise ValueError(f"max_shard_bytes={self.max_shard_bytes}: must be >= 1")
+        if self.tile_format not in TILE_FORMATS:
+            raise ValueError(f"tile_format={self.tile_format!r}: choose one of {', '.join(TILE_FORMATS)}")
+
+
+@dataclass(frozen=True)
+class ShardRow:
+    """One validated index row with absolute paths resolved inside its shard."""
+
+    item_id: str
+    split: str
+    input_path: Path
+    target_path: Path | None
+    extra: dict[str, Any]
+
+
+def _chunks(rows: list[dict[str, Any]], config: ShardConfig) -> Iterator[list[dict[str, Any]]]:
+    chunk: list[dict[str, Any]] = []
+    size = 0
+    for row in rows:
+        row_bytes = int(row.get("image_size") or 0) + int(row.get("mask_size") or 0)
+        if chunk and (len(chunk) >= config.max_items_per_shard or size + row_bytes > config.max_shard_bytes):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(row)
+        size += row_bytes
+    if chunk:
+        yield chunk
+
+
+def _store(src: Path, dst_stem: Path, tile_format: str) -> Path:
+    """Copy a raster into the shard (byte copy for GeoTIFFs, conversion otherwise)."""
+    if tile_format == "npy":
+        with open_raster(src) as ds:
+            array = ds.read()
+        dst = dst_stem.with_suffix(".npy")
+        np.save(dst, array)
+        return dst
+    dst = dst_stem.with_suffix(".tif")
+    if src.suffix.lower() in (".tif", ".tiff"):
+        shutil.copyfile(src, dst)
+    else:
+        with open_raster(src) as ds:
+            array = ds.read()
+            crs = ds.crs.to_string() if ds.crs else None
+            write_geotiff(dst, array, crs=crs, transform=ds.transform, nodata=ds.nodata)
+    return dst
+
+
+def _index_rows(items: list[dict[str, Any]], split: str, tile_format: str) -> list[dict[str, Any]]:
+    ext = ".npy" if tile_format == "npy" else ".tif"
+    rows = []
+    for item in items:
+        has_target = bool(item.get("mask_path")) and isinstance(item.get("mask_path"), str)
+        rows.append(
+            {
+                "item_id": item["item_id"],
+                "input": f"inputs/{item['item_id']}{ext}",
+                "target": f"targets/{item['item_id']}{ext}" if has_target else None,
+                "split": split,
+                "width": int(item["width"]),
+                "height": int(item["height"]),
+                "bands": int(item["bands"]),
+                "dtype": item["dtype"],
+                "crs": item["crs"] if isinstance(item["crs"], str) else None,
+                "transform": [float(v) for v in item["transform"]],
+                "nodata": None if pd.isna(item["nodata"]) else float(item["nodata"]),
+                "has_label": bool(item["has_label"]),
+                "image_sha256": item["image_sha256"],
+                "mask_sha256": item["mask_sha256"] if isinstance(item.get("mask_sha256"), str) else None,
+            }
+        )
+    return rows
+
+
+def _index_text(rows: list[dict[str, Any]]) -> str:
+    return "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows)
+
+
+def _write_shard(final_dir: Path, items: list[dict[str, Any]], index_text: str, tile_format: str) -> None:
+    """Build a shard in a hidden temp folder, then swap it into ``final_dir``."""
+    tmp = final_dir.parent / f".tmp-{final_dir.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        (tmp / "inputs").mkdir(parents=True)
+        (tmp / "targets").mkdir()
+        for item in items:
+            _store(Path(item["image_path"]), tmp / "inputs" / item["item_id"], tile_format)
+            if isinstance(item.get("mask_path"), str) and item["mask_path"]:
+                _store(Path(item["mask_path"]), tmp / "targets" / item["item_id"], tile_format)
+        (tmp / INDEX_NAME).write_text(index_text)
+        _replace_dir(tmp, final_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _replace_dir(new: Path, final: Path) -> None:
+    """Put ``new`` at ``final``; an existing ``final`` is moved aside first, then deleted."""
+    old = None
+    if final.exists():
+        old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
+        os.rename(final, old)
+    os.rename(new, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _existing_hash(shard_dir: Path) -> str | None:
+    index = shard_dir / INDEX_NAME
+    return hashlib.sha256(index.read_bytes()).hexdigest() if index.exists() else None
+
+
+def write_shards(
+    catalog: pd.DataFrame,
+    splits: pd.DataFrame,
+    dataset_dir: Path | str,
+    config: ShardConfig = ShardConfig(),
+) -> dict[str, Any]:
+    """Write every split's shards under ``dataset_dir`` and return the manifest.
+
+    Unchanged shards (same index content) are kept as they are; shards and splits that no
+    longer exist are removed, so the folder always matches the manifest.
+    """
+    config.validate()
+    dataset_dir = Path(dataset_dir)
+    ok = catalog[catalog["status"] == STATUS_OK].set_index("item_id", drop=False)
+    manifest: dict[str, Any] = {"format": 1, "tile_format": config.tile_format, "splits": {}}
+    written = reused = 0
+    for split in sorted(splits["split"].unique()):
+        split_dir = dataset_dir / split
+        split_dir.mkdir(parents=True, exist_ok=True)
+        ids = sorted(splits.loc[splits["split"] == split, "item_id"])
+        items = [ok.loc[i].to_dict() for i in ids]
+        shards = []
+        for n, chunk in enumerate(_chunks(items, config)):
+            name = f"{SHARD_PREFIX}{n:05d}"
+            index_text = _index_text(_index_rows(chunk, split, config.tile_format))
+            content_hash = hashlib.sha256(index_text.encode()).hexdigest()
+            if _existing_hash(split_dir / name) == content_hash:
+                reused += 1
+            else:
+                _write_shard(split_dir / name, chunk, index_text, config.tile_format)
+                written += 1
+            shards.append({"path": f"{split}/{name}", "items": len(chunk), "content_hash": content_hash})
+        keep = {Path(s["path"]).name for s in shards}
+        for stale in split_dir.glob(f"{SHARD_PREFIX}*"):
+            if stale.name not in keep:
+                shutil.rmtree(stale)
+        manifest["splits"][split] = shards
+    for stale_split in dataset_dir.iterdir():
+        if stale_split.is_dir() and stale_split.name not in manifest["splits"] and any(
+            stale_split.glob(f"{SHARD_PREFIX}*")
+        ):
+            shutil.rmtree(stale_split)
+    all_hashes = [s["content_hash"] for shards in manifest["splits"].values() for s in shards]
+    manifest["data_version"] = hashlib.sha256("".join(all_hashes).encode()).hexdigest()
+    with atomic_write(dataset_dir / MANIFEST_NAME) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    manifest["stats"] = {"shards_written": written, "shards_reused": reused}
+    return manifest
+
+
+def read_manifest(dataset_dir: Path | str) -> dict[str, Any]:
+    """Load ``manifest.json`` of a sharded dataset."""
+    path = Path(dataset_dir) / MANIFEST_NAME
+    if not path.exists():
+        raise ShardError(f"{path} does not exist: materialize the shards first")
+    return json.loads(path.read_text())
+
+
+def shard_dirs(dataset_dir: Path | str, split: str) -> list[Path]:
+    """The shard folders of one split, in order, from the manifest."""
+    manifest = read_manifest(dataset_dir)
+    if split not in manifest["splits"]:
+        raise ShardError(f"split {split!r} not in {dataset_dir}; available: {sorted(manifest['splits'])}")
+    return [Path(dataset_dir) / s["path"] for s in manifest["splits"][split]]
+
+
+def _inside(root: Path, relative: Any, shard: Path, line_no: int, key: str) -> Path:
+    if not isinstance(relative, str) or not relative:
+        raise ShardError(f"{shard / INDEX_NAME}:{line_no}: {key!r} must be a relative path string")
+    candidate = (root / relative).resolve()
+    if Path(relative).is_absolute() or not candidate.is_relative_to(root):
+        raise ShardError(
+            f"{shard / INDEX_NAME}:{line_no}: {key} path {relative!r} escapes the shard root; "
+            "index paths must stay inside the shard folder"
+        )
+    if not candidate.exists():
+        raise ShardError(f"{shard / INDEX_NAME}:{line_no}: {key} file {relative!r} is missing")
+    return candidate
+
+
+def read_shard_index(shard_dir: Path | str) -> list[ShardRow]:
+    """Read and validate a shard's ``index.jsonl`` (keys present, paths inside the shard)."""
+    shard = Path(shard_dir)
+    root = shard.resolve()
+    index = shard / INDEX_NAME
+    if not index.exists():
+        raise ShardError(f"{index} does not exist: not a shard folder")
+    rows = []
+    for line_no, line in enumerate(index.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ShardError(f"{index}:{line_no}: not valid JSON ({exc})") from exc
+        missing = [k for k in REQUIRED_INDEX_KEYS if k not in raw]
+        if missing:
+            raise ShardError(f"{index}:{line_no}: missing keys {missing}")
+        target = raw["target"]
+        rows.append(
+            ShardRow(
+                item_id=str(raw["item_id"]),
+                split=str(raw["split"]),
+                input_path=_inside(root, raw["input"], shard, line_no, "input"),
+                target_path=None if target is None else _inside(root, target, shard, line_no, "target"),
+                extra={k: v for k, v in raw.items() if k not in REQUIRED_INDEX_KEYS},
+            )
+        )
+    return rows

@@ -1,0 +1,204 @@
+"""Dataset spec and discovery: where the images and masks of one dataset are, and how they pair.
+
+Supported without configuration (case-insensitive folder names):
+
+- ``images/ + masks/`` (also ``labels/``, ``gt/``, ``annotations/``),
+- ``images_png/ + masks_png/`` (LoveDA / GeoSeg style),
+- ``train|val|test/images`` + ``train|val|test/masks`` and ``images/train`` + ``masks/train``:
+  the split folder name is recorded as the tile's *fixed split*,
+- explicit globs (``images_glob``/``masks_glob``, relative to the root).
+
+Images and masks pair by file stem. Class names come from ``classes.txt`` in the root
+(``"<id> <name>"`` or one name per line) or from the spec.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from seg_pipeline.data.raster_io import RASTER_EXTENSIONS
+
+IMAGE_DIR_NAMES = frozenset({"images", "image", "imgs", "img", "images_png", "inputs", "rgb"})
+MASK_DIR_NAMES = frozenset(
+    {"masks", "mask", "labels", "label", "masks_png", "gt", "annotations", "targets", "ann_dir"}
+)
+#: Folder names that carry a fixed split, normalised to the pipeline's split names.
+SPLIT_DIR_NAMES: dict[str, str] = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+}
+_MASK_SUFFIXES = ("_mask", "_label", "_labels", "_gt", "-mask", "-label")
+
+
+class DatasetSpecError(ValueError):
+    """The dataset folder or spec cannot be used; the message says which field or path."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Where one dataset lives and what its labels mean.
+
+    Attributes:
+        dataset_id: Name used for output folders (``<processed>/<dataset_id>/``).
+        root: Folder holding the images and masks.
+        images_glob: Optional glob (relative to ``root``) for images; overrides detection.
+        masks_glob: Optional glob for masks; pairs with images by stem.
+        class_names: Class names by id; empty means read ``classes.txt``.
+        ignore_index: Mask value meaning "not labelled" (excluded from loss and metrics).
+        expected_bands: Band count every image must have (``None``: take the first tile's).
+    """
+
+    dataset_id: str
+    root: Path
+    images_glob: str | None = None
+    masks_glob: str | None = None
+    class_names: tuple[str, ...] = ()
+    ignore_index: int = 255
+    expected_bands: int | None = None
+
+    def validate(self) -> None:
+        """Raise :class:`DatasetSpecError` naming the field when a value is unusable."""
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.dataset_id):
+            raise DatasetSpecError(
+                f"dataset_id={self.dataset_id!r}: use letters, digits, '_', '-' or '.' (it names a folder)"
+            )
+        if not Path(self.root).is_dir():
+            raise DatasetSpecError(f"root={self.root}: folder does not exist; point it at your tiles")
+        if self.expected_bands is not None and self.expected_bands < 1:
+            raise DatasetSpecError(f"expected_bands={self.expected_bands}: must be >= 1")
+        if not 0 <= self.ignore_index <= 65535:
+            raise DatasetSpecError(f"ignore_index={self.ignore_index}: must be within [0, 65535]")
+        if bool(self.masks_glob) and not self.images_glob:
+            raise DatasetSpecError("masks_glob is set but images_glob is not: set both or neither")
+
+
+@dataclass(frozen=True)
+class TileRecord:
+    """One discovered tile: an image, its mask (if any) and a fixed split from folder names."""
+
+    item_id: str
+    image_path: Path | None
+    mask_path: Path | None
+    fixed_split: str | None = None
+    problem: str | None = None  # set when discovery itself finds the tile unusable
+
+
+@dataclass
+class Discovery:
+    """Result of scanning a dataset folder."""
+
+    records: list[TileRecord] = field(default_factory=list)
+    class_names: tuple[str, ...] = ()
+    layout: str = ""
+
+
+def read_class_names(path: Path) -> tuple[str, ...]:
+    """Parse ``classes.txt``: ``"<id> <name>"`` lines (ids must be 0..N-1) or one name per line."""
+    lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    names: dict[int, str] = {}
+    for position, line in enumerate(lines):
+        head, _, rest = line.partition(" ")
+        if head.isdigit() and rest.strip():
+            names[int(head)] = rest.strip()
+        else:
+            names[position] = line
+    if sorted(names) != list(range(len(names))):
+        raise DatasetSpecError(f"{path}: class ids must be 0..{len(names) - 1} without gaps, got {sorted(names)}")
+    return tuple(names[i] for i in range(len(names)))
+
+
+def _is_raster(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in RASTER_EXTENSIONS and not path.name.startswith(".")
+
+
+def _role_and_split(rel: Path) -> tuple[str | None, str | None]:
+    """Classify a file by its folder names: ('image'|'mask'|None, fixed split or None)."""
+    role, split = None, None
+    for part in rel.parts[:-1]:
+        low = part.lower()
+        if low in IMAGE_DIR_NAMES:
+            role = "image"
+        elif low in MASK_DIR_NAMES:
+            role = "mask"
+        elif low in SPLIT_DIR_NAMES:
+            split = SPLIT_DIR_NAMES[low]
+    return role, split
+
+
+def _mask_stem(path: Path) -> str:
+    stem = path.stem
+    for suffix in _MASK_SUFFIXES:
+        if stem.lower().endswith(suffix):
+            return stem[: -len(suffix)]
+    return stem
+
+
+def discover(spec: DatasetSpec) -> Discovery:
+    """Find and pair the tiles of ``spec``; problems are recorded per tile, never raised.
+
+    Raises:
+        DatasetSpecError: the folder holds no raster at all, or the spec is invalid.
+    """
+    spec.validate()
+    root = Path(spec.root)
+    images: dict[str, list[tuple[Path, str | None]]] = defaultdict(list)
+    masks: dict[str, list[tuple[Path, str | None]]] = defaultdict(list)
+    if spec.images_glob:
+        layout = "globs"
+        for path in sorted(root.glob(spec.images_glob)):
+            if _is_raster(path):
+                images[path.stem].append((path, _role_and_split(path.relative_to(root))[1]))
+        for path in sorted(root.glob(spec.masks_glob or "__no_masks__")):
+            if _is_raster(path):
+                masks[_mask_stem(path)].append((path, _role_and_split(path.relative_to(root))[1]))
+    else:
+        layout = "folders"
+        for path in sorted(root.rglob("*")):
+            if not _is_raster(path):
+                continue
+            role, split = _role_and_split(path.relative_to(root))
+            if role == "image":
+                images[path.stem].append((path, split))
+            elif role == "mask":
+                masks[_mask_stem(path)].append((path, split))
+    if not images and not masks:
+        hint = (
+            f"images_glob={spec.images_glob!r} matched nothing"
+            if spec.images_glob
+            else "expected images/ + masks/ (or images_png/, train|val|test/images) holding rasters"
+        )
+        raise DatasetSpecError(f"{root}: no raster tiles found ({hint})")
+
+    records: list[TileRecord] = []
+    for item_id in sorted(set(images) | set(masks)):
+        found_images, found_masks = images.get(item_id, []), masks.get(item_id, [])
+        if len(found_images) > 1 or len(found_masks) > 1:
+            paths = ", ".join(str(p) for p, _ in found_images + found_masks)
+            records.append(
+                TileRecord(
+                    item_id, found_images[0][0] if found_images else None, None,
+                    problem=f"duplicate item id {item_id!r}: several files share the stem ({paths}); rename them",
+                )
+            )
+            continue
+        image, image_split = found_images[0] if found_images else (None, None)
+        mask, mask_split = found_masks[0] if found_masks else (None, None)
+        problem = None
+        if image is None:
+            problem = f"mask without image: {mask} has no image with stem {item_id!r}"
+        elif mask is not None and image_split != mask_split:
+            problem = f"image split folder {image_split!r} differs from mask split folder {mask_split!r}"
+        records.append(TileRecord(item_id, image, mask, image_split or mask_split, problem))
+
+    class_names = spec.class_names
+    if not class_names and (root / "classes.txt").exists():
+        class_names = read_class_names(root / "classes.txt")
+    return Discovery(records=records, class_names=tuple(class_names), layout=layout)

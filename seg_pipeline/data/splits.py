@@ -1,0 +1,175 @@
+"""Deterministic, hash-stable split assignment.
+
+A tile's split is a pure function of (its key, the seed, the policy): the key is the item id,
+or its spatial group when grouping is on. Adding or removing tiles therefore never moves
+another tile. The price is that split sizes follow the fractions statistically, not exactly:
+no assignment can be both exact at every dataset size and stable under removal (remove the
+one ``metrics_train`` tile of four and the remaining three would need one of their own).
+
+Policies:
+
+- ``v0`` (seed 000): labeled tiles -> 25% ``metrics_train`` (metrics only), the rest ``val``;
+  unlabeled tiles -> ``train``.
+- ``supervised``: labeled tiles -> ``train``/``val``/``test`` by fractions; unlabeled -> ``unlabeled``.
+- ``fixed``: the split folder the tile came from (``train|val|test``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from seg_pipeline.data.headers import STATUS_OK
+from seg_pipeline.data.raster_io import atomic_write
+
+POLICIES = ("v0", "supervised", "fixed")
+SPLIT_SCHEMA = pa.schema(
+    [
+        ("item_id", pa.string()),
+        ("split", pa.string()),
+        ("group", pa.string()),
+        ("has_label", pa.bool_()),
+        ("hash_u", pa.float64()),
+    ]
+)
+
+
+class SplitError(ValueError):
+    """The split cannot be made as configured; the message names the field or the tiles."""
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """How to split. Defaults follow seed 000's v0 policy.
+
+    Attributes:
+        policy: ``v0``, ``supervised`` or ``fixed``.
+        seed: Salt of the hash; change it to draw a different (but again stable) split.
+        metrics_fraction: v0 share of labeled tiles sent to ``metrics_train``.
+        train_fraction, val_fraction, test_fraction: supervised fractions (must sum to 1).
+        group_block_size: Spatial grouping block in CRS units (e.g. metres); tiles whose
+            centres fall in the same block share a split. ``None`` disables grouping.
+    """
+
+    policy: str = "v0"
+    seed: int = 0
+    metrics_fraction: float = 0.25
+    train_fraction: float = 0.7
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    group_block_size: float | None = None
+
+    def validate(self) -> None:
+        """Raise :class:`SplitError` naming the field when a value is impossible."""
+        if self.policy not in POLICIES:
+            raise SplitError(f"policy={self.policy!r}: choose one of {', '.join(POLICIES)}")
+        if not 0.0 <= self.metrics_fraction <= 1.0:
+            raise SplitError(f"metrics_fraction={self.metrics_fraction}: must be within [0, 1]")
+        fractions = (self.train_fraction, self.val_fraction, self.test_fraction)
+        if any(f < 0 for f in fractions) or not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
+            raise SplitError(
+                f"train/val/test fractions {fractions} must be >= 0 and sum to 1 (they sum to {sum(fractions):.3f})"
+            )
+        if self.group_block_size is not None and self.group_block_size <= 0:
+            raise SplitError(f"group_block_size={self.group_block_size}: must be > 0 (or null to disable)")
+
+
+def unit_hash(key: str, seed: int) -> float:
+    """Map ``key`` to a uniform number in [0, 1) that depends only on (key, seed)."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def spatial_group(row: pd.Series | dict, block_size: float | None) -> str:
+    """Grid block of the tile centre (``crs:col:row``); the item id when not georeferenced."""
+    if block_size is None or not row.get("georeferenced") or row.get("crs") is None:
+        return str(row["item_id"])
+    cx = (row["minx"] + row["maxx"]) / 2
+    cy = (row["miny"] + row["maxy"]) / 2
+    return f"{row['crs']}:{math.floor(cx / block_size)}:{math.floor(cy / block_size)}"
+
+
+def _split_for(u: float, labeled: bool, fixed: str | None, config: SplitConfig) -> str:
+    if config.policy == "fixed":
+        return fixed or ""
+    if config.policy == "v0":
+        if not labeled:
+            return "train"
+        return "metrics_train" if u < config.metrics_fraction else "val"
+    if not labeled:
+        return "unlabeled"
+    if u < config.train_fraction:
+        return "train"
+    return "val" if u < config.train_fraction + config.val_fraction else "test"
+
+
+def assign_splits(catalog: pd.DataFrame, config: SplitConfig) -> pd.DataFrame:
+    """One row per OK tile: item id, split, spatial group, has_label and the hash draw.
+
+    Raises:
+        SplitError: no usable tiles; no labeled tile for a policy that needs them; a tile
+            without a split folder under the ``fixed`` policy.
+    """
+    config.validate()
+    ok = catalog[catalog["status"] == STATUS_OK]
+    if ok.empty:
+        raise SplitError("the catalog holds no valid tile (all quarantined or none found): see the quarantine list")
+    if config.policy in ("v0", "supervised") and not ok["has_label"].any():
+        raise SplitError(
+            f"policy {config.policy!r} needs labeled tiles but none of the {len(ok)} valid tiles has a mask; "
+            "add masks or check the masks folder name"
+        )
+    rows = []
+    for row in ok.to_dict("records"):
+        group = spatial_group(row, config.group_block_size)
+        u = unit_hash(group, config.seed)
+        fixed = row.get("fixed_split") if isinstance(row.get("fixed_split"), str) else None
+        split = _split_for(u, bool(row["has_label"]), fixed, config)
+        if not split:
+            raise SplitError(
+                f"policy 'fixed' but tile {row['item_id']} ({row['image_path']}) is not under a "
+                "train/val/test folder; move it or use policy 'supervised'"
+            )
+        rows.append({"item_id": row["item_id"], "split": split, "group": group,
+                     "has_label": bool(row["has_label"]), "hash_u": u})
+    table = pd.DataFrame(rows, columns=SPLIT_SCHEMA.names).sort_values("item_id").reset_index(drop=True)
+    return table
+
+
+def leaking_groups(table: pd.DataFrame) -> list[str]:
+    """Spatial groups whose *labeled* tiles sit in more than one split (spatial leakage).
+
+    Unlabeled tiles are left out: they never reach a metric, so they cannot leak into one.
+    """
+    labeled = table[table["has_label"]]
+    per_group = labeled.groupby("group")["split"].nunique()
+    return sorted(per_group[per_group > 1].index.astype(str))
+
+
+def duplicated_items(table: pd.DataFrame) -> list[str]:
+    """Item ids that appear in more than one row (an item in two splits)."""
+    return sorted(table.loc[table["item_id"].duplicated(), "item_id"].astype(str).unique())
+
+
+def split_counts(table: pd.DataFrame) -> dict[str, int]:
+    """Tiles per split, sorted by split name."""
+    return {str(k): int(v) for k, v in table["split"].value_counts().sort_index().items()}
+
+
+def write_split_table(table: pd.DataFrame, path: Path | str) -> Path:
+    """Write the split table as parquet, atomically; same input gives the same bytes."""
+    path = Path(path)
+    with atomic_write(path) as tmp:
+        pq.write_table(pa.Table.from_pandas(table, schema=SPLIT_SCHEMA, preserve_index=False), tmp)
+    return path
+
+
+def read_split_table(path: Path | str) -> pd.DataFrame:
+    """Load a split table written by :func:`write_split_table`."""
+    return pq.read_table(path).to_pandas()

@@ -1,0 +1,1 @@
+"""Dagster layer: assets, checks, resources, jobs, schedules, sensors. Thin wiring only."""
