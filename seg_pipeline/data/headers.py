@@ -165,8 +165,12 @@ def _image_stats(path: Path) -> tuple[RasterInfo, np.ndarray, dict[str, Any]]:
             try:
                 block = src.read(window=Window(0, r0, info.width, r1 - r0))
             except Exception as exc:  # GDAL raises several types for truncated files
-                raise RasterReadError(path, f"pixel data is corrupt or truncated ({exc}); re-export it") from exc
-            finite = np.isfinite(block).all(axis=0) if block.dtype.kind == "f" else np.ones(block.shape[1:], bool)
+                raise RasterReadError(
+                    path, f"pixel data is corrupt or truncated ({exc}); re-export it"
+                ) from exc
+            finite = (
+                np.isfinite(block).all(axis=0) if block.dtype.kind == "f" else np.ones(block.shape[1:], bool)
+            )
             ok = finite if info.nodata is None else finite & ~(block == info.nodata).all(axis=0)
             valid[r0:r1] = ok
             picked = block[:, ok].astype(np.float64)
@@ -201,8 +205,10 @@ def _mask_problem(mask_info: RasterInfo, image_info: RasterInfo) -> str | None:
         )
     if mask_info.crs and image_info.crs and mask_info.crs != image_info.crs:
         return f"mask {path} CRS {mask_info.crs} differs from image CRS {image_info.crs}; reproject the mask"
-    if mask_info.georeferenced and image_info.georeferenced and not np.allclose(
-        mask_info.transform, image_info.transform, atol=_TRANSFORM_TOLERANCE, rtol=0
+    if (
+        mask_info.georeferenced
+        and image_info.georeferenced
+        and not np.allclose(mask_info.transform, image_info.transform, atol=_TRANSFORM_TOLERANCE, rtol=0)
     ):
         return f"mask {path} transform {mask_info.transform} differs from the image's {image_info.transform}"
     return None
@@ -219,9 +225,13 @@ def _mask_counts(path: Path, num_classes: int | None, ignore_index: int) -> tupl
             try:
                 block = src.read(1, window=Window(0, r0, src.width, r1 - r0))
             except Exception as exc:
-                raise RasterReadError(path, f"pixel data is corrupt or truncated ({exc}); re-export it") from exc
+                raise RasterReadError(
+                    path, f"pixel data is corrupt or truncated ({exc}); re-export it"
+                ) from exc
             if block.min(initial=0) < 0:
-                raise RasterReadError(path, f"negative label {int(block.min())}; labels must be class ids >= 0")
+                raise RasterReadError(
+                    path, f"negative label {int(block.min())}; labels must be class ids >= 0"
+                )
             keep = block != ignore_index
             ignored += int((~keep).sum())
             values = np.bincount(block[keep].astype(np.int64).ravel())
@@ -340,7 +350,15 @@ def _reusable(previous: dict[str, dict[str, Any]], record: TileRecord, settings_
     if old is None or old.get("settings_key") != settings_key or record.problem:
         return None
     fresh = _empty_row(record, settings_key)
-    keys = ("image_path", "mask_path", "image_size", "image_mtime_ns", "mask_size", "mask_mtime_ns", "fixed_split")
+    keys = (
+        "image_path",
+        "mask_path",
+        "image_size",
+        "image_mtime_ns",
+        "mask_size",
+        "mask_mtime_ns",
+        "fixed_split",
+    )
     same = all(_none_if_na(old.get(k)) == fresh.get(k) for k in keys)
     return {k: _none_if_na(v) for k, v in old.items()} if same else None
 
@@ -402,7 +420,9 @@ def build_headers(
                     )
 
     if num_classes is None:  # infer the class set from the data
-        max_len = max((len(r["class_counts"]) for r in rows if r and r["class_counts"] is not None), default=0)
+        max_len = max(
+            (len(r["class_counts"]) for r in rows if r and r["class_counts"] is not None), default=0
+        )
         class_names = tuple(f"class_{i}" for i in range(max_len))
 
     rows_sorted = sorted((r for r in rows if r is not None), key=lambda r: r["item_id"])

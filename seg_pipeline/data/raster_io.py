@@ -170,7 +170,6 @@ def write_geotiff(
         profile["compress"] = compress
     if data.shape[1] >= 256 and data.shape[2] >= 256:
         profile.update(tiled=True, blockxsize=256, blockysize=256)
-    with atomic_write(path) as tmp, gdal_env():
-        with rasterio.open(tmp, "w", **profile) as dst:
-            dst.write(data)
+    with atomic_write(path) as tmp, gdal_env(), rasterio.open(tmp, "w", **profile) as dst:
+        dst.write(data)
     return path

@@ -211,8 +211,10 @@ def write_shards(
                 shutil.rmtree(stale)
         manifest["splits"][split] = shards
     for stale_split in dataset_dir.iterdir():
-        if stale_split.is_dir() and stale_split.name not in manifest["splits"] and any(
-            stale_split.glob(f"{SHARD_PREFIX}*")
+        if (
+            stale_split.is_dir()
+            and stale_split.name not in manifest["splits"]
+            and any(stale_split.glob(f"{SHARD_PREFIX}*"))
         ):
             shutil.rmtree(stale_split)
     all_hashes = [s["content_hash"] for shards in manifest["splits"].values() for s in shards]

@@ -111,7 +111,9 @@ def read_class_names(path: Path) -> tuple[str, ...]:
         else:
             names[position] = line
     if sorted(names) != list(range(len(names))):
-        raise DatasetSpecError(f"{path}: class ids must be 0..{len(names) - 1} without gaps, got {sorted(names)}")
+        raise DatasetSpecError(
+            f"{path}: class ids must be 0..{len(names) - 1} without gaps, got {sorted(names)}"
+        )
     return tuple(names[i] for i in range(len(names)))
 
 
@@ -184,8 +186,11 @@ def discover(spec: DatasetSpec) -> Discovery:
             paths = ", ".join(str(p) for p, _ in found_images + found_masks)
             records.append(
                 TileRecord(
-                    item_id, found_images[0][0] if found_images else None, None,
-                    problem=f"duplicate item id {item_id!r}: several files share the stem ({paths}); rename them",
+                    item_id,
+                    found_images[0][0] if found_images else None,
+                    None,
+                    problem=f"duplicate item id {item_id!r}: several files share the stem ({paths}); "
+                    "rename them",
                 )
             )
             continue

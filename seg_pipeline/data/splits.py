@@ -74,7 +74,8 @@ class SplitConfig:
         fractions = (self.train_fraction, self.val_fraction, self.test_fraction)
         if any(f < 0 for f in fractions) or not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
             raise SplitError(
-                f"train/val/test fractions {fractions} must be >= 0 and sum to 1 (they sum to {sum(fractions):.3f})"
+                f"train/val/test fractions {fractions} must be >= 0 and sum to 1 "
+                f"(they sum to {sum(fractions):.3f})"
             )
         if self.group_block_size is not None and self.group_block_size <= 0:
             raise SplitError(f"group_block_size={self.group_block_size}: must be > 0 (or null to disable)")
@@ -119,7 +120,9 @@ def assign_splits(catalog: pd.DataFrame, config: SplitConfig) -> pd.DataFrame:
     config.validate()
     ok = catalog[catalog["status"] == STATUS_OK]
     if ok.empty:
-        raise SplitError("the catalog holds no valid tile (all quarantined or none found): see the quarantine list")
+        raise SplitError(
+            "the catalog holds no valid tile (all quarantined or none found): see the quarantine list"
+        )
     if config.policy in ("v0", "supervised") and not ok["has_label"].any():
         raise SplitError(
             f"policy {config.policy!r} needs labeled tiles but none of the {len(ok)} valid tiles has a mask; "
@@ -136,8 +139,15 @@ def assign_splits(catalog: pd.DataFrame, config: SplitConfig) -> pd.DataFrame:
                 f"policy 'fixed' but tile {row['item_id']} ({row['image_path']}) is not under a "
                 "train/val/test folder; move it or use policy 'supervised'"
             )
-        rows.append({"item_id": row["item_id"], "split": split, "group": group,
-                     "has_label": bool(row["has_label"]), "hash_u": u})
+        rows.append(
+            {
+                "item_id": row["item_id"],
+                "split": split,
+                "group": group,
+                "has_label": bool(row["has_label"]),
+                "hash_u": u,
+            }
+        )
     table = pd.DataFrame(rows, columns=SPLIT_SCHEMA.names).sort_values("item_id").reset_index(drop=True)
     return table
 

@@ -143,7 +143,9 @@ def render_image(rng: np.random.Generator, classes: np.ndarray, bands: str) -> n
     return (reflectance * 10_000).round().astype(np.uint16).transpose(2, 0, 1)
 
 
-def write_synthetic_dataset(out_dir: Path | str, spec: SyntheticSpec = SyntheticSpec(), seed: int = 0) -> Path:
+def write_synthetic_dataset(
+    out_dir: Path | str, spec: SyntheticSpec = SyntheticSpec(), seed: int = 0
+) -> Path:
     """Write ``images/``, ``masks/`` and ``classes.txt`` under ``out_dir``; return ``out_dir``.
 
     Item ids are ``<prefix>_<row>_<col>`` on the scene grid. A ``labeled_fraction`` of the
@@ -174,10 +176,18 @@ def write_synthetic_dataset(out_dir: Path | str, spec: SyntheticSpec = Synthetic
             tile = image[(slice(None), *window)].copy()
             if rng.random() < spec.nodata_tile_fraction:
                 tile[:, :, : size // 4] = nodata  # a swath edge outside the acquisition
-            transform = (spec.pixel_size, 0.0, x0 + col * size * spec.pixel_size,
-                         0.0, -spec.pixel_size, y0 - row * size * spec.pixel_size)
+            transform = (
+                spec.pixel_size,
+                0.0,
+                x0 + col * size * spec.pixel_size,
+                0.0,
+                -spec.pixel_size,
+                y0 - row * size * spec.pixel_size,
+            )
             crs = f"EPSG:{spec.epsg}"
-            write_geotiff(out / "images" / f"{item_id}.tif", tile, crs=crs, transform=transform, nodata=nodata)
+            write_geotiff(
+                out / "images" / f"{item_id}.tif", tile, crs=crs, transform=transform, nodata=nodata
+            )
             if rng.random() < spec.labeled_fraction:
                 write_geotiff(out / "masks" / f"{item_id}.tif", classes[window], crs=crs, transform=transform)
     (out / "classes.txt").write_text("".join(f"{i} {name}\n" for i, name in enumerate(names)))

@@ -1,6 +1,5 @@
 """Blocking asset checks: quality gates that stop downstream assets when the data is wrong."""
 
-
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,9 @@ def quarantine_below_threshold(tile_headers: dict[str, Any]) -> dg.AssetCheckRes
     )
 
 
-@dg.asset_check(asset=dataset_splits, blocking=True, description="No item and no spatial group in two splits.")
+@dg.asset_check(
+    asset=dataset_splits, blocking=True, description="No item and no spatial group in two splits."
+)
 def splits_leakage_free(dataset_splits: dict[str, Any]) -> dg.AssetCheckResult:
     """An item (or, with grouping, a spatial block of labeled tiles) must sit in exactly one split."""
     splits = read_split_table(dataset_splits["splits_path"])
@@ -51,8 +52,9 @@ def shards_match_headers(tile_shards: dict[str, Any], dataset_splits: dict[str, 
     """Every assigned tile appears once, in its split, with the checksum the catalog recorded."""
     catalog = read_catalog(tile_shards["catalog_path"])
     checksums = dict(zip(catalog["item_id"], catalog["image_sha256"], strict=True))
-    expected = dict(zip(*[read_split_table(dataset_splits["splits_path"])[c] for c in ("item_id", "split")],
-                        strict=True))
+    expected = dict(
+        zip(*[read_split_table(dataset_splits["splits_path"])[c] for c in ("item_id", "split")], strict=True)
+    )
     seen: Counter[str] = Counter()
     problems: list[str] = []
     dataset_dir = Path(tile_shards["dataset_dir"])
@@ -69,8 +71,12 @@ def shards_match_headers(tile_shards: dict[str, Any], dataset_splits: dict[str, 
     ok_tiles = int((catalog["status"] == STATUS_OK).sum())
     return dg.AssetCheckResult(
         passed=not problems,
-        metadata={"tiles_in_shards": sum(seen.values()), "tiles_ok_in_catalog": ok_tiles,
-                  "problems": len(problems), "examples": "; ".join(problems[:10]) or "none"},
+        metadata={
+            "tiles_in_shards": sum(seen.values()),
+            "tiles_ok_in_catalog": ok_tiles,
+            "problems": len(problems),
+            "examples": "; ".join(problems[:10]) or "none",
+        },
     )
 
 

@@ -4,7 +4,6 @@ One small ``ConfigurableResource`` so a deployment can point the whole pipeline 
 disk (or a mounted bucket) without touching asset code.
 """
 
-
 import os
 from pathlib import Path
 

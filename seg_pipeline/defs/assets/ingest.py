@@ -8,7 +8,6 @@ dict (paths, counts, hashes) that downstream assets use: never "the newest file 
 The content hash of what an asset wrote is its Dagster data version.
 """
 
-
 import hashlib
 import json
 from pathlib import Path
@@ -39,7 +38,9 @@ class HeadersConfig(dg.Config):
     class_names: list[str] = Field(default=[], description="Class names by id; empty = read classes.txt.")
     ignore_index: int = Field(default=255, description="Mask value meaning 'not labelled'.")
     expected_bands: int | None = Field(default=None, description="Required band count (null = majority).")
-    incremental: bool = Field(default=True, description="Reuse rows of unchanged files from the last catalog.")
+    incremental: bool = Field(
+        default=True, description="Reuse rows of unchanged files from the last catalog."
+    )
     max_quarantine_fraction: float = Field(
         default=0.5, description="Blocking check: fail when more than this share of tiles is quarantined."
     )
@@ -82,7 +83,9 @@ def tile_headers(
     context: dg.AssetExecutionContext, config: HeadersConfig, storage: StorageResource
 ) -> dg.Output[dict[str, Any]]:
     """Catalogue and validate the raw tiles of one dataset."""
-    raw_dir = Path(config.raw_dir).expanduser().resolve() if config.raw_dir else storage.raw_dir(config.dataset_id)
+    raw_dir = (
+        Path(config.raw_dir).expanduser().resolve() if config.raw_dir else storage.raw_dir(config.dataset_id)
+    )
     spec = DatasetSpec(
         dataset_id=config.dataset_id,
         root=raw_dir,
@@ -135,8 +138,10 @@ def tile_headers(
         "tiles_reused": result.n_reused,
         "files_per_second": round(result.n_read / max(result.seconds, 1e-9), 1),
         "class_histogram": table(
-            [{"class_id": i, "class": name, "pixels": n, "share": round(n / total_pixels, 4)}
-             for i, (name, n) in enumerate(histogram.items())]
+            [
+                {"class_id": i, "class": name, "pixels": n, "share": round(n / total_pixels, 4)}
+                for i, (name, n) in enumerate(histogram.items())
+            ]
         ),
         "quarantine": table(quarantine[:_SHOWN_QUARANTINE_ROWS], columns=["item_id", "reason"]),
     }
@@ -147,10 +152,14 @@ def tile_headers(
     group_name=GROUP,
     code_version="1",
     kinds={"python", "parquet"},
-    description="Hash-stable split table: a tile's split depends only on (item id or spatial group, seed, policy).",
+    description="Hash-stable split table: a tile's split depends only on "
+    "(item id or spatial group, seed, policy).",
 )
 def dataset_splits(
-    context: dg.AssetExecutionContext, config: SplitsConfig, tile_headers: dict[str, Any], storage: StorageResource
+    context: dg.AssetExecutionContext,
+    config: SplitsConfig,
+    tile_headers: dict[str, Any],
+    storage: StorageResource,
 ) -> dg.Output[dict[str, Any]]:
     """Assign every valid tile to a split and write the split table."""
     from seg_pipeline.data.headers import read_catalog
@@ -190,7 +199,8 @@ def dataset_splits(
     group_name=GROUP,
     code_version="1",
     kinds={"python"},
-    description="Training-ready shards <processed>/<dataset>/<split>/shard-xxxxx/{inputs,targets,index.jsonl} "
+    description="Training-ready shards "
+    "<processed>/<dataset>/<split>/shard-xxxxx/{inputs,targets,index.jsonl} "
     "plus a manifest of content hashes.",
 )
 def tile_shards(
@@ -240,8 +250,11 @@ def tile_shards(
     metadata = {
         "dataset_dir": dg.MetadataValue.path(str(dataset_dir)),
         "shards": table(
-            [{"shard": s["path"], "tiles": s["items"], "content_hash": s["content_hash"][:12]}
-             for shards in manifest["splits"].values() for s in shards]
+            [
+                {"shard": s["path"], "tiles": s["items"], "content_hash": s["content_hash"][:12]}
+                for shards in manifest["splits"].values()
+                for s in shards
+            ]
         ),
         "shards_written": stats["shards_written"],
         "shards_reused": stats["shards_reused"],

@@ -1,0 +1,89 @@
+"""Ingest assets materialized in-process on a real (ephemeral) Dagster instance."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from seg_pipeline.data.synthetic import SyntheticSpec, write_synthetic_dataset
+from seg_pipeline.defs.assets.ingest import dataset_splits, tile_headers, tile_shards
+from seg_pipeline.defs.checks import INGEST_CHECKS
+from seg_pipeline.defs.resources import StorageResource
+
+ASSETS = [tile_headers, dataset_splits, tile_shards]
+
+
+def _materialize(
+    data_root: Path, headers: dict | None = None, splits: dict | None = None
+) -> dg.ExecuteInProcessResult:
+    return dg.materialize(
+        [*ASSETS, *INGEST_CHECKS],
+        resources={"storage": StorageResource(data_root=str(data_root))},
+        run_config=dg.RunConfig(
+            ops={"tile_headers": {"config": headers or {}}, "dataset_splits": {"config": splits or {}}}
+        ),
+        raise_on_error=False,
+    )
+
+
+@pytest.fixture()
+def data_root(tmp_path: Path) -> Path:
+    spec = SyntheticSpec(grid_rows=3, grid_cols=4, tile_size=32, labeled_fraction=0.75)
+    write_synthetic_dataset(tmp_path / "raw" / "demo", spec, seed=3)
+    return tmp_path
+
+
+def _versions(result: dg.ExecuteInProcessResult) -> dict[str, str]:
+    return {
+        mat.asset_key.to_user_string(): mat.tags["dagster/data_version"]
+        for mat in result.asset_materializations_for_node("tile_headers")
+        + result.asset_materializations_for_node("dataset_splits")
+        + result.asset_materializations_for_node("tile_shards")
+    }
+
+
+def test_ingest_materializes_catalog_splits_shards_and_checks_pass(data_root: Path) -> None:
+    result = _materialize(data_root)
+    assert result.success
+    processed = data_root / "processed" / "demo"
+    for name in ("headers.parquet", "splits.parquet", "manifest.json", "quarantine.json"):
+        assert (processed / name).exists(), name
+    checks = result.get_asset_check_evaluations()
+    assert len(checks) == 3 and all(c.passed for c in checks)
+    shards = result.output_for_node("tile_shards")
+    assert sum(shards["items"].values()) == 12
+    meta = result.asset_materializations_for_node("tile_headers")[0].metadata
+    assert meta["tiles"].value == 12 and meta["tiles_quarantined"].value == 0
+    assert "class_histogram" in meta
+
+
+def test_rerun_over_unchanged_data_keeps_data_versions(data_root: Path) -> None:
+    first = _versions(_materialize(data_root))
+    second_result = _materialize(data_root)
+    assert _versions(second_result) == first
+    meta = second_result.asset_materializations_for_node("tile_headers")[0].metadata
+    assert meta["tiles_reused"].value == 12 and meta["tiles_read"].value == 0
+
+
+def test_too_many_quarantined_tiles_fail_the_blocking_check_and_stop_downstream(data_root: Path) -> None:
+    for image in sorted((data_root / "raw" / "demo" / "images").glob("*.tif"))[:8]:
+        image.write_bytes(b"not a raster")
+    result = _materialize(data_root, headers={"max_quarantine_fraction": 0.25})
+    check = next(
+        c for c in result.get_asset_check_evaluations() if c.check_name == "quarantine_below_threshold"
+    )
+    assert not check.passed
+    assert not result.asset_materializations_for_node("tile_shards")
+    reasons = (data_root / "processed" / "demo" / "quarantine.json").read_text()
+    assert "not a readable raster" in reasons
+
+
+def test_bad_split_config_fails_with_the_field_name(data_root: Path) -> None:
+    result = _materialize(data_root, splits={"policy": "random"})
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert (
+        "policy='random': choose one of v0, supervised, fixed" in failure.step_failure_data.error.to_string()
+    )
