@@ -28,6 +28,7 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 
 demo-data: install
 	$(PY) -m seg_pipeline.data.synthetic --out $(DEMO_DIR) --seed 0
+	$(PY) -m seg_pipeline.data.synthetic --out $(AUX_DIR) --seed 1 --class-scheme aux --prefix oem --rows 6 --cols 6
 
 run: install $(DAGSTER_HOME)/dagster.yaml demo-data
 	$(BIN)/dagster job execute -m seg_pipeline -j $(JOB) $(if $(wildcard $(RUN_CONFIG)),-c $(RUN_CONFIG))

@@ -111,7 +111,7 @@ def scene_classes(rng: np.random.Generator, height: int, width: int) -> np.ndarr
     # Buildings: rectangles next to roads, not on water or roads.
     n_buildings = int(height * width / 6000)
     for _ in range(n_buildings):
-        h, w = int(rng.integers(6, 18)), int(rng.integers(6, 18))
+        h, w = int(rng.integers(6, min(18, height))), int(rng.integers(6, min(18, width)))
         r, c = int(rng.integers(0, height - h)), int(rng.integers(0, width - w))
         block = classes[r : r + h, c : c + w]
         if not np.any((block == 1) | (block == 4)):
@@ -165,7 +165,10 @@ def write_synthetic_dataset(
         lut = np.zeros(len(TARGET_CLASSES), dtype=np.uint8)
         for target_id, aux_id in TARGET_TO_AUX.items():
             lut[target_id] = aux_id
+        # Sparse vegetation is "rangeland" in the aux scheme: two aux classes fold into one target class.
+        sparse = (classes == 2) & (_smooth_noise(rng, height, width, cell=48) < 0.3)
         classes = lut[classes]
+        classes[sparse] = AUX_CLASSES.index("rangeland")
         names = AUX_CLASSES
     nodata = 0
     x0, y0 = spec.origin
@@ -174,8 +177,11 @@ def write_synthetic_dataset(
             item_id = f"{spec.item_prefix}_{row:03d}_{col:03d}"
             window = np.s_[row * size : (row + 1) * size, col * size : (col + 1) * size]
             tile = image[(slice(None), *window)].copy()
+            label = classes[window].copy()
             if rng.random() < spec.nodata_tile_fraction:
                 tile[:, :, : size // 4] = nodata  # a swath edge outside the acquisition
+                if spec.class_scheme == "aux":
+                    label[:, : size // 4] = AUX_CLASSES.index("unknown")  # aux labels it "unknown"
             transform = (
                 spec.pixel_size,
                 0.0,
@@ -189,7 +195,7 @@ def write_synthetic_dataset(
                 out / "images" / f"{item_id}.tif", tile, crs=crs, transform=transform, nodata=nodata
             )
             if rng.random() < spec.labeled_fraction:
-                write_geotiff(out / "masks" / f"{item_id}.tif", classes[window], crs=crs, transform=transform)
+                write_geotiff(out / "masks" / f"{item_id}.tif", label, crs=crs, transform=transform)
     (out / "classes.txt").write_text("".join(f"{i} {name}\n" for i, name in enumerate(names)))
     return out
 

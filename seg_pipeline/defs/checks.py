@@ -9,7 +9,7 @@ import dagster as dg
 from seg_pipeline.data.headers import STATUS_OK, read_catalog
 from seg_pipeline.data.shards import read_shard_index, shard_dirs
 from seg_pipeline.data.splits import duplicated_items, leaking_groups, read_split_table
-from seg_pipeline.defs.assets.ingest import dataset_splits, tile_headers, tile_shards
+from seg_pipeline.defs.assets.ingest import auxiliary_sources, dataset_splits, tile_headers, tile_shards
 
 
 @dg.asset_check(asset=tile_headers, blocking=True, description="Quarantined share stays below the threshold.")
@@ -80,4 +80,33 @@ def shards_match_headers(tile_shards: dict[str, Any], dataset_splits: dict[str, 
     )
 
 
-INGEST_CHECKS = [quarantine_below_threshold, splits_leakage_free, shards_match_headers]
+@dg.asset_check(
+    asset=auxiliary_sources,
+    blocking=True,
+    description="Each auxiliary source keeps its quarantine share low.",
+)
+def auxiliary_quarantine_below_threshold(auxiliary_sources: dict[str, Any]) -> dg.AssetCheckResult:
+    """The same gate as the target's, per auxiliary dataset."""
+    shares = {
+        name: src["headers"]["n_quarantined"] / max(src["headers"]["n_tiles"], 1)
+        for name, src in auxiliary_sources["sources"].items()
+    }
+    limits = {
+        name: src["headers"]["max_quarantine_fraction"] for name, src in auxiliary_sources["sources"].items()
+    }
+    failing = [name for name, share in shares.items() if share > limits[name]]
+    return dg.AssetCheckResult(
+        passed=not failing,
+        metadata={
+            "quarantined_share": ", ".join(f"{k}={v:.3f}" for k, v in shares.items()) or "no sources",
+            "failing": ", ".join(failing) or "none",
+        },
+    )
+
+
+INGEST_CHECKS = [
+    quarantine_below_threshold,
+    splits_leakage_free,
+    shards_match_headers,
+    auxiliary_quarantine_below_threshold,
+]

@@ -8,11 +8,11 @@ import dagster as dg
 import pytest
 
 from seg_pipeline.data.synthetic import SyntheticSpec, write_synthetic_dataset
-from seg_pipeline.defs.assets.ingest import dataset_splits, tile_headers, tile_shards
+from seg_pipeline.defs.assets.ingest import auxiliary_sources, dataset_splits, tile_headers, tile_shards
 from seg_pipeline.defs.checks import INGEST_CHECKS
 from seg_pipeline.defs.resources import StorageResource
 
-ASSETS = [tile_headers, dataset_splits, tile_shards]
+ASSETS = [tile_headers, dataset_splits, tile_shards, auxiliary_sources]
 
 
 def _materialize(
@@ -32,6 +32,8 @@ def _materialize(
 def data_root(tmp_path: Path) -> Path:
     spec = SyntheticSpec(grid_rows=3, grid_cols=4, tile_size=32, labeled_fraction=0.75)
     write_synthetic_dataset(tmp_path / "raw" / "demo", spec, seed=3)
+    aux = SyntheticSpec(grid_rows=2, grid_cols=2, tile_size=32, class_scheme="aux", item_prefix="oem")
+    write_synthetic_dataset(tmp_path / "raw" / "demo_aux", aux, seed=4)
     return tmp_path
 
 
@@ -51,7 +53,9 @@ def test_ingest_materializes_catalog_splits_shards_and_checks_pass(data_root: Pa
     for name in ("headers.parquet", "splits.parquet", "manifest.json", "quarantine.json"):
         assert (processed / name).exists(), name
     checks = result.get_asset_check_evaluations()
-    assert len(checks) == 3 and all(c.passed for c in checks)
+    assert len(checks) == 4 and all(c.passed for c in checks)
+    aux = result.output_for_node("auxiliary_sources")["sources"]["demo_aux"]
+    assert aux["class_names"][0] == "unknown" and sum(aux["items"].values()) == 4
     shards = result.output_for_node("tile_shards")
     assert sum(shards["items"].values()) == 12
     meta = result.asset_materializations_for_node("tile_headers")[0].metadata

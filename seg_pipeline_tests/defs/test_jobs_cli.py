@@ -33,7 +33,7 @@ def _latest_data_versions(home: Path) -> dict[str, str]:
         "import dagster as dg, json\n"
         "inst = dg.DagsterInstance.get()\n"
         "out = {}\n"
-        "for key in ('tile_headers', 'dataset_splits', 'tile_shards'):\n"
+        "for key in ('tile_headers', 'dataset_splits', 'tile_shards', 'auxiliary_sources'):\n"
         "    ev = inst.get_latest_materialization_event(dg.AssetKey(key))\n"
         "    out[key] = ev.asset_materialization.tags['dagster/data_version']\n"
         "print(json.dumps(out))\n"
@@ -54,6 +54,8 @@ def test_ingest_job_cli_twice_reports_same_data_versions(tmp_path: Path) -> None
     write_synthetic_dataset(
         data_root / "raw" / "demo", SyntheticSpec(grid_rows=2, grid_cols=3, tile_size=32), seed=1
     )
+    aux = SyntheticSpec(grid_rows=1, grid_cols=2, tile_size=32, class_scheme="aux", item_prefix="oem")
+    write_synthetic_dataset(data_root / "raw" / "demo_aux", aux, seed=2)
 
     first = _execute("ingest_job", home, data_root)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
