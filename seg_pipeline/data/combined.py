@@ -1,0 +1,127 @@
+"""Combined training sources (F6): the target plus auxiliary datasets, each with a class remap.
+
+Nothing is copied: each source streams from its own shards and its masks are remapped on the
+fly through a lookup table. Source classes with no target class map to ``ignore_index`` (they
+are neither rewarded nor penalised), e.g. OpenEarthMap's ``unknown``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset
+
+#: Mask values are at most uint16, so a 65536-entry table covers every possible label.
+_LUT_SIZE = 1 << 16
+
+
+class ClassRemapError(ValueError):
+    """A class remap names a class that does not exist; the message lists the valid names."""
+
+
+def resolve_remap(
+    remap: Mapping[str | int, str | int | None],
+    source_classes: Sequence[str],
+    target_classes: Sequence[str],
+) -> dict[int, int | None]:
+    """Turn a remap given by names or ids into ``{source_id: target_id | None}``.
+
+    Keys name a source class, values a target class (``None`` or ``""`` = ignore). Source
+    classes missing from ``remap`` keep their id when the name also exists in the target
+    scheme, else they are ignored.
+    """
+
+    def index(name: str | int, names: Sequence[str], side: str) -> int:
+        if isinstance(name, int) or (isinstance(name, str) and name.isdigit()):
+            value = int(name)
+            if not 0 <= value < len(names):
+                raise ClassRemapError(f"class remap: {side} class id {value} outside 0..{len(names) - 1}")
+            return value
+        if name not in names:
+            raise ClassRemapError(f"class remap: unknown {side} class {name!r}; valid: {list(names)}")
+        return list(names).index(name)
+
+    resolved: dict[int, int | None] = {}
+    for source_id, source_name in enumerate(source_classes):
+        if source_name in target_classes:
+            resolved[source_id] = list(target_classes).index(source_name)
+        else:
+            resolved[source_id] = None
+    for key, value in remap.items():
+        src = index(key, source_classes, "source")
+        resolved[src] = None if value in (None, "") else index(value, target_classes, "target")  # type: ignore[arg-type]
+    return resolved
+
+
+def remap_table(remap: Mapping[int, int | None], ignore_index: int) -> np.ndarray:
+    """A uint16 lookup table applying ``remap``; unlisted values (and ignore) map to ``ignore_index``."""
+    lut = np.full(_LUT_SIZE, ignore_index, dtype=np.int64)
+    for source, target in remap.items():
+        lut[source] = ignore_index if target is None else target
+    return lut
+
+
+class RemappedSource(IterableDataset):
+    """Wrap a dataset of samples ``{"image", "mask", ...}`` and remap its masks through a table."""
+
+    def __init__(self, dataset: Iterable[dict[str, Any]], lut: np.ndarray | None, name: str) -> None:
+        super().__init__()
+        self.dataset = dataset
+        self.lut = None if lut is None else torch.from_numpy(lut)
+        self.name = name
+
+    def set_epoch(self, epoch: int) -> None:
+        """Forward the epoch to the wrapped dataset (reshuffles it)."""
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for sample in self.dataset:
+            if self.lut is not None:
+                sample = {**sample, "mask": self.lut[sample["mask"].long()]}
+            sample["source"] = self.name
+            yield sample
+
+
+class InterleavedSources(IterableDataset):
+    """Draw samples from several sources in a seeded random order, proportional to their size.
+
+    Chaining sources would train on one, then the other; interleaving keeps every batch mixed.
+    """
+
+    def __init__(self, sources: Sequence[RemappedSource], seed: int = 0) -> None:
+        super().__init__()
+        if not sources:
+            raise ValueError("InterleavedSources needs at least one source")
+        self.sources = list(sources)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle every source and the interleaving for ``epoch``."""
+        self.epoch = epoch
+        for source in self.sources:
+            source.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.sources)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        rng = random.Random(f"{self.seed}:{self.epoch}:{info.id if info else 0}")
+        iterators = [iter(s) for s in self.sources]
+        remaining = [max(len(s), 1) for s in self.sources]
+        while iterators:
+            pick = rng.choices(range(len(iterators)), weights=remaining)[0]
+            try:
+                yield next(iterators[pick])
+                remaining[pick] = max(remaining[pick] - 1, 1)
+            except StopIteration:
+                del iterators[pick], remaining[pick]
