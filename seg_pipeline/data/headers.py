@@ -1,8 +1,8 @@
 """Header building: a parquet catalog with one row per tile, validated, incremental.
 
 Every tile gets a row and a status. Bad tiles are *quarantined* with a reason that names the
-file and what to do; they never abort the build. Unchanged files (same size and mtime as in
-the previous catalog, validated under the same settings) are not re-read.
+file and what to do; they never abort the build. Valid tiles whose files are unchanged (same
+size and mtime as in the previous catalog, validated under the same settings) are not re-read.
 """
 
 from __future__ import annotations
@@ -348,6 +348,10 @@ def _reusable(previous: dict[str, dict[str, Any]], record: TileRecord, settings_
     """The previous row for ``record`` if none of its files changed, else ``None``."""
     old = previous.get(record.item_id)
     if old is None or old.get("settings_key") != settings_key or record.problem:
+        return None
+    if old.get("status") != STATUS_OK:
+        # Quarantine can be a dataset-level verdict (minority band count) that other tiles'
+        # changes undo, so quarantined tiles are judged again; they are few and fail fast.
         return None
     fresh = _empty_row(record, settings_key)
     keys = (

@@ -192,6 +192,8 @@ def write_shards(
     for split in sorted(splits["split"].unique()):
         split_dir = dataset_dir / split
         split_dir.mkdir(parents=True, exist_ok=True)
+        for leftover in split_dir.glob(f".*-{SHARD_PREFIX}*"):  # .tmp-/.old- folders of a killed writer
+            shutil.rmtree(leftover, ignore_errors=True)
         ids = sorted(splits.loc[splits["split"] == split, "item_id"])
         items = [ok.loc[i].to_dict() for i in ids]
         shards = []

@@ -1,0 +1,106 @@
+"""Shared fixtures: tiny seeded GeoTIFF datasets written into tmp dirs (TorchGeo style, no blobs)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.transform import Affine
+
+from seg_pipeline.data.synthetic import SyntheticSpec, write_synthetic_dataset
+
+#: Grid of the synthetic scenes (``SyntheticSpec`` defaults), so hand-written tiles can line up.
+TEST_CRS = "EPSG:32633"
+TEST_ORIGIN = (500_000.0, 5_000_000.0)
+TEST_PIXEL_SIZE = 0.5
+
+MakeDataset = Callable[..., Path]
+WriteRaster = Callable[..., Path]
+
+
+def write_raster(
+    path: Path | str,
+    array: np.ndarray,
+    *,
+    crs: str | None = TEST_CRS,
+    transform: Affine | None = None,
+    nodata: float | None = None,
+    driver: str = "GTiff",
+    **creation_options: Any,
+) -> Path:
+    """Write a ``(bands, H, W)`` or ``(H, W)`` array with rasterio directly (independent of the library).
+
+    ``transform`` defaults to the synthetic grid's origin; PNG/JPEG drivers get no CRS or transform.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = array[np.newaxis] if array.ndim == 2 else array
+    profile: dict[str, Any] = {
+        "driver": driver,
+        "width": data.shape[2],
+        "height": data.shape[1],
+        "count": data.shape[0],
+        "dtype": data.dtype.name,
+        **creation_options,
+    }
+    if driver == "GTiff":
+        profile.update(
+            crs=crs,
+            transform=transform
+            or Affine(TEST_PIXEL_SIZE, 0.0, TEST_ORIGIN[0], 0.0, -TEST_PIXEL_SIZE, TEST_ORIGIN[1]),
+            nodata=nodata,
+        )
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data)
+    return path
+
+
+def _make_dataset(
+    root: Path | str,
+    rows: int = 2,
+    cols: int = 3,
+    tile_size: int = 32,
+    bands: str = "rgb",
+    labeled_fraction: float = 1.0,
+    seed: int = 0,
+    nodata_tile_fraction: float = 0.0,
+    **spec_fields: Any,
+) -> Path:
+    """Write a synthetic dataset (``images/``, ``masks/``, ``classes.txt``) under ``root``."""
+    spec = SyntheticSpec(
+        grid_rows=rows,
+        grid_cols=cols,
+        tile_size=tile_size,
+        bands=bands,
+        labeled_fraction=labeled_fraction,
+        nodata_tile_fraction=nodata_tile_fraction,
+        **spec_fields,
+    )
+    return write_synthetic_dataset(root, spec, seed=seed)
+
+
+@pytest.fixture
+def make_dataset() -> MakeDataset:
+    """Factory: ``make_dataset(root, rows, cols, tile_size=32, bands="rgb", labeled_fraction=1.0, seed=0)``.
+
+    Defaults give 6 fully labelled 32x32 RGB tiles without nodata, so tests start from clean data.
+    """
+    return _make_dataset
+
+
+@pytest.fixture
+def write_tif() -> WriteRaster:
+    """Factory: ``write_tif(path, array, crs=..., transform=..., nodata=..., driver="GTiff")``."""
+    return write_raster
+
+
+@pytest.fixture(scope="session")
+def demo_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A read-only 3x4 grid of 32x32 RGB tiles, 75% labelled: copy it before changing anything."""
+    return _make_dataset(
+        tmp_path_factory.mktemp("demo") / "demo", rows=3, cols=4, labeled_fraction=0.75, seed=7
+    )
