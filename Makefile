@@ -11,7 +11,7 @@ export PYTHONUNBUFFERED := 1
 DEMO_DIR := data/raw/demo
 AUX_DIR := data/raw/demo_aux
 RUN_CONFIG ?= configs/demo.yaml
-JOB ?= ingest_job
+JOB ?= full_pipeline_job
 
 .PHONY: install run test lint format ui demo-data bench clean-demo
 
@@ -32,7 +32,7 @@ demo-data: install
 
 run: install $(DAGSTER_HOME)/dagster.yaml demo-data
 	$(BIN)/dagster job execute -m seg_pipeline -j $(JOB) $(if $(wildcard $(RUN_CONFIG)),-c $(RUN_CONFIG))
-	$(PY) -m seg_pipeline.cli summary --data-root data --dataset demo
+	$(PY) -m seg_pipeline.cli --data-root data summary --dataset demo
 
 test: install
 	$(BIN)/pytest

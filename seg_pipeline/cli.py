@@ -48,16 +48,134 @@ def summary(data_root: Path, dataset: str) -> str:
     return "\n".join(lines)
 
 
+def resolve_model_checkpoint(model: str, data_root: Path) -> Path:
+    """A stage checkpoint path, or the checkpoint behind ``models:/name@alias`` / ``models:/name/3``."""
+    if not model.startswith("models:/"):
+        return Path(model)
+    from seg_pipeline import tracking as trk
+
+    settings = trk.TrackingSettings.from_data_root(data_root)
+    name_and_ref = model.removeprefix("models:/")
+    if "@" in name_and_ref:
+        name, alias = name_and_ref.split("@", 1)
+        info = trk.get_alias_version(name, alias, settings=settings)
+        if info is None:
+            raise SystemExit(f"{model}: no such registered model or alias in {settings.tracking_uri}")
+        run_id = info.run_id
+    else:
+        name, version = name_and_ref.rsplit("/", 1)
+        run_id = settings.client().get_model_version(name, version).run_id
+    checkpoint = trk.run_tag(run_id, "seg_pipeline.best_checkpoint", settings=settings)
+    if not checkpoint or not Path(checkpoint).exists():
+        raise SystemExit(f"{model}: the checkpoint recorded by its run ({checkpoint}) is missing")
+    return Path(checkpoint)
+
+
+def predict_command(args: argparse.Namespace) -> None:
+    """Predict a folder of rasters with one or more models (ensemble when several)."""
+    from seg_pipeline.inference.predict import (
+        list_rasters,
+        load_stage_model,
+        predict_files,
+        tta_from_settings,
+    )
+
+    models = [
+        load_stage_model(resolve_model_checkpoint(m, args.data_root), f"model_{i}")
+        for i, m in enumerate(args.model)
+    ]
+    inputs = [(path.stem, path) for path in list_rasters(args.input)]
+    result = predict_files(
+        models,
+        inputs,
+        args.output,
+        tta=tta_from_settings({"scales": args.scales, "flips": args.flips, "bf16": args.bf16}),
+        window=args.window,
+        overlap=args.overlap,
+        batch_size=args.batch_size,
+        device=args.device,
+        write_probabilities=args.probabilities,
+    )
+    print(
+        f"predicted {len(inputs)} rasters with {len(models)} model(s) x "
+        f"{result['views_per_input'] // len(models)} views in {result['seconds']:.1f}s -> {args.output}"
+    )
+
+
+def evaluate_command(args: argparse.Namespace) -> None:
+    """Evaluate a prediction folder against a ground-truth folder (pairs by file stem)."""
+    from seg_pipeline.data.spec import read_class_names
+    from seg_pipeline.evaluation.report import (
+        comparison_rows,
+        evaluate_folders,
+        write_confusion_csv,
+        write_json,
+    )
+
+    names = (
+        list(read_class_names(args.classes))
+        if args.classes
+        else [f"class_{i}" for i in range(args.num_classes)]
+    )
+    evaluation = evaluate_folders(
+        args.pred_dir, args.gt_dir, len(names), args.ignore_index, args.ignore_nonpositive, args.allow_missing
+    )
+    row = comparison_rows({"predictions": evaluation.metrics}, names)[0]
+    for key, value in row.items():
+        print(f"{key:>24}: {value}")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_json(args.out / "metrics.json", row)
+        write_confusion_csv(args.out / "confusion.csv", evaluation.matrix.matrix, names)
+        print(f"wrote {args.out / 'metrics.json'} and {args.out / 'confusion.csv'}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``seg-pipeline`` / ``python -m seg_pipeline.cli``."""
     parser = argparse.ArgumentParser(prog="seg-pipeline", description=__doc__.splitlines()[0])
+    parser.add_argument("--data-root", type=Path, default=Path("data"))
     sub = parser.add_subparsers(dest="command", required=True)
     p_summary = sub.add_parser("summary", help="print where the pipeline's outputs are")
-    p_summary.add_argument("--data-root", type=Path, default=Path("data"))
     p_summary.add_argument("--dataset", default="demo")
+
+    p_predict = sub.add_parser("predict", help="predict a folder of rasters (GeoTIFF class maps + PNGs)")
+    p_predict.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        help="stage checkpoint or models:/name@alias; repeat for an ensemble",
+    )
+    p_predict.add_argument("--input", type=Path, required=True)
+    p_predict.add_argument("--output", type=Path, required=True)
+    p_predict.add_argument("--scales", type=float, nargs="+", default=[0.75, 1.0, 1.25])
+    p_predict.add_argument("--flips", nargs="+", default=["none", "h", "v"])
+    p_predict.add_argument("--window", type=int, default=512)
+    p_predict.add_argument("--overlap", type=int, default=64)
+    p_predict.add_argument("--batch-size", type=int, default=4)
+    p_predict.add_argument("--device", default="auto")
+    p_predict.add_argument("--bf16", action="store_true")
+    p_predict.add_argument("--probabilities", action="store_true", help="also write probability GeoTIFFs")
+
+    p_eval = sub.add_parser("evaluate", help="evaluate a prediction folder against a ground-truth folder")
+    p_eval.add_argument("--pred-dir", type=Path, required=True)
+    p_eval.add_argument("--gt-dir", type=Path, required=True)
+    p_eval.add_argument("--num-classes", type=int, default=0)
+    p_eval.add_argument("--classes", type=Path, help="classes.txt (overrides --num-classes)")
+    p_eval.add_argument("--ignore-index", type=int, default=255)
+    p_eval.add_argument(
+        "--ignore-nonpositive", action="store_true", help="seed-000 rule: labels <= 0 not scored"
+    )
+    p_eval.add_argument("--allow-missing", action="store_true")
+    p_eval.add_argument("--out", type=Path, help="write metrics.json and confusion.csv here")
     args = parser.parse_args(argv)
     if args.command == "summary":
         print(summary(args.data_root, args.dataset))
+    elif args.command == "predict":
+        predict_command(args)
+    elif args.command == "evaluate":
+        if not args.classes and args.num_classes < 1:
+            parser.error("evaluate needs --classes classes.txt or --num-classes K")
+        evaluate_command(args)
 
 
 if __name__ == "__main__":

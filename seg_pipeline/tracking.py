@@ -933,6 +933,11 @@ def get_alias_version(
     )
 
 
+def run_tag(run_id: str, key: str, *, settings: TrackingSettings | None = None) -> str | None:
+    """One tag of a run (e.g. the checkpoint path a training stage recorded), or None."""
+    return _settings_or_global(settings).client().get_run(run_id).data.tags.get(key)
+
+
 def load_model(model_uri: str, map_location: str = "cpu", *, settings: TrackingSettings | None = None) -> Any:
     """Load a logged torch model: ``models:/name@alias``, ``models:/name/3``, ``models:/m-...``, runs:/."""
     import mlflow.pytorch  # imports torch

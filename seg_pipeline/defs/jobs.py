@@ -7,7 +7,21 @@ import dagster as dg
 ingest_job = dg.define_asset_job(
     name="ingest_job",
     selection=dg.AssetSelection.groups("ingest"),
-    description="Catalogue, split and shard the raw tiles (with their blocking checks).",
+    description="Catalogue, split and shard the target and auxiliary tiles (with their blocking checks).",
 )
 
-JOBS = [ingest_job]
+train_job = dg.define_asset_job(
+    name="train_job",
+    selection=dg.AssetSelection.groups("ingest", "train"),
+    description="Ingest, then stage-1 pretraining and stage-2 KD finetuning, each an MLflow run.",
+    tags={"seg_pipeline/gpu": "true"},
+)
+
+full_pipeline_job = dg.define_asset_job(
+    name="full_pipeline_job",
+    selection=dg.AssetSelection.groups("ingest", "train", "inference", "evaluation"),
+    description="Ingest -> pretrain -> KD -> ensemble TTA predictions -> evaluation report -> champion gate.",
+    tags={"seg_pipeline/gpu": "true"},
+)
+
+JOBS = [ingest_job, train_job, full_pipeline_job]

@@ -39,3 +39,29 @@ class StorageResource(dg.ConfigurableResource):
         path = self.root / kind / name
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+
+class MlflowResource(dg.ConfigurableResource):
+    """Where MLflow runs go.
+
+    ``tracking_uri`` empty: ``$MLFLOW_TRACKING_URI`` if set, else the local SQLite store
+    ``<data_root>/mlflow/mlflow.db`` with artefacts in ``<data_root>/mlflow/artifacts``.
+    Set it to ``http://host:5000`` for an MLflow server.
+    """
+
+    tracking_uri: str = ""
+    experiment_name: str = "seg_pipeline"
+
+    def settings(self, data_root: Path):  # -> seg_pipeline.tracking.TrackingSettings
+        """Tracking settings for runs of this pipeline (imports MLflow lazily)."""
+        from seg_pipeline.tracking import TrackingSettings
+
+        settings = TrackingSettings.from_data_root(data_root, experiment_name=self.experiment_name)
+        if not self.tracking_uri:
+            return settings
+        local = not self.tracking_uri.startswith(("http://", "https://"))
+        return TrackingSettings(
+            tracking_uri=self.tracking_uri,
+            experiment_name=self.experiment_name,
+            artifact_root=(Path(data_root).resolve() / "mlflow" / "artifacts") if local else None,
+        )

@@ -1,0 +1,203 @@
+"""DataLoader construction with seed 000's loader knobs (DESIGN F7).
+
+One :class:`LoaderConfig` carries every knob; :func:`build_train_loader` and
+:func:`build_eval_loader` turn a dataset into a ``torch.utils.data.DataLoader`` with
+reproducible worker seeding. ``prefetch_factor`` and ``persistent_workers`` are only passed
+when ``num_workers > 0`` (torch rejects them otherwise). The cache knobs are applied to shard
+datasets here, so the config is the single place to set them.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
+
+from seg_pipeline.data.augment import derive_seed
+from seg_pipeline.data.datasets import CACHE_MODES
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """Loader knobs (seed 000 ``data.*``).
+
+    Attributes:
+        num_workers: Worker processes; 0 loads in the main process.
+        prefetch_factor: Batches prefetched per worker (raise when I/O-bound).
+        persistent_workers: Keep workers (and their caches) alive across epochs.
+        pin_memory: Page-locked host batches for faster GPU copies.
+        cache_mode: ``none`` or ``lru`` (per-worker cache of decoded tiles).
+        cache_max_items: LRU capacity per worker; 0 = unbounded.
+        batch_size: Samples per batch.
+    """
+
+    num_workers: int = 0
+    prefetch_factor: int = 2
+    persistent_workers: bool = False
+    pin_memory: bool = False
+    cache_mode: str = "none"
+    cache_max_items: int = 0
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field when a value is impossible."""
+        if not isinstance(self.num_workers, int) or self.num_workers < 0:
+            raise ValueError(f"num_workers={self.num_workers!r}: must be an integer >= 0 (0 = main process)")
+        if not isinstance(self.prefetch_factor, int) or self.prefetch_factor < 1:
+            raise ValueError(f"prefetch_factor={self.prefetch_factor!r}: must be an integer >= 1")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size!r}: must be an integer >= 1")
+        if self.cache_mode not in CACHE_MODES:
+            raise ValueError(f"cache_mode={self.cache_mode!r}: choose one of {', '.join(CACHE_MODES)}")
+        if not isinstance(self.cache_max_items, int) or self.cache_max_items < 0:
+            raise ValueError(
+                f"cache_max_items={self.cache_max_items!r}: must be an integer >= 0 (0 = unbounded)"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (for logging as run parameters)."""
+        return asdict(self)
+
+
+def seed_worker(worker_id: int, base_seed: int = 0, rank: int = 0) -> None:
+    """Seed ``random``, numpy and torch in a worker from ``(base_seed, rank, worker_id)``.
+
+    Every worker of every rank gets a distinct, reproducible seed, for any code that draws
+    from the global generators (our datasets seed per item and do not rely on this).
+    """
+    seed = derive_seed("worker", base_seed, rank, worker_id)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
+
+
+def _apply_cache(dataset: Dataset, config: LoaderConfig) -> None:
+    configure = getattr(dataset, "configure_cache", None)
+    if configure is not None:
+        configure(config.cache_mode, config.cache_max_items)
+    elif config.cache_mode != "none":
+        raise ValueError(
+            f"cache_mode={config.cache_mode!r} but {type(dataset).__name__} has no tile cache; "
+            "use cache_mode='none' or a shard dataset"
+        )
+    if config.cache_mode == "lru" and config.num_workers > 0 and not config.persistent_workers:
+        warnings.warn(
+            "cache_mode='lru' with num_workers>0 and persistent_workers=False: workers (and their "
+            "caches) are rebuilt every epoch, so the cache never hits; set persistent_workers=True",
+            stacklevel=3,
+        )
+
+
+def _common_kwargs(config: LoaderConfig, seed: int) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "num_workers": config.num_workers,
+        "pin_memory": config.pin_memory,
+        "worker_init_fn": functools.partial(seed_worker, base_seed=seed, rank=_rank()),
+        "generator": torch.Generator().manual_seed(derive_seed("loader", seed)),
+    }
+    if config.num_workers > 0:
+        kwargs["prefetch_factor"] = config.prefetch_factor
+        kwargs["persistent_workers"] = config.persistent_workers
+    return kwargs
+
+
+class FinishingDataLoader(DataLoader):
+    """A DataLoader over a dataset in batch mode: workers yield raw batches, and iteration hands
+    out finished ones (``dataset.finish_batch``, in the main process, optionally pinned)."""
+
+    def __init__(self, dataset: Dataset, *, finish_pin_memory: bool = False, **kwargs: Any) -> None:
+        if not hasattr(dataset, "finish_batch"):
+            raise ValueError(f"{type(dataset).__name__} has no finish_batch(); use a plain DataLoader")
+        self.finish_pin_memory = finish_pin_memory
+        super().__init__(dataset, **kwargs)
+
+    def __iter__(self) -> Any:
+        finish = self.dataset.finish_batch  # type: ignore[attr-defined]
+        for raw in super().__iter__():
+            yield finish(raw, pin_memory=self.finish_pin_memory)
+
+
+def build_train_loader(
+    dataset: Dataset,
+    config: LoaderConfig = LoaderConfig(),
+    *,
+    seed: int = 0,
+    sampler: Sampler | None = None,
+    batch_sampler: Sampler | None = None,
+    drop_last: bool = False,
+    collate_fn: Any = None,
+) -> DataLoader:
+    """A training DataLoader.
+
+    Map-style datasets are shuffled unless a ``sampler`` (e.g. a weighted sampler) or a
+    ``batch_sampler`` (e.g. :class:`~seg_pipeline.data.datasets.PatchSizeBatchSampler`) is given;
+    iterable datasets shuffle themselves (call ``dataset.set_epoch`` each epoch). A dataset with
+    its own ``batch_size`` (``ShardIterableDataset(batch_size=...)``) yields raw batches: the
+    result is a :class:`FinishingDataLoader` that finishes them in the main process.
+    """
+    config.validate()
+    _apply_cache(dataset, config)
+    kwargs = _common_kwargs(config, seed)
+    if collate_fn is not None:
+        kwargs["collate_fn"] = collate_fn
+    if batch_sampler is not None:
+        if sampler is not None:
+            raise ValueError("give sampler or batch_sampler, not both")
+        return DataLoader(dataset, batch_sampler=batch_sampler, **kwargs)
+    if isinstance(dataset, IterableDataset):
+        if sampler is not None:
+            raise ValueError(
+                f"sampler given for iterable {type(dataset).__name__}: iterable datasets order themselves"
+            )
+        dataset_batch = getattr(dataset, "batch_size", None)
+        if dataset_batch is not None:  # the dataset assembles batches itself
+            if dataset_batch != config.batch_size:
+                raise ValueError(
+                    f"dataset batch_size={dataset_batch} but LoaderConfig.batch_size={config.batch_size}; "
+                    "build the dataset with the loader's batch size"
+                )
+            dataset.drop_last = drop_last  # type: ignore[attr-defined]
+            kwargs["pin_memory"] = False  # raw batches are not what the model sees: pin when finishing
+            return FinishingDataLoader(
+                dataset, finish_pin_memory=config.pin_memory, batch_size=None, **kwargs
+            )
+        return DataLoader(dataset, batch_size=config.batch_size, drop_last=drop_last, **kwargs)
+    return DataLoader(
+        dataset,
+        batch_size=config.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        drop_last=drop_last,
+        **kwargs,
+    )
+
+
+def build_eval_loader(
+    dataset: Dataset,
+    config: LoaderConfig = LoaderConfig(),
+    *,
+    seed: int = 0,
+    collate_fn: Any = None,
+) -> DataLoader:
+    """An evaluation DataLoader: dataset order, nothing dropped (use a map-style dataset)."""
+    config.validate()
+    _apply_cache(dataset, config)
+    kwargs = _common_kwargs(config, seed)
+    if collate_fn is not None:
+        kwargs["collate_fn"] = collate_fn
+    return DataLoader(dataset, batch_size=config.batch_size, shuffle=False, drop_last=False, **kwargs)

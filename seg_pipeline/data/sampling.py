@@ -1,0 +1,156 @@
+"""Class-imbalance tools on the data side (DESIGN F8, seed 003 ``--weighted-sampling``).
+
+The header catalog holds per-tile pixel counts per class, so imbalance is handled without
+reading a single pixel: :func:`class_pixel_counts` feeds inverse-frequency loss weights
+(``seg_pipeline.training.losses``), and :func:`rare_class_sample_weights` oversamples tiles
+that contain rare classes (seed 003: fire tiles get ``--fire-weight 5.0``) through torch's
+``WeightedRandomSampler``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import WeightedRandomSampler
+
+from seg_pipeline.data.headers import STATUS_OK
+
+#: ``auto`` calls a class rare when it holds less than this share of labelled pixels.
+DEFAULT_RARE_SHARE = 0.05
+
+
+def _counts(value: Any) -> np.ndarray:
+    if value is None or (np.isscalar(value) and pd.isna(value)):
+        return np.zeros(0, dtype=np.int64)
+    return np.asarray(value, dtype=np.int64)
+
+
+def class_pixel_counts(
+    catalog: pd.DataFrame, item_ids: Iterable[str] | None = None, num_classes: int | None = None
+) -> np.ndarray:
+    """Labelled pixels per class summed over OK tiles (``ignore_index`` pixels are not counted).
+
+    Args:
+        catalog: Header catalog.
+        item_ids: Restrict to these tiles (e.g. the training split).
+        num_classes: Length of the result (default: the longest ``class_counts`` list).
+    """
+    rows = catalog[catalog["status"] == STATUS_OK]
+    if item_ids is not None:
+        wanted = list(item_ids)
+        missing = sorted(set(wanted) - set(rows["item_id"]))
+        if missing:
+            raise ValueError(
+                f"item_ids: {len(missing)} ids not among the catalog's OK tiles (first: {missing[:3]})"
+            )
+        rows = rows[rows["item_id"].isin(wanted)]
+    per_tile = [_counts(v) for v in rows["class_counts"]]
+    length = num_classes if num_classes is not None else max((len(c) for c in per_tile), default=0)
+    totals = np.zeros(length, dtype=np.int64)
+    for counts in per_tile:
+        n = min(len(counts), length)
+        totals[:n] += counts[:n]
+    return totals
+
+
+def rare_classes_auto(counts: Sequence[int] | np.ndarray, max_share: float = DEFAULT_RARE_SHARE) -> list[int]:
+    """Classes present in the data whose share of labelled pixels is below ``max_share``."""
+    counts = np.asarray(counts, dtype=np.float64)
+    total = counts.sum()
+    if total <= 0:
+        return []
+    share = counts / total
+    return [int(c) for c in np.nonzero((counts > 0) & (share < max_share))[0]]
+
+
+def rare_class_sample_weights(
+    catalog_rows: pd.DataFrame,
+    rare_classes: Sequence[int] | str = "auto",
+    boost: float = 5.0,
+    *,
+    min_pixels: int = 1,
+    max_share: float = DEFAULT_RARE_SHARE,
+) -> torch.Tensor:
+    """Per-tile sampling weights: ``boost`` for tiles holding a rare class, 1 otherwise.
+
+    Args:
+        catalog_rows: Catalog rows in the order of the dataset being sampled.
+        rare_classes: Class ids, or ``auto`` (classes below ``max_share`` of the pixels of these rows).
+        boost: Weight of a tile containing at least ``min_pixels`` of a rare class (seed 003: 5.0).
+        min_pixels: Pixels of a rare class a tile needs to count as containing it.
+        max_share: Threshold of ``auto``.
+
+    Returns:
+        A float64 tensor of one weight per row (unlabeled tiles weigh 1).
+    """
+    if boost <= 0:
+        raise ValueError(f"boost={boost}: must be > 0 (1 disables oversampling)")
+    if min_pixels < 1:
+        raise ValueError(f"min_pixels={min_pixels}: must be >= 1")
+    per_tile = [_counts(v) for v in catalog_rows["class_counts"]]
+    if isinstance(rare_classes, str):
+        if rare_classes != "auto":
+            raise ValueError(f"rare_classes={rare_classes!r}: give class ids or 'auto'")
+        length = max((len(c) for c in per_tile), default=0)
+        totals = np.zeros(length, dtype=np.int64)
+        for counts in per_tile:
+            totals[: len(counts)] += counts
+        rare = rare_classes_auto(totals, max_share)
+    else:
+        rare = [int(c) for c in rare_classes]
+        if any(c < 0 for c in rare):
+            raise ValueError(f"rare_classes={list(rare_classes)}: class ids must be >= 0")
+    weights = torch.ones(len(per_tile), dtype=torch.float64)
+    for i, counts in enumerate(per_tile):
+        if any(c < len(counts) and counts[c] >= min_pixels for c in rare):
+            weights[i] = boost
+    return weights
+
+
+def rows_for_items(catalog: pd.DataFrame, item_ids: Sequence[str]) -> pd.DataFrame:
+    """Catalog rows in the order of ``item_ids`` (e.g. ``ShardMapDataset.item_ids``)."""
+    indexed = catalog.drop_duplicates("item_id").set_index("item_id", drop=False)
+    missing = [i for i in item_ids if i not in indexed.index]
+    if missing:
+        raise ValueError(f"item_ids: {len(missing)} ids are not in the catalog (first: {missing[:3]})")
+    return indexed.loc[list(item_ids)].reset_index(drop=True)
+
+
+def rare_class_sampler(
+    dataset: Any,
+    catalog: pd.DataFrame,
+    rare_classes: Sequence[int] | str = "auto",
+    boost: float = 5.0,
+    *,
+    num_samples: int | None = None,
+    replacement: bool = True,
+    seed: int = 0,
+    min_pixels: int = 1,
+) -> WeightedRandomSampler:
+    """A ``WeightedRandomSampler`` over a :class:`~seg_pipeline.data.datasets.ShardMapDataset`.
+
+    Args:
+        dataset: Anything with ``item_ids`` in index order (``ShardMapDataset``).
+        catalog: The header catalog the shards were built from.
+        rare_classes: Class ids or ``auto``.
+        boost: Weight of tiles with a rare class.
+        num_samples: Draws per epoch (default ``len(dataset)``).
+        replacement: Draw with replacement (needed for oversampling beyond one copy).
+        seed: Seed of the sampler's own generator.
+        min_pixels: See :func:`rare_class_sample_weights`.
+    """
+    item_ids = list(dataset.item_ids)
+    weights = rare_class_sample_weights(
+        rows_for_items(catalog, item_ids), rare_classes, boost, min_pixels=min_pixels
+    )
+    generator = torch.Generator().manual_seed(seed)
+    return WeightedRandomSampler(
+        weights,
+        num_samples if num_samples is not None else len(item_ids),
+        replacement=replacement,
+        generator=generator,
+    )

@@ -1,0 +1,188 @@
+"""Evaluation reports (F23): single models vs ensemble, per-class deltas, confusion matrix,
+overlays, a markdown report. Also evaluates a prediction folder against a ground-truth folder
+(seed 002's ``model_metrics.py --pred-dir --gt-dir``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from seg_pipeline.data.raster_io import RASTER_EXTENSIONS, atomic_write, read_array
+from seg_pipeline.evaluation.metrics import ConfusionMatrix, SegmentationMetrics
+
+SCALARS = ("miou", "mdice", "mprecision", "mrecall", "pixel_accuracy", "fwiou", "kappa")
+
+
+class EvaluationInputError(ValueError):
+    """Prediction and ground-truth folders do not line up; the message names the files."""
+
+
+@dataclass
+class FolderEvaluation:
+    """Metrics of a prediction folder and the pairing that produced them."""
+
+    metrics: SegmentationMetrics
+    matrix: ConfusionMatrix
+    pairs: list[tuple[Path, Path]]
+    missing_predictions: list[str]
+    unpredicted_pixels: int = 0  # input nodata: no prediction, left out of the matrix
+
+
+def _rasters(folder: Path) -> dict[str, Path]:
+    if not folder.is_dir():
+        raise EvaluationInputError(f"{folder}: folder does not exist")
+    found = {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in RASTER_EXTENSIONS}
+    if not found:
+        raise EvaluationInputError(f"{folder}: no raster files (.tif, .png, ...) found")
+    return found
+
+
+def evaluate_pairs(
+    pairs: Sequence[tuple[Path, Path]],
+    num_classes: int,
+    ignore_index: int | None = 255,
+    ignore_nonpositive: bool = False,
+    missing: Sequence[str] = (),
+) -> FolderEvaluation:
+    """One confusion matrix over ``(prediction, ground truth)`` raster pairs.
+
+    Prediction pixels holding the class map's nodata value (input nodata) are not a class: they
+    are left out of the matrix and counted in ``unpredicted_pixels``.
+    """
+    matrix = ConfusionMatrix(num_classes, ignore_index=ignore_index, ignore_nonpositive=ignore_nonpositive)
+    unpredicted = 0
+    for pred_path, truth_path in pairs:
+        pred, truth = read_array(pred_path)[0], read_array(truth_path)[0]
+        if pred.shape != truth.shape:
+            raise EvaluationInputError(
+                f"{pred_path} is {pred.shape[::-1]} but {truth_path} is {truth.shape[::-1]} (W x H); "
+                "predict at the mask's resolution"
+            )
+        predicted = pred < num_classes
+        unpredicted += int((~predicted).sum())
+        matrix.update(pred[predicted].astype(np.int64), truth[predicted].astype(np.int64))
+    return FolderEvaluation(matrix.compute(), matrix, list(pairs), list(missing), unpredicted)
+
+
+def evaluate_folders(
+    pred_dir: Path | str,
+    gt_dir: Path | str,
+    num_classes: int,
+    ignore_index: int | None = 255,
+    ignore_nonpositive: bool = False,
+    allow_missing: bool = False,
+) -> FolderEvaluation:
+    """Evaluate a prediction folder against a ground-truth folder, pairing files by stem.
+
+    Raises:
+        EvaluationInputError: a mask has no prediction (unless ``allow_missing``) or sizes differ.
+    """
+    predictions, truths = _rasters(Path(pred_dir)), _rasters(Path(gt_dir))
+    missing = sorted(set(truths) - set(predictions))
+    if missing and not allow_missing:
+        raise EvaluationInputError(
+            f"{len(missing)} ground-truth masks have no prediction in {pred_dir} (e.g. {missing[:5]}); "
+            "predict them or pass allow_missing"
+        )
+    pairs = [(predictions[s], truths[s]) for s in sorted(set(truths) & set(predictions))]
+    return evaluate_pairs(pairs, num_classes, ignore_index, ignore_nonpositive, missing)
+
+
+def comparison_rows(
+    results: Mapping[str, SegmentationMetrics], class_names: Sequence[str]
+) -> list[dict[str, Any]]:
+    """One row per model: scalar metrics and per-class IoU."""
+    rows = []
+    for name, metrics in results.items():
+        row: dict[str, Any] = {"model": name}
+        row.update({k: round(float(getattr(metrics, k)), 4) for k in SCALARS})
+        row.update({f"iou/{c}": round(float(v), 4) for c, v in zip(class_names, metrics.iou, strict=True)})
+        rows.append(row)
+    return rows
+
+
+def per_class_deltas(
+    results: Mapping[str, SegmentationMetrics], class_names: Sequence[str], ensemble: str, baseline: str
+) -> list[dict[str, Any]]:
+    """Per-class IoU of ``ensemble`` minus ``baseline`` (e.g. the best single model)."""
+    a, b = results[ensemble], results[baseline]
+    return [
+        {
+            "class": c,
+            baseline: round(float(y), 4),
+            ensemble: round(float(x), 4),
+            "delta": round(float(x - y), 4),
+        }
+        for c, x, y in zip(class_names, a.iou, b.iou, strict=True)
+    ]
+
+
+def write_confusion_csv(path: Path, matrix: np.ndarray, class_names: Sequence[str]) -> Path:
+    """Rows = ground truth, columns = prediction, with class names as headers."""
+    with atomic_write(path) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["truth \\ prediction", *class_names])
+        for name, row in zip(class_names, matrix.tolist(), strict=True):
+            writer.writerow([name, *row])
+    return path
+
+
+def _markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
+    body = "".join("| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |\n" for row in rows)
+    return head + body
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "nan" if not np.isfinite(value) else f"{value:.4f}"
+    return str(value)
+
+
+def write_markdown_report(
+    path: Path,
+    *,
+    title: str,
+    rows: Sequence[Mapping[str, Any]],
+    deltas: Sequence[Mapping[str, Any]],
+    class_names: Sequence[str],
+    images: Mapping[str, str],
+    notes: Sequence[str] = (),
+) -> Path:
+    """The human-readable report: comparison table, per-class deltas, pictures, notes."""
+    scalar_cols = ["model", *SCALARS]
+    iou_cols = ["model", *[f"iou/{c}" for c in class_names]]
+    parts = [
+        f"# {title}\n",
+        "## Single models vs ensemble\n",
+        _markdown_table(rows, scalar_cols),
+        "\n## Per-class IoU\n",
+        _markdown_table(rows, iou_cols),
+    ]
+    if deltas:
+        baseline = [k for k in deltas[0] if k not in ("class", "delta")]
+        parts += [
+            "\n## Per-class delta (ensemble - best single)\n",
+            _markdown_table(deltas, ["class", *baseline, "delta"]),
+        ]
+    for caption, relative in images.items():
+        parts.append(f"\n## {caption}\n\n![{caption}]({relative})\n")
+    if notes:
+        parts.append("\n## Notes\n\n" + "".join(f"- {n}\n" for n in notes))
+    with atomic_write(path) as tmp:
+        tmp.write_text("".join(parts))
+    return path
+
+
+def write_json(path: Path, payload: Any) -> Path:
+    """JSON next to the report (machine-readable metrics)."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, default=float) + "\n")
+    return path

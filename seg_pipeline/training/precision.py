@@ -1,0 +1,164 @@
+"""Device selection and mixed-precision policy (DESIGN F13, seed 000).
+
+The rule from seed 000: AMP is forced on for CUDA, forced off for MPS and follows the ``amp`` flag
+on CPU. On CUDA the autocast dtype is bf16 where the GPU supports it (no loss scaling needed),
+otherwise fp16 with a :class:`torch.amp.GradScaler`. On CPU the default is bf16 autocast plus
+``channels_last`` because that was measured ~2.5x faster than fp32 for Unet-resnet18 training on
+our AVX512-BF16 CPU (see ``bench/bench_train_step.py``); ``amp=False`` gives plain fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """Turn ``auto|cuda|mps|cpu`` (or ``cuda:1``) into a usable :class:`torch.device`.
+
+    ``auto`` prefers CUDA, then MPS, then CPU. Asking for an accelerator that is not there raises
+    instead of silently training on the CPU for hours.
+    """
+    if isinstance(name, torch.device):
+        name = str(name)
+    if not isinstance(name, str) or name.split(":")[0] not in DEVICE_CHOICES:
+        raise ValueError(f"device={name!r} is not one of {DEVICE_CHOICES} (optionally 'cuda:<index>').")
+    kind = name.split(":")[0]
+    if kind == "auto":
+        if ":" in name:
+            raise ValueError(f"device={name!r}: 'auto' takes no index; use 'cuda:<index>' instead.")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device={name!r} but torch.cuda.is_available() is False (torch {torch.__version__}); "
+            "use device='auto' or 'cpu', or install a CUDA build of torch on a GPU machine."
+        )
+    if kind == "mps" and not _mps_available():
+        raise ValueError(f"device={name!r} but the MPS backend is not available; use 'auto' or 'cpu'.")
+    device = torch.device(name)
+    if kind == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device={name!r} but only {torch.cuda.device_count()} CUDA device(s) are visible.")
+    return device
+
+
+@dataclass(frozen=True)
+class PrecisionPolicy:
+    """Resolved precision settings for one device.
+
+    Attributes:
+        device: where the model and batches live.
+        amp_dtype: autocast dtype (``torch.bfloat16``/``torch.float16``) or ``None`` for full fp32.
+        channels_last: whether models and 4-D inputs use the NHWC memory format.
+        note: why a requested setting was overridden (empty when nothing was), for the run log.
+    """
+
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+    note: str = ""
+
+    @classmethod
+    def for_device(
+        cls,
+        device: str | torch.device = "auto",
+        amp: bool | None = None,
+        channels_last: bool | None = None,
+    ) -> PrecisionPolicy:
+        """Resolve ``device`` (raising if unavailable), then apply :meth:`from_rule`."""
+        return cls.from_rule(resolve_device(device), amp, channels_last)
+
+    @classmethod
+    def from_rule(
+        cls,
+        device: torch.device,
+        amp: bool | None = None,
+        channels_last: bool | None = None,
+        cuda_bf16_supported: bool | None = None,
+    ) -> PrecisionPolicy:
+        """The seed-000 rule for an already resolved device; ``None`` means "the device default".
+
+        CUDA: AMP always (bf16 when supported, else fp16 + GradScaler), channels_last by default.
+        MPS: AMP never, contiguous by default. CPU: bf16 autocast + channels_last unless ``amp=False``.
+        """
+        notes: list[str] = []
+        if device.type == "cuda":
+            if amp is False:
+                notes.append("amp=False ignored: AMP is always on for CUDA (seed 000 policy)")
+            if cuda_bf16_supported is None:
+                cuda_bf16_supported = torch.cuda.is_bf16_supported()
+            amp_dtype: torch.dtype | None = torch.bfloat16 if cuda_bf16_supported else torch.float16
+            default_channels_last = True
+        elif device.type == "mps":
+            if amp:
+                notes.append("amp=True ignored: AMP is always off for MPS (seed 000 policy)")
+            amp_dtype = None
+            default_channels_last = False
+        else:
+            amp_dtype = torch.bfloat16 if amp is None or amp else None
+            default_channels_last = amp_dtype is not None
+        use_channels_last = default_channels_last if channels_last is None else bool(channels_last)
+        return cls(device, amp_dtype, use_channels_last, "; ".join(notes))
+
+    @property
+    def amp_enabled(self) -> bool:
+        """True when forward passes run under autocast."""
+        return self.amp_dtype is not None
+
+    @property
+    def uses_grad_scaler(self) -> bool:
+        """fp16 needs loss scaling to keep small gradients from flushing to zero; bf16 does not."""
+        return self.amp_dtype == torch.float16
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        """Memory format for the model and 4-D inputs."""
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def describe(self) -> str:
+        """One readable line for the run log, e.g. ``cpu bf16-autocast channels_last``."""
+        dtype = {torch.bfloat16: "bf16-autocast", torch.float16: "fp16-autocast+gradscaler"}.get(
+            self.amp_dtype,
+            "fp32",  # type: ignore[arg-type]
+        )
+        layout = "channels_last" if self.channels_last else "contiguous"
+        text = f"{self.device} {dtype} {layout}"
+        return f"{text} ({self.note})" if self.note else text
+
+    @contextlib.contextmanager
+    def autocast_context(self) -> Iterator[None]:
+        """Autocast for the forward pass and loss; a no-op in fp32."""
+        if self.amp_dtype is None:
+            yield
+            return
+        with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype):
+            yield
+
+    def make_grad_scaler(self) -> torch.amp.GradScaler:
+        """A GradScaler that is enabled only for fp16 (disabled scalers are pass-throughs)."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.uses_grad_scaler)
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """Move ``model`` to the device and memory format in place (optimizer references stay valid)."""
+        return model.to(device=self.device, memory_format=self.memory_format)
+
+    def prepare_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Move one tensor to the device; 4-D floating tensors (images) also get the memory format."""
+        non_blocking = self.device.type == "cuda"
+        if tensor.dim() == 4 and tensor.is_floating_point():
+            return tensor.to(self.device, non_blocking=non_blocking, memory_format=self.memory_format)
+        return tensor.to(self.device, non_blocking=non_blocking)

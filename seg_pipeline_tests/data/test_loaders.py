@@ -1,0 +1,174 @@
+"""LoaderConfig validation and DataLoader construction (knobs, worker seeding, cache wiring)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from seg_pipeline.data.augment import AugmentConfig, Augmenter
+from seg_pipeline.data.datasets import (
+    GeoPatchDataset,
+    PatchSizeBatchSampler,
+    ShardIterableDataset,
+    ShardMapDataset,
+)
+from seg_pipeline.data.loaders import LoaderConfig, build_eval_loader, build_train_loader, seed_worker
+from seg_pipeline.data.raster_io import write_geotiff
+from seg_pipeline_tests.data.test_datasets import build_sharded_dataset
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return build_sharded_dataset(tmp_path_factory.mktemp("loaders"))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"num_workers": -1}, "num_workers"),
+        ({"prefetch_factor": 0}, "prefetch_factor"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"cache_mode": "disk"}, "cache_mode"),
+        ({"cache_max_items": -5}, "cache_max_items"),
+        ({"num_workers": 1.5}, "num_workers"),
+    ],
+)
+def test_bad_config_names_the_field(kwargs: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        LoaderConfig(**kwargs)
+
+
+def test_defaults_follow_seed_000() -> None:
+    assert LoaderConfig().to_dict() == {
+        "num_workers": 0,
+        "prefetch_factor": 2,
+        "persistent_workers": False,
+        "pin_memory": False,
+        "cache_mode": "none",
+        "cache_max_items": 0,
+        "batch_size": 8,
+    }
+
+
+def test_worker_knobs_only_with_workers(data: dict) -> None:
+    dataset = ShardMapDataset(data["dirs"][("npy", 3)], "train", stats=data["stats"])
+    main = build_eval_loader(dataset, LoaderConfig(num_workers=0, prefetch_factor=4, persistent_workers=True))
+    assert main.prefetch_factor is None and main.persistent_workers is False
+    workers = build_eval_loader(
+        dataset, LoaderConfig(num_workers=2, prefetch_factor=4, persistent_workers=True)
+    )
+    assert (workers.num_workers, workers.prefetch_factor, workers.persistent_workers) == (2, 4, True)
+
+
+def test_eval_loader_keeps_order_and_completeness(data: dict) -> None:
+    dataset = ShardMapDataset(data["dirs"][("npy", 3)], "train", stats=data["stats"])
+    loader = build_eval_loader(dataset, LoaderConfig(num_workers=2, batch_size=5))
+    assert [i for batch in loader for i in batch["item_id"]] == dataset.item_ids
+    batch = next(iter(loader))
+    assert batch["image"].shape == (5, 3, 32, 32) and batch["mask"].dtype == torch.int64
+
+
+def test_train_loader_shuffles_map_dataset_reproducibly(data: dict) -> None:
+    dataset = ShardMapDataset(data["dirs"][("npy", 3)], "train", stats=data["stats"])
+
+    def order(seed: int) -> list[str]:
+        loader = build_train_loader(dataset, LoaderConfig(batch_size=4), seed=seed)
+        return [i for batch in loader for i in batch["item_id"]]
+
+    assert order(1) == order(1) != order(2)
+    assert sorted(order(1)) == sorted(dataset.item_ids)
+
+
+class _Draws(Dataset):
+    """Returns what the worker's global generators give: shows how workers were seeded."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> dict:
+        info = torch.utils.data.get_worker_info()
+        return {
+            "worker": info.id,
+            "np": int(np.random.randint(1 << 30)),
+            "torch": int(torch.randint(1 << 30, ())),
+        }
+
+
+def test_workers_seeded_distinctly_and_reproducibly() -> None:
+    def draws(seed: int) -> dict[int, tuple[int, int]]:
+        loader = build_eval_loader(_Draws(), LoaderConfig(num_workers=2, batch_size=1), seed=seed)
+        out = {}
+        for batch in loader:
+            out.setdefault(int(batch["worker"]), (int(batch["np"]), int(batch["torch"])))
+        return out
+
+    first, again, other = draws(0), draws(0), draws(1)
+    assert first == again
+    assert first[0] != first[1]
+    assert first != other
+
+
+def test_seed_worker_differs_by_rank() -> None:
+    seed_worker(0, base_seed=3, rank=0)
+    a = np.random.randint(1 << 30)
+    seed_worker(0, base_seed=3, rank=1)
+    assert np.random.randint(1 << 30) != a
+
+
+def test_cache_knobs_reach_the_dataset(data: dict) -> None:
+    dataset = ShardIterableDataset(data["dirs"][("npy", 3)], "train", stats=data["stats"])
+    build_train_loader(dataset, LoaderConfig(cache_mode="lru", cache_max_items=3))
+    assert dataset.cache is not None and dataset.cache.max_items == 3
+    with pytest.warns(UserWarning, match="persistent_workers"):
+        build_train_loader(dataset, LoaderConfig(num_workers=2, cache_mode="lru"))
+
+
+def test_lru_loader_reads_each_tile_once_across_epochs(data: dict) -> None:
+    dataset = ShardIterableDataset(data["dirs"][("npy", 1)], "train", stats=data["stats"])
+    loader = build_train_loader(dataset, LoaderConfig(batch_size=4, cache_mode="lru"))
+    for epoch in range(3):
+        dataset.set_epoch(epoch)
+        assert sorted(i for batch in loader for i in batch["item_id"]) == data["ids"]
+    assert dataset.cache.misses == len(data["ids"]) and dataset.cache.hits == 2 * len(data["ids"])
+
+
+def test_batched_dataset_loader(data: dict) -> None:
+    augmenter = Augmenter(AugmentConfig.light())
+    batched = ShardIterableDataset(
+        data["dirs"][("npy", 3)],
+        "train",
+        stats=data["stats"],
+        augmenter=augmenter,
+        batch_size=4,
+        shuffle=False,
+    )
+    plain = ShardIterableDataset(
+        data["dirs"][("npy", 3)], "train", stats=data["stats"], augmenter=augmenter, shuffle=False
+    )
+    config = LoaderConfig(batch_size=4)
+    a = list(build_train_loader(batched, config))
+    b = list(build_train_loader(plain, config))
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x["item_id"] == y["item_id"]
+        assert torch.equal(x["image"], y["image"]) and torch.equal(x["mask"], y["mask"])
+    with pytest.raises(ValueError, match="batch_size"):
+        build_train_loader(batched, LoaderConfig(batch_size=8))
+
+
+def test_train_loader_with_patch_size_batch_sampler(tmp_path) -> None:
+    path = write_geotiff(
+        tmp_path / "big.tif",
+        np.ones((3, 80, 80), np.uint8),
+        crs="EPSG:32633",
+        transform=(1, 0, 500, 0, -1, 900),
+    )
+    dataset = GeoPatchDataset([path], patch_sizes=(16, 32), samples_per_epoch=12)
+    sampler = PatchSizeBatchSampler(len(dataset), 3, dataset.patch_sizes, seed=0)
+    loader = build_train_loader(dataset, LoaderConfig(num_workers=2), batch_sampler=sampler)
+    shapes = [tuple(batch["image"].shape) for batch in loader]
+    assert shapes == [(3, 3, s, s) for s in sampler.batch_sizes()]
+    with pytest.raises(ValueError, match="cache_mode"):
+        build_train_loader(dataset, LoaderConfig(cache_mode="lru"), batch_sampler=sampler)
