@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from seg_pipeline.data.normalization import BandStats, band_stats_from_catalog
 from seg_pipeline.evaluation.metrics import ConfusionMatrix
 from seg_pipeline.training.checkpoint import load_checkpoint, load_model_weights
 from seg_pipeline.training.distill import MULTI_SCALE_MODES, DistillationObjective
+from seg_pipeline.training.distributed import init_distributed, is_initialized, is_main_process
 from seg_pipeline.training.loop import (
     FitResult,
     Objective,
@@ -336,6 +338,10 @@ def run_stage(
     if config.kd is not None and not teacher_checkpoints:
         raise ValueError("a KD stage needs teacher_checkpoints (the stage-1 model or a list of models)")
     checkpoint_dir = Path(checkpoint_dir)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_initialized():
+        init_distributed()  # launched by torchrun: NCCL on GPU, gloo on CPU
+    if not is_main_process():
+        tracking = None  # rank 0 alone talks to MLflow (the loop already keeps checkpoints to rank 0)
     if tracking is not None:
         trk.check_tracking_uri(tracking)  # fail before any training work
 

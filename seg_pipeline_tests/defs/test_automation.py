@@ -1,0 +1,62 @@
+"""Sensor, schedule and job wiring, evaluated with Dagster's own test contexts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+
+from seg_pipeline.data.synthetic import SyntheticSpec, write_synthetic_dataset
+from seg_pipeline.defs import sensors
+from seg_pipeline.defs.definitions import defs
+from seg_pipeline.defs.resources import StorageResource
+
+
+def _evaluate(root: Path, cursor: str | None) -> dg.SensorResult:
+    context = dg.build_sensor_context(
+        cursor=cursor, resources={"storage": StorageResource(data_root=str(root))}
+    )
+    return sensors.raw_tiles_sensor(context)
+
+
+def test_sensor_requests_ingest_on_change_and_retrain_past_the_threshold(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(sensors, "WATCHED", ("demo",))
+    monkeypatch.setattr(sensors, "RETRAIN_AFTER_NEW_MASKS", 5)
+    raw = tmp_path / "raw" / "demo"
+    write_synthetic_dataset(
+        raw, SyntheticSpec(grid_rows=2, grid_cols=2, tile_size=16, labeled_fraction=1.0), seed=0
+    )
+
+    first = _evaluate(tmp_path, None)
+    assert [r.job_name for r in first.run_requests] == ["ingest_job"]
+    unchanged = _evaluate(tmp_path, first.cursor)
+    assert unchanged.run_requests == []
+
+    # Six new labeled tiles (> threshold 5) -> the full pipeline, once.
+    extra = SyntheticSpec(grid_rows=2, grid_cols=3, tile_size=16, labeled_fraction=1.0, item_prefix="new")
+    write_synthetic_dataset(raw, extra, seed=1)
+    retrain = _evaluate(tmp_path, unchanged.cursor)
+    assert [r.job_name for r in retrain.run_requests] == ["full_pipeline_job"]
+    (raw / "images" / "new_000_000.tif").touch()
+    after = _evaluate(tmp_path, retrain.cursor)
+    assert [r.job_name for r in after.run_requests] == ["ingest_job"]
+
+
+def test_definitions_load_with_jobs_schedule_and_sensors_stopped_by_default() -> None:
+    assert {j.name for j in defs.jobs} == {"ingest_job", "train_job", "full_pipeline_job"}
+    schedule = defs.get_schedule_def("weekly_retrain")
+    assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED
+    assert defs.get_sensor_def("raw_tiles_sensor").default_status == dg.DefaultSensorStatus.STOPPED
+    graph = defs.resolve_asset_graph()
+    keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
+    assert keys == {
+        "tile_headers",
+        "dataset_splits",
+        "tile_shards",
+        "auxiliary_sources",
+        "pretrained_model",
+        "kd_student_model",
+        "ensemble_predictions",
+        "evaluation_report",
+        "champion_model",
+    }
