@@ -10,7 +10,8 @@ Goals: b within 5% of a; d at least 2.3x faster than a.
 and b0 (our fit() without EMA, isolating the EMA cost).
 
 Step time = time between the starts of consecutive steps (so it includes optimizer, EMA, scheduler
-and logging work), warm-up steps excluded, median over all measured steps of all rounds. Rounds
+and logging work), warm-up steps excluded, median over all measured steps of all rounds (the
+fastest step is printed too: on a shared 2-core box it is the least disturbed figure). Rounds
 interleave the rows so that load from other processes hits them alike.
 
     .venv/bin/python bench/bench_train_step.py --size 256 --batch 8 --steps 10
@@ -177,14 +178,16 @@ def main() -> None:
         f"{args.rounds} rounds (+{args.warmup} warm-up each), "
         f"load avg {load_before[0]:.2f} -> {load_after[0]:.2f}, wall {time.perf_counter() - started:.0f}s"
     )
-    print(f"{'row':<4}{'setting':<44}{'s/step':>9}{'img/s':>8}{'vs a':>8}{'IQR s':>14}")
+    print(
+        f"{'row':<4}{'setting':<44}{'s/step':>9}{'img/s':>8}{'vs a':>8}{'IQR s':>14}{'min s':>8}{'vs a':>7}"
+    )
     for key, (label, _) in rows.items():
         values = sorted(samples[key])
         q1, q3 = values[len(values) // 4], values[(3 * len(values)) // 4]
         ratio = medians["a"] / medians[key]
         print(
             f"{key:<4}{label:<44}{medians[key]:>9.3f}{args.batch / medians[key]:>8.1f}{ratio:>7.2f}x"
-            f"{q1:>7.3f}-{q3:.3f}"
+            f"{q1:>7.3f}-{q3:.3f}{values[0]:>8.3f}{min(samples['a']) / values[0]:>6.2f}x"
         )
     overhead = medians["b"] / medians["a"] - 1.0
     speedup = medians["a"] / medians["d"]

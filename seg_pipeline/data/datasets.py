@@ -38,7 +38,7 @@ from seg_pipeline.data.augment import (
     AugmentParams,
     derive_seed,
     geometric_stage,
-    photometric_stage,
+    photometric_batch,
     write_sample,
 )
 from seg_pipeline.data.normalization import BandStats, invalid_pixels, scale_stats
@@ -214,10 +214,15 @@ def partition_rows(
     return rows
 
 
-def _distributed_position() -> tuple[int, int]:
+def _distributed_position(default: tuple[int, int] = (0, 1)) -> tuple[int, int]:
+    """``(rank, world_size)`` of the live process group, else ``default``.
+
+    Workers started with ``spawn``/``forkserver`` have no process group, so datasets remember the
+    position seen at construction and pass it as ``default``.
+    """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+    return default
 
 
 # -- sample assembly --------------------------------------------------------------------------
@@ -269,40 +274,24 @@ class _SampleMaker:
         out_h, out_w = params.out_size if params.out_size is not None else (height, width)
         return params, (bands, out_h, out_w)
 
-    def build(self, items: Sequence[tuple[str, RawTile]], epoch: int, batched: bool) -> dict[str, Any]:
-        """One sample (``batched=False``, one item) or one collated batch of ``items``."""
+    def make(self, item_id: str, tile: RawTile, epoch: int) -> dict[str, Any]:
+        """One finished sample (the per-sample path; the default collate batches these)."""
         n_views = 2 if self.two_views else 1
-        plans = self._plans(items, epoch, n_views)
-        shape = plans[0][0][1]
-        size = (len(items),) if batched else ()
-        images = [_buffer((*size, *shape), torch.float32, batched) for _ in range(n_views)]
-        masks = [_buffer((*size, *shape[1:]), torch.int64, batched) for _ in range(n_views)]
-        for i, ((_, tile), views) in enumerate(zip(items, plans, strict=True)):
-            image, mask, invalid = tile
-            for v, (params, _) in enumerate(views):
-                out_image = images[v][i] if batched else images[v]
-                out_mask = masks[v][i] if batched else masks[v]
-                write_sample(
-                    out_image,
-                    out_mask,
-                    image,
-                    mask,
-                    invalid,
-                    self.stats,
-                    params,
-                    self.augmenter,
-                    self.ignore_index,
-                )
-        ids = [item_id for item_id, _ in items]
-        sample: dict[str, Any] = {"image": images[0], "mask": masks[0], "item_id": ids if batched else ids[0]}
+        views = []
+        for params, shape in self._plans([(item_id, tile)], epoch, n_views)[0]:
+            image = torch.empty(shape, dtype=torch.float32)
+            mask = torch.empty(shape[1:], dtype=torch.int64)
+            write_sample(image, mask, *tile, self.stats, params, self.augmenter, self.ignore_index)
+            views.append((image, mask))
+        sample: dict[str, Any] = {"image": views[0][0], "mask": views[0][1], "item_id": item_id}
         if self.two_views:
             sample.update(
-                image_view1=images[0], mask_view1=masks[0], image_view2=images[1], mask_view2=masks[1]
+                image_view1=views[0][0],
+                mask_view1=views[0][1],
+                image_view2=views[1][0],
+                mask_view2=views[1][1],
             )
         return sample
-
-    def make(self, item_id: str, tile: RawTile, epoch: int) -> dict[str, Any]:
-        return self.build([(item_id, tile)], epoch, batched=False)
 
     def build_raw(self, items: Sequence[tuple[str, RawTile]], epoch: int) -> dict[str, Any]:
         """Worker half of batch mode: draws and geometric ops only, pixels still raw.
@@ -323,7 +312,7 @@ class _SampleMaker:
                 {
                     "image": _stack([r.image for r in results]),
                     "mask": _stack([r.mask for r in results]),
-                    "invalid": _stack_invalid([r.invalid for r in results]),
+                    "invalid": _share_maps([r.invalid for r in results]),
                     "params": [params[v][0] for params in plans],
                 }
             )
@@ -347,17 +336,9 @@ class _SampleMaker:
         outputs = []
         pin = pin_memory and torch.cuda.is_available()
         for view in raw["raw_views"]:
-            images_raw, invalid = view["image"], view["invalid"]
+            images_raw = view["image"]
             images = torch.empty(images_raw.shape, dtype=torch.float32, pin_memory=pin)
-            for i, params in enumerate(view["params"]):
-                photometric_stage(
-                    images[i],
-                    images_raw[i],
-                    None if invalid is None else invalid[i],
-                    self.stats,
-                    params,
-                    self.augmenter,
-                )
+            photometric_batch(images, images_raw, view["invalid"], self.stats, view["params"], self.augmenter)
             masks = torch.empty(view["mask"].shape, dtype=torch.int64, pin_memory=pin).copy_(view["mask"])
             outputs.append((images, masks))
         batch: dict[str, Any] = {"image": outputs[0][0], "mask": outputs[0][1], "item_id": raw["item_id"]}
@@ -400,17 +381,17 @@ def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def _stack_invalid(maps: list[torch.Tensor | None]) -> torch.Tensor | None:
-    present = [m for m in maps if m is not None]
-    if not present:
-        return None
-    out = _buffer((len(maps), *present[0].shape), torch.bool, shared=True)
-    for i, invalid in enumerate(maps):
+def _share_maps(maps: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """Per-sample nodata maps, each moved to shared memory; most tiles have none, so a batch-wide
+    buffer would mostly carry zeros."""
+    shared: list[torch.Tensor | None] = []
+    for invalid in maps:
         if invalid is None:
-            out[i].fill_(False)
-        else:
-            out[i].copy_(invalid)
-    return out
+            shared.append(None)
+            continue
+        buffer = _buffer(tuple(invalid.shape), torch.bool, shared=True)
+        shared.append(buffer.copy_(invalid))
+    return shared
 
 
 def _check_common(stats: BandStats, ignore_index: int, cache_mode: str, cache_max_items: int) -> None:
@@ -576,11 +557,12 @@ class ShardIterableDataset(_ShardDatasetBase, IterableDataset):
         self.shuffle = shuffle
         self.batch_size = batch_size
         self.drop_last = drop_last
+        self._position = _distributed_position()
 
     def __len__(self) -> int:
         """Items of the split per rank (rounded up); batches in batch mode. Approximate per worker:
         a worker yields only its part, and in batch mode each worker may end on a partial batch."""
-        total = math.ceil(sum(len(shard) for shard in self.shards) / _distributed_position()[1])
+        total = math.ceil(sum(len(shard) for shard in self.shards) / _distributed_position(self._position)[1])
         return total if self.batch_size is None else math.ceil(total / self.batch_size)
 
     def rows_for(
@@ -610,7 +592,7 @@ class ShardIterableDataset(_ShardDatasetBase, IterableDataset):
         )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        rank, world_size = _distributed_position()
+        rank, world_size = _distributed_position(self._position)
         info = get_worker_info()
         worker_id, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         epoch = self.epoch
@@ -812,6 +794,17 @@ class GeoPatchDataset(_EpochState, Dataset):
 
     def __len__(self) -> int:
         return self.samples_per_epoch
+
+    def batch_sampler(self, batch_size: int, *, drop_last: bool = False) -> PatchSizeBatchSampler:
+        """A :class:`PatchSizeBatchSampler` over this dataset with its sizes, sampling and seed."""
+        return PatchSizeBatchSampler(
+            self.samples_per_epoch,
+            batch_size,
+            self.patch_sizes,
+            sampling=self.patch_size_sampling,
+            seed=self.seed,
+            drop_last=drop_last,
+        )
 
     def set_patch_size(self, size: int) -> None:
         """Patch size for plain integer indices (main process / before workers start)."""

@@ -160,16 +160,16 @@ def write_markdown_report(
     scalar_cols = ["model", *SCALARS]
     iou_cols = ["model", *[f"iou/{c}" for c in class_names]]
     parts = [
-        f"# {title}\n",
-        "## Single models vs ensemble\n",
+        f"# {title}\n\n",
+        "## Single models vs ensemble\n\n",
         _markdown_table(rows, scalar_cols),
-        "\n## Per-class IoU\n",
+        "\n## Per-class IoU\n\n",
         _markdown_table(rows, iou_cols),
     ]
     if deltas:
         baseline = [k for k in deltas[0] if k not in ("class", "delta")]
         parts += [
-            "\n## Per-class delta (ensemble - best single)\n",
+            "\n## Per-class delta (ensemble - best single)\n\n",
             _markdown_table(deltas, ["class", *baseline, "delta"]),
         ]
     for caption, relative in images.items():

@@ -383,3 +383,31 @@ def test_geo_patch_rejects_bad_input(rasters: dict) -> None:
         GeoPatchDataset([p["big"]], samples_per_epoch=0)
     with pytest.raises(ValueError, match="patch_size_sampling"):
         GeoPatchDataset([p["big"]], samples_per_epoch=1, patch_size_sampling="all")
+
+
+def _ddp_rank(
+    rank: int, world: int, init_file: str, dataset_dir: str, stats: BandStats, out_dir: str
+) -> None:
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world
+    )
+    try:
+        dataset = ShardIterableDataset(dataset_dir, "train", stats=stats, seed=4)
+        loader = DataLoader(dataset, batch_size=3, num_workers=2, multiprocessing_context="spawn")
+        ids = [i for batch in loader for i in batch["item_id"]]
+        Path(out_dir, f"rank{rank}.txt").write_text("\n".join(ids))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow  # about a minute on 2 busy cores: 6 spawned processes each import torch
+def test_real_gloo_ranks_with_spawned_workers_partition_exactly(data: dict, tmp_path: Path) -> None:
+    """Two gloo ranks, each with two *spawned* workers (no process group inside them)."""
+    torch.multiprocessing.spawn(
+        _ddp_rank,
+        args=(2, str(tmp_path / "init"), str(data["dirs"][("npy", 3)]), data["stats"], str(tmp_path)),
+        nprocs=2,
+    )
+    per_rank = [(tmp_path / f"rank{r}.txt").read_text().split("\n") for r in range(2)]
+    assert all(per_rank)
+    assert sorted(per_rank[0] + per_rank[1]) == data["ids"]

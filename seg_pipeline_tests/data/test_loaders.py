@@ -134,28 +134,43 @@ def test_lru_loader_reads_each_tile_once_across_epochs(data: dict) -> None:
     assert dataset.cache.misses == len(data["ids"]) and dataset.cache.hits == 2 * len(data["ids"])
 
 
-def test_batched_dataset_loader(data: dict) -> None:
-    augmenter = Augmenter(AugmentConfig.light())
-    batched = ShardIterableDataset(
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batch_mode_equals_per_sample_path(data: dict, workers: int) -> None:
+    """Raw batches finished in the main process equal samples augmented one by one in workers."""
+    kwargs = dict(stats=data["stats"], augmenter=Augmenter(AugmentConfig.light(noise_p=1.0)), shuffle=False)
+    batched = ShardIterableDataset(data["dirs"][("npy", 3)], "train", batch_size=4, **kwargs)
+    plain = ShardIterableDataset(data["dirs"][("npy", 3)], "train", **kwargs)
+    config = LoaderConfig(batch_size=4, num_workers=workers)
+
+    def by_item(loader) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        out = {}
+        for batch in loader:
+            assert batch["image"].dtype == torch.float32 and batch["mask"].dtype == torch.int64
+            for i, item_id in enumerate(batch["item_id"]):
+                out[item_id] = (batch["image"][i], batch["mask"][i])
+        return out
+
+    a, b = by_item(build_train_loader(batched, config)), by_item(build_train_loader(plain, config))
+    assert sorted(a) == sorted(b) == data["ids"]
+    for item_id in a:
+        assert torch.equal(a[item_id][0], b[item_id][0]) and torch.equal(a[item_id][1], b[item_id][1])
+    with pytest.raises(ValueError, match="batch_size"):
+        build_train_loader(batched, LoaderConfig(batch_size=8))
+
+
+def test_batch_mode_two_views(data: dict) -> None:
+    dataset = ShardIterableDataset(
         data["dirs"][("npy", 3)],
         "train",
         stats=data["stats"],
-        augmenter=augmenter,
+        augmenter=Augmenter(AugmentConfig.light()),
+        two_views=True,
         batch_size=4,
-        shuffle=False,
     )
-    plain = ShardIterableDataset(
-        data["dirs"][("npy", 3)], "train", stats=data["stats"], augmenter=augmenter, shuffle=False
-    )
-    config = LoaderConfig(batch_size=4)
-    a = list(build_train_loader(batched, config))
-    b = list(build_train_loader(plain, config))
-    assert len(a) == len(b)
-    for x, y in zip(a, b, strict=True):
-        assert x["item_id"] == y["item_id"]
-        assert torch.equal(x["image"], y["image"]) and torch.equal(x["mask"], y["mask"])
-    with pytest.raises(ValueError, match="batch_size"):
-        build_train_loader(batched, LoaderConfig(batch_size=8))
+    batch = next(iter(build_train_loader(dataset, LoaderConfig(batch_size=4))))
+    assert batch["image_view1"].shape == batch["image_view2"].shape == (4, 3, 32, 32)
+    assert batch["image"] is batch["image_view1"]
+    assert not torch.equal(batch["image_view1"], batch["image_view2"])
 
 
 def test_train_loader_with_patch_size_batch_sampler(tmp_path) -> None:
@@ -166,7 +181,8 @@ def test_train_loader_with_patch_size_batch_sampler(tmp_path) -> None:
         transform=(1, 0, 500, 0, -1, 900),
     )
     dataset = GeoPatchDataset([path], patch_sizes=(16, 32), samples_per_epoch=12)
-    sampler = PatchSizeBatchSampler(len(dataset), 3, dataset.patch_sizes, seed=0)
+    sampler = dataset.batch_sampler(3)
+    assert isinstance(sampler, PatchSizeBatchSampler) and len(sampler) == 4
     loader = build_train_loader(dataset, LoaderConfig(num_workers=2), batch_sampler=sampler)
     shapes = [tuple(batch["image"].shape) for batch in loader]
     assert shapes == [(3, 3, s, s) for s in sampler.batch_sizes()]
