@@ -44,7 +44,7 @@ format: install
 	$(BIN)/ruff check --fix . && $(BIN)/ruff format .
 
 ui: install $(DAGSTER_HOME)/dagster.yaml
-	$(BIN)/dagster-webserver -w workspace.yaml -h 127.0.0.1 -p 3000
+	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
 bench: install
 	for b in bench/bench_*.py; do $(PY) $$b || exit 1; done

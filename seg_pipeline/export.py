@@ -37,7 +37,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import uuid
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -62,6 +61,10 @@ OUTPUT_NAME = "logits"
 PARITY_SEED = 0
 #: Off-stride extra rows/columns of the second parity input, so the in-graph padding is exercised.
 _PARITY_EXTRA_ROWS, _PARITY_EXTRA_COLS = 5, 11
+# The legacy exporter's ceiling (20 in torch 2.14); read from torch where it says so.
+_MAX_OPSET: int = int(
+    getattr(getattr(torch.onnx, "_constants", None), "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 20)
+)
 _RESERVED_LINEAGE_KEYS = ("checkpoint_path", "checkpoint_sha256")
 _VERSIONED_PACKAGES = ("torch", "segmentation-models-pytorch", "timm", "onnx", "onnxruntime", "seg_pipeline")
 
@@ -206,8 +209,12 @@ def _validate_arguments(
         )
     if isinstance(example_size, bool) or not isinstance(example_size, int) or example_size < 1:
         raise ExportError(f"example_size={example_size!r} must be a positive integer (pixels per side).")
-    if isinstance(opset, bool) or not isinstance(opset, int) or opset < 11:
-        raise ExportError(f"opset={opset!r} must be an integer >= 11 (reflect Pad with dynamic pads).")
+    if isinstance(opset, bool) or not isinstance(opset, int) or not 11 <= opset <= _MAX_OPSET:
+        raise ExportError(
+            f"opset={opset!r} must be an integer in [11, {_MAX_OPSET}]: 11 is the first with dynamic "
+            f"reflect Pad, {_MAX_OPSET} the last the TorchScript-based exporter of torch "
+            f"{torch.__version__} writes."
+        )
     bad_tolerances = {
         name: value
         for name, value in tolerances.items()
@@ -251,7 +258,9 @@ def _staging_dir(out_dir: Path) -> Iterator[Path]:
                 "choose an empty or new folder."
             )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.export-", dir=out_dir.parent))
+    # mkdir (not tempfile.mkdtemp, which is 0700) so the published folder follows the umask.
+    staging = out_dir.with_name(f".{out_dir.name}.export-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    staging.mkdir()
     try:
         yield staging
         if out_dir.exists():  # a previous export: swap, then drop the old one
@@ -469,7 +478,6 @@ def _build_card(
                 "max_abs_diff": {name: details["max_abs_diff"] for name, details in parity.items()},
                 "tolerance": {name: details["tolerance"] for name, details in parity.items()},
             },
-            "opset": opset if "onnx" in parity else None,
             "package_versions": _package_versions(),
         }
     )

@@ -26,6 +26,8 @@ from dagster._config import process_config, resolve_to_config_type
 from dagster._core.instance.ref import InstanceRef
 from dagster._core.storage.dagster_run import DagsterRun
 from dagster._core.utils import make_new_run_id
+from dagster._core.workspace.autodiscovery import loadable_targets_from_loaded_module
+from dagster._core.workspace.config_schema import process_workspace_config
 from dagster._serdes import ConfigurableClassData
 from dagster._utils.merger import deep_merge_dicts
 from dagster._utils.tags import TagConcurrencyLimitsCounter
@@ -33,14 +35,14 @@ from dagster._utils.tags import TagConcurrencyLimitsCounter
 pytest.importorskip("dagster_postgres", reason="pip install -c constraints.txt dagster-postgres==0.29.27")
 pytest.importorskip("dagster_k8s", reason="pip install -c constraints.txt dagster-k8s==0.29.27")
 
-import kubernetes  # noqa: E402  (after the importorskip guards)
-from dagster_k8s.container_context import K8sContainerContext  # noqa: E402
-from dagster_k8s.job import (  # noqa: E402
+import kubernetes
+from dagster_k8s.container_context import K8sContainerContext
+from dagster_k8s.job import (
     DagsterK8sJobConfig,
     UserDefinedDagsterK8sConfig,
     construct_dagster_k8s_job,
 )
-from dagster_postgres.utils import pg_url_from_config  # noqa: E402
+from dagster_postgres.utils import pg_url_from_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = REPO_ROOT / "deploy"
@@ -92,7 +94,9 @@ def processed_class_config(data: ConfigurableClassData) -> tuple[type, Mapping[s
     klass = getattr(module, data.class_name)
     result = process_config(resolve_to_config_type(klass.config_type()), data.config_dict)
     if not result.success:
-        raise dg.DagsterInvalidConfigError(f"bad config for {data.class_name}", result.errors, data.config_dict)
+        raise dg.DagsterInvalidConfigError(
+            f"bad config for {data.class_name}", result.errors, data.config_dict
+        )
     assert result.value is not None
     return klass, result.value
 
@@ -178,9 +182,7 @@ def test_run_queue_holds_a_second_gpu_run_but_not_an_ingest_run(
     queue = coordinator.get_run_queue_config()
     assert queue.max_concurrent_runs >= 2
     gpu_limits = [
-        limit
-        for limit in queue.tag_concurrency_limits
-        if (limit["key"], limit.get("value")) == GPU_TAG
+        limit for limit in queue.tag_concurrency_limits if (limit["key"], limit.get("value")) == GPU_TAG
     ]
     assert [limit["limit"] for limit in gpu_limits] == [1]
 
@@ -246,11 +248,28 @@ def test_helm_values_match_the_instance_config() -> None:
     queued = values["dagsterDaemon"]["runCoordinator"]["config"]["queuedRunCoordinator"]
     assert queued["tagConcurrencyLimits"] == instance["run_coordinator"]["config"]["tag_concurrency_limits"]
     assert values["telemetry"] == {"enabled": False}
+    assert values["additionalInstanceConfig"]["local_artifact_storage"] == instance["local_artifact_storage"]
     (deployment,) = values["dagster-user-deployments"]["deployments"]
     grpc_args = deployment["dagsterApiGrpcArgs"]
     code_file = grpc_args[grpc_args.index("--python-file") + 1]
     workdir = grpc_args[grpc_args.index("--working-directory") + 1]
     assert (REPO_ROOT / Path(code_file).relative_to(workdir)).is_file()
+
+
+def test_k8s_workspace_points_at_the_code_server() -> None:
+    workspace = load_yaml(DEPLOY / "k8s" / "workspace.yaml")
+    result = process_workspace_config(workspace)
+    assert result.success, result.errors
+    (location,) = workspace["load_from"]
+    assert location["grpc_server"]["location_name"] == "seg_pipeline"
+
+
+def test_broken_workspace_is_rejected() -> None:
+    workspace = load_yaml(DEPLOY / "k8s" / "workspace.yaml")
+    workspace["load_from"][0]["grpc_server"]["hostname"] = workspace["load_from"][0]["grpc_server"].pop(
+        "host"
+    )
+    assert not process_workspace_config(workspace).success
 
 
 # --- k8s executor run config ----------------------------------------------------------------------
@@ -266,6 +285,13 @@ def test_gpu_run_config_validates_against_the_k8s_code_location(
     assert set(resolved["execution"]) == {"k8s"}
     assert set(resolved["execution"]["k8s"]["per_step_k8s_config"]) == GPU_STEPS
     assert resolved["ops"]["pretrained_model"]["config"]["device"] == "cuda"
+
+
+def test_dagster_loads_the_k8s_code_location_file() -> None:
+    """What ``dagster api grpc --python-file`` does: exactly one Definitions at module scope."""
+    module = load_file_module(DEPLOY / "k8s" / "definitions_k8s.py")
+    targets = loadable_targets_from_loaded_module(module)
+    assert [target.attribute for target in targets] == ["defs"]
 
 
 def test_package_default_executor_rejects_the_k8s_run_config(
@@ -293,19 +319,21 @@ def test_k8s_code_location_keeps_everything_but_the_executor(
 def test_per_step_gpu_requests_cover_exactly_the_gpu_tagged_assets(
     k8s_defs: dg.Definitions, gpu_run_config: dict[str, Any]
 ) -> None:
-    job = k8s_defs.resolve_job_def("full_pipeline_job")
-    tagged_ops = set()
-    for node_name in job.graph.node_dict:
-        if node_name not in job.asset_layer.asset_graph.assets_defs_by_op_name():
-            continue  # asset checks
-        assets_def = job.asset_layer.asset_graph.assets_defs_by_op_name()[node_name]
-        if any(tags.get(GPU_TAG[0]) == GPU_TAG[1] for tags in assets_def.tags_by_key.values()):
-            tagged_ops.add(node_name)
+    job_ops = set(k8s_defs.resolve_job_def("full_pipeline_job").graph.node_dict)
+    tagged_ops = {
+        assets_def.op.name
+        for assets_def in k8s_defs.assets or []
+        if isinstance(assets_def, dg.AssetsDefinition)
+        and any(tags.get(GPU_TAG[0]) == GPU_TAG[1] for tags in assets_def.tags_by_key.values())
+    }
     assert tagged_ops == GPU_STEPS
+    assert tagged_ops <= job_ops
     assert set(gpu_run_config["execution"]["config"]["per_step_k8s_config"]) == tagged_ops
 
 
-def test_misspelt_k8s_config_key_is_rejected(k8s_defs: dg.Definitions, gpu_run_config: dict[str, Any]) -> None:
+def test_misspelt_k8s_config_key_is_rejected(
+    k8s_defs: dg.Definitions, gpu_run_config: dict[str, Any]
+) -> None:
     broken = deep_merge_dicts(
         gpu_run_config,
         {"execution": {"config": {"per_step_k8s_config": {"pretrained_model": {"container_cfg": {}}}}}},
@@ -404,5 +432,5 @@ def test_torchrun_script_rejects_a_folder_that_was_not_ingested(tmp_path: Path) 
     script = load_file_module(DEPLOY / "torchrun" / "train_stage.py")
     args = script.parse_args(["--dataset-dir", str(tmp_path), "--checkpoint-dir", str(tmp_path / "ckpt")])
     assert (args.batch_size, args.epochs, args.device) == (8, 50, "auto")
-    with pytest.raises(ValueError, match="--dataset-dir=.*headers.parquet"):
+    with pytest.raises(ValueError, match=r"--dataset-dir=.*headers\.parquet"):
         script.target_source(args.dataset_dir)

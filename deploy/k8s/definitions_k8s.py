@@ -15,19 +15,26 @@ from __future__ import annotations
 import dagster as dg
 from dagster_k8s import k8s_job_executor
 
-# Imported as a module, not ``from ... import defs``: Dagster refuses a file holding two Definitions.
 from seg_pipeline.defs import definitions as package_definitions
 
-_package = package_definitions.defs
 
-defs = dg.Definitions(
-    assets=_package.assets,
-    asset_checks=_package.asset_checks,
-    jobs=_package.jobs,
-    schedules=_package.schedules,
-    sensors=_package.sensors,
-    resources=_package.resources,
-    loggers=_package.loggers,
-    metadata=_package.metadata,
-    executor=k8s_job_executor,
-)
+def with_executor(package: dg.Definitions, executor: dg.ExecutorDefinition) -> dg.Definitions:
+    """Copy of ``package`` that runs its jobs with ``executor``.
+
+    A function, not a module-level alias of the package's Definitions: Dagster refuses a code
+    location file that holds two Definitions objects at module scope.
+    """
+    return dg.Definitions(
+        assets=package.assets,
+        asset_checks=package.asset_checks,
+        jobs=package.jobs,
+        schedules=package.schedules,
+        sensors=package.sensors,
+        resources=package.resources,
+        loggers=package.loggers,
+        metadata=package.metadata,
+        executor=executor,
+    )
+
+
+defs = with_executor(package_definitions.defs, k8s_job_executor)

@@ -17,13 +17,10 @@ import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from seg_pipeline.data.headers import read_catalog, read_catalog_class_names
-from seg_pipeline.data.loaders import LoaderConfig
-from seg_pipeline.training import distributed
-from seg_pipeline.training.loop import TrainConfig
-from seg_pipeline.training.models import ModelSpec
-from seg_pipeline.training.stages import SourceSpec, StageConfig, run_stage
+if TYPE_CHECKING:  # torch and SMP load only when training starts (``--help`` stays instant)
+    from seg_pipeline.training.stages import SourceSpec, StageConfig
 
 CATALOG_NAME = "headers.parquet"
 
@@ -60,6 +57,9 @@ def target_source(dataset_dir: Path) -> SourceSpec:
             f"--dataset-dir={str(dataset_dir)!r} has no {CATALOG_NAME}: point it at data/processed/<id> "
             "after running ingest_job"
         )
+    from seg_pipeline.data.headers import read_catalog_class_names
+    from seg_pipeline.training.stages import SourceSpec
+
     return SourceSpec(
         name=dataset_dir.name,
         dataset_dir=dataset_dir,
@@ -70,12 +70,19 @@ def target_source(dataset_dir: Path) -> SourceSpec:
 
 def in_channels(catalog_path: Path) -> int:
     """Band count of the usable tiles (as the Dagster asset computes it)."""
+    from seg_pipeline.data.headers import read_catalog
+
     catalog = read_catalog(catalog_path)
     return int(catalog.loc[catalog["status"] == "ok", "bands"].mode().iloc[0])
 
 
 def stage_config(args: argparse.Namespace, source: SourceSpec) -> StageConfig:
     """StageConfig from the options; everything not exposed keeps the library defaults."""
+    from seg_pipeline.data.loaders import LoaderConfig
+    from seg_pipeline.training.loop import TrainConfig
+    from seg_pipeline.training.models import ModelSpec
+    from seg_pipeline.training.stages import StageConfig
+
     return StageConfig(
         model=ModelSpec(
             architecture=args.architecture,
@@ -94,6 +101,9 @@ def stage_config(args: argparse.Namespace, source: SourceSpec) -> StageConfig:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Train, print the stage result as JSON on rank 0, leave the process group cleanly."""
+    from seg_pipeline.training import distributed
+    from seg_pipeline.training.stages import run_stage
+
     args = parse_args(argv)
     source = target_source(args.dataset_dir)
     tracking = None
