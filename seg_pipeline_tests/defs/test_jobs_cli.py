@@ -66,3 +66,41 @@ def test_ingest_job_cli_twice_reports_same_data_versions(tmp_path: Path) -> None
     assert second.returncode == 0, second.stderr[-3000:]
     assert _latest_data_versions(home) == versions
     assert "6 unchanged" in second.stdout + second.stderr  # the catalog re-read nothing
+
+
+@pytest.mark.slow
+def test_full_pipeline_job_cli_with_the_ci_config(tmp_path: Path) -> None:
+    """What CI users run: `dagster job execute -m seg_pipeline -j full_pipeline_job -c configs/ci.yaml`."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    data_root = tmp_path / "data"
+    write_synthetic_dataset(
+        data_root / "raw" / "demo", SyntheticSpec(grid_rows=3, grid_cols=4, tile_size=32), seed=1
+    )
+    aux = SyntheticSpec(grid_rows=1, grid_cols=3, tile_size=32, class_scheme="aux", item_prefix="oem")
+    write_synthetic_dataset(data_root / "raw" / "demo_aux", aux, seed=2)
+    env = {**os.environ, "DAGSTER_HOME": str(home), "SEG_PIPELINE_DATA_ROOT": str(data_root)}
+    done = subprocess.run(
+        [
+            str(DAGSTER),
+            "job",
+            "execute",
+            "-m",
+            "seg_pipeline",
+            "-j",
+            "full_pipeline_job",
+            "-c",
+            "configs/ci.yaml",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    reports = list((data_root / "reports").glob("*/report.md"))
+    assert len(reports) == 1 and "ensemble" in reports[0].read_text()
+    assert list((data_root / "predictions").glob("*/ensemble/*.tif"))
+    assert (data_root / "mlflow" / "mlflow.db").exists()
