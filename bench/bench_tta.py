@@ -13,9 +13,11 @@ Variants, all on the same input and the same two SMP Unet-resnet18 models (6 cla
   gets from ttach's building blocks: a product, 2 x 2 x 3 = 12 views per model (adds h+v), nearest
   interpolation (ttach's default), logits averaged.
 
-Run: ``.venv/bin/python bench/bench_tta.py [--repeats 3] [--batches 1 4] [--size 256]``.
+Run: ``.venv/bin/python bench/bench_tta.py [--repeats 3] [--batches 1 4] [--size 256] [--threads 2]``.
 Timings are the best of ``--repeats`` after one warm-up; variants are interleaved in every repeat
-so background load hits them alike. ``torch.set_num_threads(2)``.
+so background load hits them alike. Both wall-clock and process CPU seconds are printed. On a
+shared machine (load average above the core count) 2-thread timings swing 3-10x because OpenMP
+threads wait on each other; ``--threads 1`` with the CPU-time table was stable to a few percent.
 """
 
 from __future__ import annotations

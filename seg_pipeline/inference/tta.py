@@ -54,10 +54,12 @@ class TTAConfig:
         merge: ``"mean_prob"`` averages softmax probabilities; ``"mean_logit"`` averages logits and
             returns the softmax of the mean. The output is probabilities either way.
         batch_augmentations: Run all transforms of one scale that give the same shape as one batch
-            (fewer, bigger forward passes). Off by default: on the 2-core CPU box it was slower
-            (bench/bench_tta.py); on a GPU it usually pays off.
-        amp_dtype: Autocast dtype for the forward passes (e.g. ``torch.bfloat16`` on CPU/CUDA);
-            ``None`` runs in full precision. Merging is always done in float32.
+            (fewer, bigger forward passes). Off by default: on the 2-core CPU box (bench/bench_tta.py,
+            1 thread, CPU time) it was 17% slower at batch 4 and 2% faster at batch 1. On a GPU,
+            where one small batch does not fill the device, it usually pays off: measure there.
+        amp_dtype: Autocast dtype for the forward passes (e.g. ``torch.bfloat16`` on CUDA);
+            ``None`` runs in full precision. Merging is always done in float32. On the 2-core
+            CPU box (AVX-512 BF16, no AMX) bf16 autocast was 1.2-1.3x slower, so it is opt-in.
         channels_last: Feed inputs in channels-last memory format (pair with a channels-last model,
             which ``EnsemblePredictor`` does for you).
         pad_multiple: Inputs are padded (reflect) to a multiple of this before the forward pass and
