@@ -12,6 +12,7 @@ DEMO_DIR := data/raw/demo
 AUX_DIR := data/raw/demo_aux
 RUN_CONFIG ?= configs/demo.yaml
 JOB ?= full_pipeline_job
+PY_DIRS := seg_pipeline seg_pipeline_tests bench deploy
 
 .PHONY: install run test lint format ui demo-data bench clean-demo
 
@@ -38,10 +39,10 @@ test: install
 	$(BIN)/pytest
 
 lint: install
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check . && $(BIN)/ruff format --check $(PY_DIRS)
 
 format: install
-	$(BIN)/ruff check --fix . && $(BIN)/ruff format .
+	$(BIN)/ruff check --fix . && $(BIN)/ruff format $(PY_DIRS)
 
 ui: install $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
