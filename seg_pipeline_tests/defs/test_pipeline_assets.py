@@ -199,3 +199,14 @@ def test_champion_gate_both_ways(materialized) -> None:
     promoted = champion_gate(predictions, candidate_score=kept["champion_score"] + 0.6, margin=0.5, **kwargs)
     assert promoted["promoted"] and promoted["previous_version"] == champion.version
     assert trk.get_alias_version("seg_pipeline_student", "champion", settings=settings).version == new_version
+
+
+def test_registered_model_uris_resolve_to_the_exact_stage_checkpoint(materialized) -> None:
+    from seg_pipeline.cli import resolve_model_checkpoint
+
+    root, result = materialized
+    pre = result.output_for_node("pretrained_model")
+    uri = f"models:/seg_pipeline_pretrained/{pre['registered_version']}"
+    assert resolve_model_checkpoint(uri, root) == Path(pre["best_checkpoint"])
+    with pytest.raises(SystemExit, match="no such registered model or alias"):
+        resolve_model_checkpoint("models:/seg_pipeline_pretrained@nope", root)

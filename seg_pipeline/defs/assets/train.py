@@ -284,6 +284,7 @@ def kd_student_model(
     mlflow: MlflowResource,
 ) -> dg.Output[dict[str, Any]]:
     """Distil stage 1 (plus any extra teachers) into the student on target data."""
+    from seg_pipeline.cli import resolve_model_checkpoint
     from seg_pipeline.training.stages import KDSettings, run_stage
 
     target = _source(tile_shards, ("train",))
@@ -315,7 +316,10 @@ def kd_student_model(
         target,
         _checkpoint_dir(context, storage, "kd"),
         init_checkpoint=pretrained_model["best_checkpoint"] if same_architecture else None,
-        teacher_checkpoints=[pretrained_model["best_checkpoint"], *config.extra_teachers],
+        teacher_checkpoints=[
+            pretrained_model["best_checkpoint"],
+            *(resolve_model_checkpoint(ref, storage.root) for ref in config.extra_teachers),
+        ],
         tracking=settings,
         run_tags=_tags(context, tile_shards["data_version"]),
         register_as=config.register_as,
