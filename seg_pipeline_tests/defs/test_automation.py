@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
 from seg_pipeline.data.synthetic import SyntheticSpec, write_synthetic_dataset
 from seg_pipeline.defs import sensors
@@ -60,3 +61,19 @@ def test_definitions_load_with_jobs_schedule_and_sensors_stopped_by_default() ->
         "evaluation_report",
         "champion_model",
     }
+
+
+def test_shipped_run_configs_validate_against_the_jobs() -> None:
+    import yaml
+
+    repo = Path(__file__).resolve().parents[2]
+    for job_name in ("train_job", "full_pipeline_job"):
+        job = defs.resolve_job_def(job_name)
+        for name in ("ci", "demo", "gpu"):
+            config = yaml.safe_load((repo / "configs" / f"{name}.yaml").read_text())
+            ops = {k: v for k, v in config["ops"].items() if k in {n.name for n in job.graph.nodes}}
+            assert dg.validate_run_config(job, {"ops": ops}), (job_name, name)
+    with pytest.raises(dg.DagsterInvalidConfigError, match="epochz"):
+        dg.validate_run_config(
+            defs.resolve_job_def("train_job"), {"ops": {"pretrained_model": {"config": {"epochz": 3}}}}
+        )
