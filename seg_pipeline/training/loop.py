@@ -115,7 +115,7 @@ class TrainConfig:
         save_every: period of ``epoch-N.pt`` snapshots, 0 disables.
         log_every_n_steps: progress line period in optimizer steps, 0 disables.
         device: ``auto|cuda|mps|cpu``.
-        amp: None = policy default (CUDA on, MPS off, CPU bf16 on); False = fp32 where allowed.
+        amp: None = policy default (CUDA on, MPS off, CPU off); True on CPU = bf16 autocast.
         channels_last: None = policy default.
         seed: seeds python/numpy/torch at the start of ``fit`` (plus the DDP rank).
         deterministic: deterministic kernels (slower).

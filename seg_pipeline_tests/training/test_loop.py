@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -227,7 +228,7 @@ def test_fit_overfits_tiny_unet_with_default_cpu_policy_and_writes_files(tmp_pat
         model_spec={"arch": "unet", "encoder": "resnet18", "classes": 3},
         run_config={"dataset": "tiny"},
     )
-    assert result.precision == "cpu bf16-autocast channels_last"
+    assert result.precision == "cpu fp32 channels_last"
     assert epochs_seen == [1, 2, 3, 4] and result.epochs_run == 4 and not result.stopped_early
     losses = [h["train/loss"] for h in result.history]
     assert all(later < earlier for earlier, later in itertools.pairwise(losses))
@@ -240,6 +241,22 @@ def test_fit_overfits_tiny_unet_with_default_cpu_policy_and_writes_files(tmp_pat
     assert best["model_spec"]["encoder"] == "resnet18" and best["config"]["run"] == {"dataset": "tiny"}
     manifest = json.loads((tmp_path / "run_manifest.json").read_text())
     assert manifest["config"]["train"]["epochs"] == 4 and manifest["packages"]["torch"]
+
+
+def test_opt_in_bf16_autocast_on_cpu_runs_forward_in_bf16(tmp_path: Path) -> None:
+    dtypes: list[torch.dtype] = []
+
+    def objective(model: nn.Module, batch: dict, epoch: int) -> tuple[torch.Tensor, dict]:
+        logits = model(batch["image"])
+        dtypes.append(logits.dtype)
+        return F.cross_entropy(logits, batch["mask"]), {}
+
+    model = _tiny_net()
+    result = _fit_sgd(model, _batches(4, 2), tmp_path, lr=0.1, objective=objective, amp=True)
+    assert result.precision == "cpu bf16-autocast channels_last"
+    assert dtypes == [torch.bfloat16, torch.bfloat16]
+    assert model.conv1.weight.dtype == torch.float32  # master weights stay fp32
+    assert math.isfinite(result.history[0]["train/loss"])
 
 
 def test_early_stopping_after_patience_with_constant_metric(tmp_path: Path) -> None:
