@@ -1,31 +1,26 @@
-"""`dagster job execute -m seg_pipeline -j ingest_job` as a user runs it, against a temp DAGSTER_HOME."""
+"""`dagster job execute -m seg_pipeline -j ...` as a user runs it, against a temp DAGSTER_HOME."""
 
 from __future__ import annotations
 
+import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from seg_pipeline.data.synthetic import SyntheticSpec, write_synthetic_dataset
-
-REPO = Path(__file__).resolve().parents[2]
-DAGSTER = Path(sys.executable).with_name("dagster")
+from seg_pipeline_tests.defs.cli_helpers import (
+    MaterializedPipeline,
+    dagster_cli,
+    new_dagster_home,
+    write_demo_data,
+)
 
 
 def _execute(job: str, home: Path, data_root: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "DAGSTER_HOME": str(home), "SEG_PIPELINE_DATA_ROOT": str(data_root)}
-    return subprocess.run(
-        [str(DAGSTER), "job", "execute", "-m", "seg_pipeline", "-j", job],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return dagster_cli("job", "execute", "-m", "seg_pipeline", "-j", job, env=env, timeout=300)
 
 
 def _latest_data_versions(home: Path) -> dict[str, str]:
@@ -40,22 +35,14 @@ def _latest_data_versions(home: Path) -> dict[str, str]:
     )
     env = {**os.environ, "DAGSTER_HOME": str(home)}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    import json
-
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.slow
 def test_ingest_job_cli_twice_reports_same_data_versions(tmp_path: Path) -> None:
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    home = new_dagster_home(tmp_path / "dagster_home")
     data_root = tmp_path / "data"
-    write_synthetic_dataset(
-        data_root / "raw" / "demo", SyntheticSpec(grid_rows=2, grid_cols=3, tile_size=32), seed=1
-    )
-    aux = SyntheticSpec(grid_rows=1, grid_cols=2, tile_size=32, class_scheme="aux", item_prefix="oem")
-    write_synthetic_dataset(data_root / "raw" / "demo_aux", aux, seed=2)
+    write_demo_data(data_root, rows=2, cols=3)
 
     first = _execute("ingest_job", home, data_root)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
@@ -69,38 +56,11 @@ def test_ingest_job_cli_twice_reports_same_data_versions(tmp_path: Path) -> None
 
 
 @pytest.mark.slow
-def test_full_pipeline_job_cli_with_the_ci_config(tmp_path: Path) -> None:
+def test_full_pipeline_job_cli_with_the_ci_config(materialized_pipeline: MaterializedPipeline) -> None:
     """What CI users run: `dagster job execute -m seg_pipeline -j full_pipeline_job -c configs/ci.yaml`."""
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
-    data_root = tmp_path / "data"
-    write_synthetic_dataset(
-        data_root / "raw" / "demo", SyntheticSpec(grid_rows=3, grid_cols=4, tile_size=32), seed=1
-    )
-    aux = SyntheticSpec(grid_rows=1, grid_cols=3, tile_size=32, class_scheme="aux", item_prefix="oem")
-    write_synthetic_dataset(data_root / "raw" / "demo_aux", aux, seed=2)
-    env = {**os.environ, "DAGSTER_HOME": str(home), "SEG_PIPELINE_DATA_ROOT": str(data_root)}
-    done = subprocess.run(
-        [
-            str(DAGSTER),
-            "job",
-            "execute",
-            "-m",
-            "seg_pipeline",
-            "-j",
-            "full_pipeline_job",
-            "-c",
-            "configs/ci.yaml",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    data_root = materialized_pipeline.data_root
     reports = list((data_root / "reports").glob("*/report.md"))
     assert len(reports) == 1 and "ensemble" in reports[0].read_text()
     assert list((data_root / "predictions").glob("*/ensemble/*.tif"))
     assert (data_root / "mlflow" / "mlflow.db").exists()
+    assert "RUN_SUCCESS" in materialized_pipeline.run.stdout + materialized_pipeline.run.stderr

@@ -1,0 +1,51 @@
+"""Helpers for tests that drive the `dagster` CLI against a temp instance and data root."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from seg_pipeline.data.synthetic import SyntheticSpec, write_synthetic_dataset
+
+REPO = Path(__file__).resolve().parents[2]
+DAGSTER = Path(sys.executable).with_name("dagster")
+
+
+@dataclass(frozen=True)
+class MaterializedPipeline:
+    """Where the run left its instance and outputs, and what the CLI printed."""
+
+    home: Path
+    data_root: Path
+    run: subprocess.CompletedProcess[str]
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment that points Dagster and the pipeline at this instance and data."""
+        return {**os.environ, "DAGSTER_HOME": str(self.home), "SEG_PIPELINE_DATA_ROOT": str(self.data_root)}
+
+
+def new_dagster_home(path: Path) -> Path:
+    """An instance folder holding a copy of the repo's dagster.yaml."""
+    path.mkdir(parents=True)
+    shutil.copy(REPO / "dagster.yaml", path / "dagster.yaml")
+    return path
+
+
+def write_demo_data(data_root: Path, rows: int = 3, cols: int = 4) -> None:
+    """Tiny target (demo) and auxiliary (demo_aux) datasets as the pipeline expects them."""
+    target = SyntheticSpec(grid_rows=rows, grid_cols=cols, tile_size=32)
+    write_synthetic_dataset(data_root / "raw" / "demo", target, seed=1)
+    aux = SyntheticSpec(grid_rows=1, grid_cols=3, tile_size=32, class_scheme="aux", item_prefix="oem")
+    write_synthetic_dataset(data_root / "raw" / "demo_aux", aux, seed=2)
+
+
+def dagster_cli(*args: str, env: dict[str, str], timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    """Run the `dagster` CLI of this venv from the repo root, capturing its output."""
+    return subprocess.run(
+        [str(DAGSTER), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )

@@ -1,0 +1,190 @@
+"""The Dagster UI over a materialized pipeline, seen in a real headless Chromium.
+
+`dagster-webserver` serves the instance that `full_pipeline_job` just wrote, on a free loopback
+port; Playwright drives Debian's Chromium (no browser download). The test asserts what a user
+would look for: every asset of the graph drawn and materialized, and the evaluation report's
+metadata (model comparison table, ensemble mIoU, MLflow run id) on its page, with no error page.
+
+Skipped where Chromium or Playwright is missing, unless ``SEG_PIPELINE_REQUIRE_BROWSER=1``
+(``.ci/run`` sets it after installing Chromium, so CI can never skip it silently). Screenshots go to
+the test's temp folder, and also to ``SEG_PIPELINE_SCREENSHOT_DIR`` when set (how docs/ is refreshed).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pytest
+
+from seg_pipeline_tests.defs.cli_helpers import REPO, MaterializedPipeline
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Page
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+WEBSERVER = Path(sys.executable).with_name("dagster-webserver")
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+VIEWPORT = {"width": 1600, "height": 1000}
+ALL_ASSETS = (
+    "tile_headers",
+    "dataset_splits",
+    "tile_shards",
+    "auxiliary_sources",
+    "pretrained_model",
+    "kd_student_model",
+    "ensemble_predictions",
+    "evaluation_report",
+    "champion_model",
+)
+#: Texts of Dagster's error and empty states; none may appear on a page that rendered.
+ERROR_TEXTS = ("Page not found", "An unexpected error", "Something went wrong", "Could not load")
+
+
+def _chromium() -> str:
+    """Path of a Chromium binary, or skip (fail under SEG_PIPELINE_REQUIRE_BROWSER=1)."""
+    found = (
+        os.environ.get("SEG_PIPELINE_CHROMIUM")
+        or shutil.which("chromium")
+        or shutil.which("chromium-browser")
+    )
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        found = None
+    if found is None:
+        message = (
+            "needs Chromium (apt-get install chromium) and the playwright package (pip install '.[dev]')"
+        )
+        if os.environ.get("SEG_PIPELINE_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"SEG_PIPELINE_REQUIRE_BROWSER=1 but the browser test {message}")
+        pytest.skip(message)
+    return found
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def webserver(materialized_pipeline: MaterializedPipeline) -> Iterator[str]:
+    """`dagster-webserver -w workspace.yaml` on 127.0.0.1:<free port>; yields its base URL."""
+    port = _free_loopback_port()
+    log = (materialized_pipeline.home / "webserver.log").open("w")
+    server = subprocess.Popen(
+        [str(WEBSERVER), "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
+        cwd=REPO,
+        env=materialized_pipeline.env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, (materialized_pipeline.home / "webserver.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "dagster-webserver did not answer within 120 s"
+            try:
+                with urllib.request.urlopen(f"{url}/server_info", timeout=2) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def page(webserver: str) -> Iterator[Page]:
+    """One Playwright page in headless Chromium."""
+    executable = _chromium()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_FLAGS)
+        try:
+            yield browser.new_page(viewport=VIEWPORT)
+        finally:
+            browser.close()
+
+
+def _save(page: Page, name: str, tmp_path: Path) -> Path:
+    """Screenshot to the temp folder (and to SEG_PIPELINE_SCREENSHOT_DIR); check it is a real picture."""
+    from PIL import Image
+
+    path = tmp_path / name
+    page.screenshot(path=str(path))
+    pixels = np.asarray(Image.open(path).convert("L"), dtype=np.float32)
+    assert pixels.shape == (VIEWPORT["height"], VIEWPORT["width"])
+    assert pixels.std() > 10, f"{name} is nearly uniform (std {pixels.std():.1f}): nothing rendered"
+    if target := os.environ.get("SEG_PIPELINE_SCREENSHOT_DIR"):
+        Path(target).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, Path(target) / name)
+    return path
+
+
+def _shows(text: str, asset: str) -> bool:
+    """The graph elides long names when zoomed out (``ensem…_predictions``): match either form."""
+    if "…" not in text:
+        return text.strip() == asset
+    head, tail = text.strip().split("…", 1)
+    return asset.startswith(head) and asset.endswith(tail) and len(head) + len(tail) < len(asset)
+
+
+def _assert_no_error_page(page: Page) -> None:
+    body = page.inner_text("body")
+    for text in ERROR_TEXTS:
+        assert text not in body, f"the UI shows {text!r}: {body[:500]}"
+
+
+def test_asset_graph_shows_every_asset_materialized(page: Page, webserver: str, tmp_path: Path) -> None:
+    page.goto(f"{webserver}/asset-groups")
+    page.get_by_text("ingest", exact=True).first.wait_for(timeout=30_000)
+    page.keyboard.press("Alt+e")  # the UI's "expand all groups" shortcut
+    names = page.locator("[class*='AssetNode_assetName']")
+    names.nth(len(ALL_ASSETS) - 1).wait_for(timeout=30_000)
+    drawn = names.all_inner_texts()
+    for asset in ALL_ASSETS:
+        assert any(_shows(text, asset) for text in drawn), (asset, drawn)
+    page.wait_for_timeout(1000)  # let the edges finish animating
+    _assert_no_error_page(page)
+    _save(page, "ui_asset_graph.png", tmp_path)
+
+
+def test_evaluation_report_page_shows_its_metadata(page: Page, webserver: str, tmp_path: Path) -> None:
+    page.goto(f"{webserver}/assets/evaluation_report?view=events")
+    page.get_by_text("Materialized in run").first.wait_for(timeout=30_000)
+    for key in ("comparison", "per_class_delta", "ensemble_miou", "best_single", "mlflow_run_id"):
+        page.get_by_text(key, exact=True).first.wait_for(timeout=30_000)
+    comparison = page.locator("table", has_text="pixel_accuracy").first
+    rows = comparison.inner_text()
+    for model in ("pretrained", "kd_student", "ensemble"):
+        assert model in rows, rows
+    _assert_no_error_page(page)
+    _save(page, "ui_evaluation_report.png", tmp_path)
