@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
+
+from seg_pipeline.progress import LOGGER_NAME
 
 
 def summary(data_root: Path, dataset: str) -> str:
@@ -130,6 +133,20 @@ def evaluate_command(args: argparse.Namespace) -> None:
         print(f"wrote {args.out / 'metrics.json'} and {args.out / 'confusion.csv'}")
 
 
+def configure_logging() -> None:
+    """Show the library's progress lines (``seg_pipeline`` logger, INFO) on stderr, bare.
+
+    Only when nothing configured logging yet; other libraries stay at WARNING so their INFO
+    chatter does not bury the progress lines.
+    """
+    if logging.getLogger().handlers:
+        return
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    package_logger = logging.getLogger(LOGGER_NAME)
+    if package_logger.level == logging.NOTSET:
+        package_logger.setLevel(logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``seg-pipeline`` / ``python -m seg_pipeline.cli``."""
     parser = argparse.ArgumentParser(prog="seg-pipeline", description=__doc__.splitlines()[0])
@@ -168,6 +185,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p_eval.add_argument("--allow-missing", action="store_true")
     p_eval.add_argument("--out", type=Path, help="write metrics.json and confusion.csv here")
     args = parser.parse_args(argv)
+    configure_logging()
     if args.command == "summary":
         print(summary(args.data_root, args.dataset))
     elif args.command == "predict":

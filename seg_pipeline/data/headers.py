@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +31,7 @@ from seg_pipeline.data.raster_io import (
     open_raster,
 )
 from seg_pipeline.data.spec import DatasetSpec, TileRecord, discover
+from seg_pipeline.progress import ItemProgress
 
 STATUS_OK = "ok"
 STATUS_QUARANTINED = "quarantined"
@@ -371,6 +372,8 @@ def build_headers(
     spec: DatasetSpec,
     previous_catalog: Path | str | None = None,
     workers: int | None = None,
+    *,
+    log_fn: Callable[[str], None] | None = None,
 ) -> HeaderResult:
     """Discover, read and validate every tile of ``spec``.
 
@@ -378,6 +381,8 @@ def build_headers(
         spec: The dataset to catalogue.
         previous_catalog: A catalog from an earlier build; rows whose files are unchanged are reused.
         workers: Reader threads (GDAL releases the GIL while decoding); default ``min(8, cpus)``.
+        log_fn: Sink for progress lines over the tiles read (default: the ``seg_pipeline`` logger);
+            reading and hashing every tile is the slow part of ingest, so it reports throughput and ETA.
     """
     start = time.perf_counter()
     found = discover(spec)
@@ -403,6 +408,7 @@ def build_headers(
             to_read.append((len(rows) - 1, record))
 
     n_workers = workers or min(8, os.cpu_count() or 1)
+    progress = ItemProgress(f"headers {spec.dataset_id}", len(to_read), unit="tiles", log_fn=log_fn)
     with ThreadPoolExecutor(max_workers=n_workers) as pool:
         results = pool.map(
             lambda rec: inspect_tile(rec, num_classes, spec.ignore_index, expected_bands, settings_key),
@@ -410,6 +416,9 @@ def build_headers(
         )
         for (index, _), row in zip(to_read, results, strict=True):
             rows[index] = row
+            progress.advance()
+    reused_count = len(rows) - len(to_read)
+    progress.done(f"reused {reused_count} unchanged" if reused_count else None)
 
     if expected_bands is None:  # every tile must match the majority band count
         bands = pd.Series([r["bands"] for r in rows if r and r["status"] == STATUS_OK and r["bands"]])

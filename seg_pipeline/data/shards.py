@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ import pandas as pd
 
 from seg_pipeline.data.headers import STATUS_OK
 from seg_pipeline.data.raster_io import atomic_write, open_raster, write_geotiff
+from seg_pipeline.progress import ItemProgress
 
 INDEX_NAME = "index.jsonl"
 MANIFEST_NAME = "manifest.json"
@@ -140,7 +141,13 @@ def _index_text(rows: list[dict[str, Any]]) -> str:
     return "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows)
 
 
-def _write_shard(final_dir: Path, items: list[dict[str, Any]], index_text: str, tile_format: str) -> None:
+def _write_shard(
+    final_dir: Path,
+    items: list[dict[str, Any]],
+    index_text: str,
+    tile_format: str,
+    progress: ItemProgress | None = None,
+) -> None:
     """Build a shard in a hidden temp folder, then swap it into ``final_dir``."""
     tmp = final_dir.parent / f".tmp-{final_dir.name}-{uuid.uuid4().hex[:8]}"
     try:
@@ -150,6 +157,8 @@ def _write_shard(final_dir: Path, items: list[dict[str, Any]], index_text: str, 
             _store(Path(item["image_path"]), tmp / "inputs" / item["item_id"], tile_format)
             if isinstance(item.get("mask_path"), str) and item["mask_path"]:
                 _store(Path(item["mask_path"]), tmp / "targets" / item["item_id"], tile_format)
+            if progress is not None:
+                progress.advance(detail=f"{final_dir.parent.name}/{final_dir.name}")
         (tmp / INDEX_NAME).write_text(index_text)
         _replace_dir(tmp, final_dir)
     finally:
@@ -178,23 +187,36 @@ def write_shards(
     splits: pd.DataFrame,
     dataset_dir: Path | str,
     config: ShardConfig = ShardConfig(),
+    *,
+    log_fn: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Write every split's shards under ``dataset_dir`` and return the manifest.
 
     Unchanged shards (same index content) are kept as they are; shards and splits that no
-    longer exist are removed, so the folder always matches the manifest.
+    longer exist are removed, so the folder always matches the manifest. Progress over the
+    tiles (copied or kept) goes to ``log_fn`` (default: the ``seg_pipeline`` logger), since
+    copying a large dataset takes a while.
     """
     config.validate()
     dataset_dir = Path(dataset_dir)
     ok = catalog[catalog["status"] == STATUS_OK].set_index("item_id", drop=False)
     manifest: dict[str, Any] = {"format": 1, "tile_format": config.tile_format, "splits": {}}
     written = reused = 0
-    for split in sorted(splits["split"].unique()):
+    split_ids = {
+        split: sorted(splits.loc[splits["split"] == split, "item_id"])
+        for split in sorted(splits["split"].unique())
+    }
+    progress = ItemProgress(
+        f"shards {dataset_dir.name}",
+        sum(len(ids) for ids in split_ids.values()),
+        unit="tiles",
+        log_fn=log_fn,
+    )
+    for split, ids in split_ids.items():
         split_dir = dataset_dir / split
         split_dir.mkdir(parents=True, exist_ok=True)
         for leftover in split_dir.glob(f".*-{SHARD_PREFIX}*"):  # .tmp-/.old- folders of a killed writer
             shutil.rmtree(leftover, ignore_errors=True)
-        ids = sorted(splits.loc[splits["split"] == split, "item_id"])
         items = [ok.loc[i].to_dict() for i in ids]
         shards = []
         for n, chunk in enumerate(_chunks(items, config)):
@@ -203,8 +225,9 @@ def write_shards(
             content_hash = hashlib.sha256(index_text.encode()).hexdigest()
             if _existing_hash(split_dir / name) == content_hash:
                 reused += 1
+                progress.advance(len(chunk), detail=f"{split}/{name} unchanged")
             else:
-                _write_shard(split_dir / name, chunk, index_text, config.tile_format)
+                _write_shard(split_dir / name, chunk, index_text, config.tile_format, progress)
                 written += 1
             shards.append({"path": f"{split}/{name}", "items": len(chunk), "content_hash": content_hash})
         keep = {Path(s["path"]).name for s in shards}
@@ -224,6 +247,7 @@ def write_shards(
     with atomic_write(dataset_dir / MANIFEST_NAME) as tmp:
         tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     manifest["stats"] = {"shards_written": written, "shards_reused": reused}
+    progress.done(f"{written} written, {reused} unchanged shards")
     return manifest
 
 

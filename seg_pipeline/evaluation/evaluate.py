@@ -5,7 +5,7 @@ Both are MLflow-tracked; the Dagster assets only call :func:`build_report` and :
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from seg_pipeline.evaluation.report import (
     write_json,
     write_markdown_report,
 )
+from seg_pipeline.progress import ItemProgress
 
 
 def _pairs(prediction_dir: str | Path, items: list[Mapping[str, str]]) -> list[tuple[Path, Path]]:
@@ -36,6 +37,7 @@ def build_report(
     overlays: int = 3,
     tracking: Any = None,
     run_tags: Mapping[str, str] | None = None,
+    log_fn: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Score each prediction set (single models and ``ensemble``) and write the report.
 
@@ -43,6 +45,8 @@ def build_report(
         predictions: The ``ensemble_predictions`` value (prediction dirs, items, classes).
         report_dir: Where ``report.md``, CSVs, PNGs and ``metrics.json`` go.
         tracking: :class:`seg_pipeline.tracking.TrackingSettings` for the MLflow run, or ``None``.
+        log_fn: Sink for progress lines over the scored files, all prediction sets together
+            (default: the ``seg_pipeline`` logger).
     """
     from seg_pipeline.inference.writers import default_palette
 
@@ -51,10 +55,19 @@ def build_report(
     class_names = list(predictions["class_names"])
     k = len(class_names)
     items = list(predictions["items"])
+    progress = ItemProgress(
+        f"evaluate {predictions['split']}",
+        len(items) * len(predictions["prediction_dirs"]),
+        unit="files",
+        log_fn=log_fn,
+    )
     evaluations = {
-        name: evaluate_pairs(_pairs(folder, items), k, predictions["ignore_index"], ignore_nonpositive)
+        name: evaluate_pairs(
+            _pairs(folder, items), k, predictions["ignore_index"], ignore_nonpositive, progress=progress
+        )
         for name, folder in predictions["prediction_dirs"].items()
     }
+    progress.done(f"{len(evaluations)} prediction sets")
     results = {name: ev.metrics for name, ev in evaluations.items()}
     singles = [name for name in results if name != "ensemble"] or ["ensemble"]
     best_single = max(singles, key=lambda name: np.nan_to_num(results[name].miou, nan=-1.0))
@@ -161,11 +174,14 @@ def champion_gate(
     margin: float,
     work_dir: Path | str,
     tracking: Any,
+    log_fn: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Move ``alias`` to the candidate only if it beats the current holder by ``margin`` mIoU.
 
     The current champion is re-scored on the same split with the same TTA settings, so both
     numbers come from one protocol (F32). With no champion yet, the candidate is promoted.
+    Re-scoring predicts the whole split, so it logs progress to ``log_fn`` (default: the
+    ``seg_pipeline`` logger).
     """
     from seg_pipeline import tracking as trk
 
@@ -179,7 +195,7 @@ def champion_gate(
     elif str(current.version) == str(version):
         promote, reason = False, f"{model_name} v{version} already holds '{alias}'"
     else:
-        champion_score = _score_registered(predictions, current, work_dir, tracking)
+        champion_score = _score_registered(predictions, current, work_dir, tracking, log_fn)
         promote = candidate_score > champion_score + margin
         verdict = "promoting" if promote else "keeping"
         reason = (
@@ -203,7 +219,11 @@ def champion_gate(
 
 
 def _score_registered(
-    predictions: Mapping[str, Any], version_info: Any, work_dir: Path | str, tracking: Any
+    predictions: Mapping[str, Any],
+    version_info: Any,
+    work_dir: Path | str,
+    tracking: Any,
+    log_fn: Callable[[str], None] | None = None,
 ) -> float:
     """mIoU of a registered model version on the predictions' split, with the same TTA settings."""
     from seg_pipeline import tracking as trk
@@ -228,8 +248,13 @@ def _score_registered(
         batch_size=settings["batch_size"],
         device=settings["device"],
         color_png=False,
+        log_fn=log_fn,
+    )
+    progress = ItemProgress(
+        f"evaluate champion v{version_info.version}", len(items), unit="files", log_fn=log_fn
     )
     evaluation = evaluate_pairs(
-        _pairs(out, items), len(predictions["class_names"]), predictions["ignore_index"]
+        _pairs(out, items), len(predictions["class_names"]), predictions["ignore_index"], progress=progress
     )
+    progress.done()
     return float(evaluation.metrics.miou)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ import numpy as np
 
 from seg_pipeline.data.raster_io import RASTER_EXTENSIONS, atomic_write, read_array
 from seg_pipeline.evaluation.metrics import ConfusionMatrix, SegmentationMetrics
+from seg_pipeline.progress import ItemProgress
 
 SCALARS = ("miou", "mdice", "mprecision", "mrecall", "pixel_accuracy", "fwiou", "kappa")
 
@@ -50,11 +51,13 @@ def evaluate_pairs(
     ignore_index: int | None = 255,
     ignore_nonpositive: bool = False,
     missing: Sequence[str] = (),
+    progress: ItemProgress | None = None,
 ) -> FolderEvaluation:
     """One confusion matrix over ``(prediction, ground truth)`` raster pairs.
 
     Prediction pixels holding the class map's nodata value (input nodata) are not a class: they
-    are left out of the matrix and counted in ``unpredicted_pixels``.
+    are left out of the matrix and counted in ``unpredicted_pixels``. ``progress`` (optional) is
+    advanced once per pair, so callers scoring many files can report throughput and ETA.
     """
     matrix = ConfusionMatrix(num_classes, ignore_index=ignore_index, ignore_nonpositive=ignore_nonpositive)
     unpredicted = 0
@@ -68,6 +71,8 @@ def evaluate_pairs(
         predicted = pred < num_classes
         unpredicted += int((~predicted).sum())
         matrix.update(pred[predicted].astype(np.int64), truth[predicted].astype(np.int64))
+        if progress is not None:
+            progress.advance(detail=f"{pred_path.parent.name}/{pred_path.stem}")
     return FolderEvaluation(matrix.compute(), matrix, list(pairs), list(missing), unpredicted)
 
 
@@ -78,8 +83,11 @@ def evaluate_folders(
     ignore_index: int | None = 255,
     ignore_nonpositive: bool = False,
     allow_missing: bool = False,
+    log_fn: Callable[[str], None] | None = None,
 ) -> FolderEvaluation:
     """Evaluate a prediction folder against a ground-truth folder, pairing files by stem.
+
+    Progress lines over the pairs go to ``log_fn`` (default: the ``seg_pipeline`` logger).
 
     Raises:
         EvaluationInputError: a mask has no prediction (unless ``allow_missing``) or sizes differ.
@@ -92,7 +100,10 @@ def evaluate_folders(
             "predict them or pass allow_missing"
         )
     pairs = [(predictions[s], truths[s]) for s in sorted(set(truths) & set(predictions))]
-    return evaluate_pairs(pairs, num_classes, ignore_index, ignore_nonpositive, missing)
+    progress = ItemProgress(f"evaluate {Path(pred_dir).name}", len(pairs), unit="files", log_fn=log_fn)
+    evaluation = evaluate_pairs(pairs, num_classes, ignore_index, ignore_nonpositive, missing, progress)
+    progress.done()
+    return evaluation
 
 
 def comparison_rows(

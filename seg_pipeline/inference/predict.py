@@ -8,7 +8,7 @@ the same band statistics the model was trained with.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from seg_pipeline.inference.ensemble import EnsemblePredictor
 from seg_pipeline.inference.tiling import predict_raster
 from seg_pipeline.inference.tta import TTAConfig
 from seg_pipeline.inference.writers import default_palette, save_color_png
+from seg_pipeline.progress import ItemProgress
 from seg_pipeline.training.checkpoint import load_checkpoint
 
 
@@ -81,10 +82,13 @@ def predict_files(
     device: str = "cpu",
     color_png: bool = True,
     write_probabilities: bool = False,
+    log_fn: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Predict every ``(item_id, path)`` with the ensemble of ``models``; GeoTIFF class maps out.
 
     All models must share class names and normalisation (checked); one model is an ensemble of one.
+    Progress lines per raster (and per window for large rasters) go to ``log_fn`` (default: the
+    ``seg_pipeline`` logger), since TTA ensembles over a whole split take minutes to hours.
     """
     if not models:
         raise ValueError("predict_files needs at least one model")
@@ -105,6 +109,8 @@ def predict_files(
     palette = default_palette(len(first.class_names))
     started = time.perf_counter()
     written = []
+    label = models[0].name if len(models) == 1 else f"ensemble of {len(models)}"
+    progress = ItemProgress(f"predict {label}", len(inputs), unit="files", log_fn=log_fn)
     for item_id, path in inputs:
         summary = predict_raster(
             path,
@@ -116,6 +122,7 @@ def predict_files(
             batch_size=batch_size,
             normalize=lambda array: np.asarray(normalize(array, stats)),
             write_probabilities=out / f"{item_id}.probs.tif" if write_probabilities else None,
+            log_fn=log_fn,
         )
         if color_png:
             classes = read_array(summary["dst_path"])[0]
@@ -127,6 +134,9 @@ def predict_files(
                 nodata_value=summary["class_nodata"],
             )
         written.append({"item_id": item_id, "input": str(path), **summary})
+        progress.advance(detail=item_id)
+    views = predictor.forward_views
+    progress.done(f"{views} forward view{'s' if views != 1 else ''} per file")
     seconds = time.perf_counter() - started
     return {
         "out_dir": str(out),
@@ -144,7 +154,10 @@ def ensemble_and_singles(
     out_root: Path | str,
     **kwargs: Any,
 ) -> dict[str, dict[str, Any]]:
-    """Predictions of each single model and of the ensemble, in ``out_root/<name>/``."""
+    """Predictions of each single model and of the ensemble, in ``out_root/<name>/``.
+
+    ``kwargs`` go to :func:`predict_files` (``log_fn`` included), so each prediction set logs progress.
+    """
     out_root = Path(out_root)
     results: dict[str, dict[str, Any]] = {}
     if len(models) > 1:

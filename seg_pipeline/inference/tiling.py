@@ -28,6 +28,7 @@ from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window
 
 from seg_pipeline.inference.writers import atomic_path, class_dtype_for, geotiff_profile, scale_probabilities
+from seg_pipeline.progress import ItemProgress
 
 __all__ = ["blend_weights", "predict_raster", "window_grid"]
 
@@ -225,6 +226,8 @@ def predict_raster(
     probability_dtype: str = "float32",
     class_dtype: str = "auto",
     class_nodata: int | None = None,
+    log_fn: Callable[[str], None] | None = None,
+    progress_delay_s: float = 5.0,
 ) -> dict[str, Any]:
     """Predict a raster window by window and write a GeoTIFF class map (and optionally probabilities).
 
@@ -246,6 +249,10 @@ def predict_raster(
         probability_dtype: ``"float32"`` (NaN at nodata) or ``"uint8"`` (round(p * 255)).
         class_dtype: ``"auto"``, ``"uint8"`` or ``"uint16"``.
         class_nodata: Value written where all input bands are nodata (default: the dtype's max).
+        log_fn: Sink for per-window progress lines (default: the ``seg_pipeline.inference.tiling``
+            logger at INFO), so a large raster shows throughput and ETA while it runs.
+        progress_delay_s: Window progress starts only after this many seconds, so small rasters
+            (most of them, predicted in a fraction of that) add no lines; 0 reports every raster.
 
     Returns:
         Summary dict (paths, size, windows, dtype, nodata, per-class pixel counts, seconds), small
@@ -321,6 +328,13 @@ def predict_raster(
                 buffer = _StripBuffer(num_classes, width)
                 block_rows = class_profile["blockysize"]
                 strips = [list(group) for _, group in itertools.groupby(windows, key=lambda w: w.row_off)]
+                progress = ItemProgress(
+                    f"predict {src_path.name}",
+                    len(windows),
+                    unit="windows",
+                    log_fn=log_fn or logger.info,
+                    delay_s=progress_delay_s,
+                )
                 with torch.inference_mode():
                     for strip_index, strip in enumerate(strips):
                         buffer.extend_to(strip[0].row_off + strip[0].height)
@@ -337,19 +351,14 @@ def predict_raster(
                                 batch_windows, probabilities, reads, strict=True
                             ):
                                 buffer.add(win, probs, weights, valid)
+                            progress.advance(
+                                len(batch_windows), detail=f"strip {strip_index + 1}/{len(strips)}"
+                            )
                         last = strip_index == len(strips) - 1
                         finished = height if last else strips[strip_index + 1][0].row_off
                         # Write whole GeoTIFF block rows so no compressed tile is written twice.
                         flush(buffer, finished if last else finished - finished % block_rows)
-                        elapsed = time.perf_counter() - started
-                        logger.info(
-                            "predict_raster %s: strip %d/%d, %.1f windows/s, ETA %.0f s",
-                            src_path.name,
-                            strip_index + 1,
-                            len(strips),
-                            sum(len(s) for s in strips[: strip_index + 1]) / max(elapsed, 1e-9),
-                            elapsed / (strip_index + 1) * (len(strips) - strip_index - 1),
-                        )
+                progress.done()
 
     return {
         "dst_path": str(dst_path),

@@ -1,7 +1,9 @@
 """Per-N-steps progress lines with throughput and ETA (DESIGN F31).
 
 The running loss is kept as a tensor and only turned into a Python float when a line is printed,
-so on CUDA the loop does not synchronise with the GPU on every step.
+so on CUDA the loop does not synchronise with the GPU on every step. ``format_duration`` lives in
+:mod:`seg_pipeline.progress` (shared with the item progress of the other long steps) and is
+re-exported here.
 """
 
 from __future__ import annotations
@@ -12,19 +14,11 @@ from collections.abc import Callable
 
 import torch
 
+from seg_pipeline.progress import format_duration
+
+__all__ = ["LOGGER_NAME", "ProgressLogger", "default_log_fn", "format_duration"]
+
 LOGGER_NAME = "seg_pipeline.training"
-
-
-def format_duration(seconds: float) -> str:
-    """``62 -> '1m02s'``, ``3725 -> '1h02m05s'``, ``9.5 -> '9s'``."""
-    total = max(0, round(seconds))
-    hours, rest = divmod(total, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m{secs:02d}s"
-    if minutes:
-        return f"{minutes}m{secs:02d}s"
-    return f"{secs}s"
 
 
 def default_log_fn() -> Callable[[str], None]:

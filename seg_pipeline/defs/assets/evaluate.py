@@ -100,6 +100,7 @@ def ensemble_predictions(
         batch_size=config.batch_size,
         device=config.device,
         write_probabilities=config.write_probabilities,
+        log_fn=context.log.info,
     )
     ensemble = results["ensemble"]
     context.log.info(
@@ -174,6 +175,7 @@ def evaluation_report(
         overlays=config.overlays,
         tracking=mlflow.settings(storage.root),
         run_tags=tags,
+        log_fn=context.log.info,
     )
     report["miou_floor"] = config.miou_floor
     report["ensemble_tolerance"] = config.ensemble_tolerance
@@ -254,6 +256,7 @@ def champion_model(
         margin=config.margin,
         work_dir=storage.stage_dir("reports", context.run.root_run_id or context.run.run_id) / "champion",
         tracking=mlflow.settings(storage.root),
+        log_fn=context.log.info,
     )
     context.log.info(decision["reason"])
     metadata = {

@@ -114,7 +114,9 @@ def catalogue(
     """Build, write and describe the header catalog of one dataset: (value, metadata)."""
     out_dir = storage.processed_dir(spec.dataset_id)
     catalog_path = out_dir / "headers.parquet"
-    result = build_headers(spec, previous_catalog=catalog_path if incremental else None)
+    result = build_headers(
+        spec, previous_catalog=catalog_path if incremental else None, log_fn=context.log.info
+    )
     write_catalog(result.catalog, catalog_path, result.class_names)
     quarantine = result.quarantined[["item_id", "reason"]].to_dict("records")
     quarantine_path = out_dir / "quarantine.json"
@@ -204,7 +206,11 @@ def shard(
     dataset_dir = storage.processed_dir(headers["dataset_id"])
     start = time.perf_counter()
     manifest = write_shards(
-        read_catalog(headers["catalog_path"]), read_split_table(splits["splits_path"]), dataset_dir, config
+        read_catalog(headers["catalog_path"]),
+        read_split_table(splits["splits_path"]),
+        dataset_dir,
+        config,
+        log_fn=context.log.info,
     )
     seconds = time.perf_counter() - start
     items = {name: sum(s["items"] for s in shards) for name, shards in manifest["splits"].items()}
