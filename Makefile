@@ -23,9 +23,12 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-$(DAGSTER_HOME)/dagster.yaml: dagster.yaml
+# The instance's SQLite schemas are created once here: runs started together on a brand-new
+# instance would race to create the same tables ("table ... already exists").
+$(DAGSTER_HOME)/dagster.yaml: dagster.yaml | $(STAMP)
 	mkdir -p $(DAGSTER_HOME)
 	ln -sf ../dagster.yaml $(DAGSTER_HOME)/dagster.yaml
+	$(BIN)/dagster instance migrate > /dev/null
 
 demo-data: install
 	$(PY) -m seg_pipeline.data.synthetic --out $(DEMO_DIR) --seed 0

@@ -2,8 +2,9 @@
 
 Checkpoints hold only tensors, numbers, strings, None and lists/dicts of those, so they load with
 ``torch.load(weights_only=True)``: opening a checkpoint never executes code from it. Files are
-written to ``<path>.tmp-<pid>`` and moved into place with ``os.replace``, so a killed process
-leaves either the previous complete file or the new complete file, never half a file.
+written to a hidden ``.<name>.tmp-<pid>`` and moved into place with ``os.replace``, so a killed
+process leaves either the previous complete file or the new complete file, never half a file; the
+temp file a killed writer leaves behind is swept by the next run (:func:`sweep_dead_writers_temps`).
 """
 
 from __future__ import annotations
@@ -61,6 +62,41 @@ def to_plain(value: Any, where: str = "state") -> Any:
     )
 
 
+_TMP_MARK = ".tmp-"
+
+
+def _temp_path(target: Path) -> Path:
+    """Hidden, per-process temp name next to ``target`` (same filesystem, so ``os.replace`` is atomic)."""
+    return target.with_name(f".{target.name}{_TMP_MARK}{os.getpid()}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def sweep_dead_writers_temps(directory: str | Path) -> list[Path]:
+    """Delete the temp files that killed writers left in ``directory``; return what was removed.
+
+    Only temps whose writer process is gone are touched, so a concurrent writer keeps its own.
+    """
+    removed = []
+    folder = Path(directory)
+    if not folder.is_dir():
+        return removed
+    for path in folder.glob(f"*{_TMP_MARK}*"):
+        pid_text = path.name.rsplit(_TMP_MARK, 1)[1]
+        if pid_text.isdigit() and int(pid_text) != os.getpid() and not _pid_alive(int(pid_text)):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 def save_checkpoint(path: str | Path, state: Mapping[str, Any], check_plain: bool = True) -> Path:
     """Write ``state`` to ``path`` atomically (temp file in the same folder, fsync, ``os.replace``).
 
@@ -75,7 +111,7 @@ def save_checkpoint(path: str | Path, state: Mapping[str, Any], check_plain: boo
     target = Path(path)
     payload = to_plain(state) if check_plain else state
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    tmp = _temp_path(target)
     try:
         with open(tmp, "wb") as handle:
             torch.save(payload, handle)
@@ -95,7 +131,7 @@ def link_or_copy(source: str | Path, target: str | Path) -> Path:
     directory entry), so later saves to ``source`` do not change ``target``.
     """
     source, target = Path(source), Path(target)
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    tmp = _temp_path(target)
     tmp.unlink(missing_ok=True)
     try:
         try:

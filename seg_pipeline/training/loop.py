@@ -31,6 +31,7 @@ from seg_pipeline.training.checkpoint import (
     check_state_dict_compatible,
     link_or_copy,
     load_checkpoint,
+    sweep_dead_writers_temps,
 )
 from seg_pipeline.training.distributed import (
     all_gather_object,
@@ -579,6 +580,11 @@ def fit(
     manager = CheckpointManager(checkpoint_dir, monitor, config.mode, config.save_every)
     trainer = _Trainer(model, objective, optimizer, scheduler, config, policy, manager, log)
     main = is_main_process()
+    if main:
+        for stale in sweep_dead_writers_temps(checkpoint_dir):
+            trainer.log(
+                f"removed {stale.name}: a temp file of a killed writer (the checkpoint it held never landed)"
+            )
 
     last_done = 0
     resume_path = _resolve_resume_path(resume, manager)

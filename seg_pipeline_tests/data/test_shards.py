@@ -346,3 +346,104 @@ def test_missing_manifest_or_split_is_a_clear_error(
         shard_dirs(tmp_path / "demo", "test")
     with pytest.raises(ShardError, match="not a shard folder"):
         read_shard_index(tmp_path / "demo")
+
+
+_REAL_WRITER = """
+import sys
+import pandas as pd
+from seg_pipeline.data import shards
+from seg_pipeline.data.headers import read_catalog
+
+catalog = read_catalog(sys.argv[1])
+splits = pd.DataFrame({"item_id": sorted(catalog["item_id"]), "split": "train"})
+config = shards.ShardConfig(max_items_per_shard=8, tile_format="npy")
+print("START", flush=True)
+shards.write_shards(catalog, splits, sys.argv[2], config, log_fn=lambda line: print(line, flush=True))
+print("DONE", flush=True)
+"""
+#: kill -9 right after the writer's N-th progress line (one about every 10% of the tiles), then after a
+#: short extra delay: the kills land in different shards and at different points of a shard.
+_SHARD_KILL_AFTER_LINE = (1, 2, 4, 5, 7)
+_SHARD_KILL_DELAY_S = (0.0, 0.01, 0.0, 0.02, 0.0)
+
+
+def _shard_contents(split_dir: Path) -> dict[str, dict[str, bytes]]:
+    """Visible shards of a split folder: name -> {relative file: bytes}."""
+    return {
+        shard.name: {
+            str(p.relative_to(shard)): p.read_bytes() for p in sorted(shard.rglob("*")) if p.is_file()
+        }
+        for shard in sorted(split_dir.iterdir())
+        if not shard.name.startswith(".")
+    }
+
+
+def test_five_kills_during_shard_writing_never_show_a_half_shard_and_the_rerun_completes(
+    tmp_path: Path, make_dataset: MakeDataset
+) -> None:
+    """kill -9 a real (un-slowed) writer five times while it replaces every shard of a dataset.
+
+    After each kill every visible shard is whole, either the old version or the new one; the manifest
+    is the old one; a shard can be missing only in the instant between its two renames, with its old
+    copy kept aside. Rerunning the write gives exactly what an uninterrupted write gives.
+    """
+    from seg_pipeline.data.headers import write_catalog
+
+    root = make_dataset(tmp_path / "src", rows=8, cols=8)
+    headers = build_headers(DatasetSpec("d", root))
+    new_catalog = headers.catalog
+    old_catalog = new_catalog.copy()
+    old_catalog["image_sha256"] = "0" * 64  # every old shard index differs: the writer replaces them all
+    config = ShardConfig(max_items_per_shard=8, tile_format="npy")
+    write_catalog(new_catalog, tmp_path / "catalog.parquet", headers.class_names)
+    splits = _one_split(headers)
+    write_shards(old_catalog, splits, tmp_path / "old", config)
+    write_shards(new_catalog, splits, tmp_path / "new", config)
+    old, new = _shard_contents(tmp_path / "old" / "train"), _shard_contents(tmp_path / "new" / "train")
+    assert len(old) == 8 and old.keys() == new.keys() and all(old[k] != new[k] for k in old)
+    old_manifest = (tmp_path / "old" / MANIFEST_NAME).read_bytes()
+
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    outcomes = []
+    for attempt, (after_line, delay_s) in enumerate(
+        zip(_SHARD_KILL_AFTER_LINE, _SHARD_KILL_DELAY_S, strict=True)
+    ):
+        out = tmp_path / f"try{attempt}"
+        write_shards(old_catalog, splits, out, config)
+        args = [sys.executable, "-c", _REAL_WRITER, str(tmp_path / "catalog.parquet"), str(out)]
+        child = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, text=True)
+        try:
+            assert child.stdout is not None
+            assert child.stdout.readline().strip() == "START", "the writer died while importing"
+            for _ in range(after_line):
+                assert child.stdout.readline().startswith("shards "), f"try {attempt}: writer ended early"
+            time.sleep(delay_s)
+            child.send_signal(signal.SIGKILL)
+            rest = child.stdout.read()
+        finally:
+            if child.poll() is None:
+                child.kill()
+            child.wait()
+        assert "DONE" not in rest, f"try {attempt}: the writer finished before the kill"
+
+        split_dir = out / "train"
+        hidden = sorted(p.name for p in split_dir.iterdir() if p.name.startswith("."))
+        assert all(name.startswith((".tmp-shard-", ".old-shard-")) for name in hidden), hidden
+        visible = _shard_contents(split_dir)
+        for name, files in visible.items():
+            assert files in (old[name], new[name]), (
+                f"try {attempt}: {name} is neither the old nor the new shard"
+            )
+            read_shard_index(split_dir / name)  # and its index is valid
+        for name in old.keys() - visible.keys():
+            assert any(h.startswith(f".old-{name}-") for h in hidden), f"try {attempt}: {name} lost"
+        assert (out / MANIFEST_NAME).read_bytes() == old_manifest  # the manifest is written last
+        replaced = sum(visible[name] == new[name] for name in visible)
+        outcomes.append((after_line, replaced, len(hidden)))
+
+        write_shards(new_catalog, splits, out, config)  # the rerun
+        assert _shard_contents(split_dir) == new
+        assert [p.name for p in out.rglob(".*")] == []
+        assert json.loads((out / MANIFEST_NAME).read_text()) == read_manifest(tmp_path / "new")
+    print("killed after progress line, shards already replaced, hidden temp folders:", outcomes)
+    assert len({replaced for _line, replaced, _hidden in outcomes}) >= 3, outcomes  # kills spread out

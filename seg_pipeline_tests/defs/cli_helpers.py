@@ -29,10 +29,18 @@ class MaterializedPipeline:
         return {**os.environ, "DAGSTER_HOME": str(self.home), "SEG_PIPELINE_DATA_ROOT": str(self.data_root)}
 
 
-def new_dagster_home(path: Path) -> Path:
-    """An instance folder holding a copy of the repo's dagster.yaml."""
+def new_dagster_home(path: Path, initialize: bool = False) -> Path:
+    """An instance folder holding a copy of the repo's dagster.yaml.
+
+    ``initialize`` creates its SQLite schemas first with `dagster instance migrate`, as the Makefile
+    does: runs started together on a brand-new instance would race to create the same tables.
+    """
     path.mkdir(parents=True)
     shutil.copy(REPO / "dagster.yaml", path / "dagster.yaml")
+    if initialize:
+        env = {**os.environ, "DAGSTER_HOME": str(path)}
+        done = dagster_cli("instance", "migrate", env=env, timeout=120)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     return path
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -166,3 +167,92 @@ def test_killed_training_resumes_epoch_counter_and_optimizer_state(sources, tmp_
     # A fresh optimizer would have counted only the two resumed epochs.
     assert adam_steps == {3.0 * steps_per_epoch}
     assert [h["epoch"] for h in result.history] == [1.0, 2.0, 3.0]
+
+
+#: kill -9 right after the child printed its N-th "epoch ..." line (16 in all: one step line and one
+#: summary line per epoch over 8 epochs), then after a short extra delay, so the kills land mid-step,
+#: mid-validation and mid-save in different epochs, whatever the speed of the machine.
+_KILL_AFTER_LINE = (1, 4, 7, 10, 13)
+_KILL_DELAY_S = (0.0, 0.15, 0.3, 0.05, 0.2)
+_REAL_CHILD = """
+import dataclasses, sys
+from pathlib import Path
+from seg_pipeline.training import stages
+from seg_pipeline_tests.training.test_stages import _config
+target = stages.SourceSpec("demo", Path(sys.argv[1]), Path(sys.argv[2]), tuple(sys.argv[3].split(",")))
+config = _config(int(sys.argv[5]))
+config.train = dataclasses.replace(config.train, log_every_n_steps=1)
+print("START", flush=True)
+# Lines: "epoch e/E step s/S ..." per step and "epoch e/E done ..." once last.pt of epoch e is on disk.
+log = lambda line: print(line, flush=True)
+stages.run_stage("pretrain", config, [target], target, Path(sys.argv[4]), log_fn=log)
+print("DONE", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_five_kills_during_training_each_resume_and_finish_like_an_uninterrupted_run(
+    sources, tmp_path: Path
+) -> None:
+    """kill -9 at five points of a real (un-slowed) stage; every retry resumes and ends like the straight run.
+
+    "Like": the same final epoch and the same weights (to float tolerance); the retry redoes at most
+    the epoch the kill interrupted, since ``last.pt`` holds every epoch the killed process reported done.
+    """
+    target, _aux = sources
+    epochs = 8
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+
+    def start_child(ckpt: Path) -> subprocess.Popen[str]:
+        args = [
+            sys.executable, "-c", _REAL_CHILD, str(target.dataset_dir), str(target.catalog_path),
+            ",".join(target.class_names), str(ckpt), str(epochs),
+        ]  # fmt: skip
+        child = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, text=True)
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "START", "the training child died while importing"
+        return child
+
+    reference = load_checkpoint(
+        run_stage("pretrain", _config(epochs), [target], target, tmp_path / "straight").last_checkpoint
+    )["model"]
+    outcomes = []
+    for attempt, (after_line, delay_s) in enumerate(zip(_KILL_AFTER_LINE, _KILL_DELAY_S, strict=True)):
+        ckpt = tmp_path / f"try{attempt}"
+        child = start_child(ckpt)
+        try:
+            assert child.stdout is not None
+            lines = []
+            while len(lines) < after_line:
+                line = child.stdout.readline()
+                assert line, f"try {attempt}: the child ended before line {after_line}: {lines}"
+                lines += [line] if line.startswith("epoch ") else []
+            time.sleep(delay_s)
+            os.kill(child.pid, signal.SIGKILL)
+            reported = "".join(lines) + child.stdout.read()
+        finally:
+            if child.poll() is None:
+                child.kill()
+            child.wait()
+        assert "DONE" not in reported, f"try {attempt}: the run finished before the kill"
+        done_before_kill = max(map(int, re.findall(r"^epoch (\d+)/\d+ done", reported, re.M)), default=0)
+        # Every checkpoint under its real name is whole; a kill mid-save leaves only a hidden temp.
+        for path in ckpt.glob("*.pt"):
+            load_checkpoint(path)
+        killed_mid_save = [p.name for p in ckpt.glob(".*.tmp-*")]
+        saved = load_checkpoint(ckpt / "last.pt")["epoch"] if (ckpt / "last.pt").exists() else 0
+        # Saved after the epoch's checkpoint is written, so a kill between the two leaves one more.
+        assert saved in (done_before_kill, done_before_kill + 1), (attempt, saved, done_before_kill)
+
+        retry = run_stage("pretrain", _config(epochs), [target], target, ckpt)
+        assert retry.resumed_from_epoch == saved and retry.epochs_run == epochs
+        assert [p.name for p in ckpt.iterdir() if p.name.startswith(".")] == []  # the retry swept the temps
+        assert [h["epoch"] for h in retry.history] == [float(e) for e in range(1, epochs + 1)]
+        final = load_checkpoint(retry.last_checkpoint)
+        assert final["epoch"] == epochs
+        for key, value in reference.items():
+            torch.testing.assert_close(final["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+        outcomes.append((after_line, done_before_kill, saved, killed_mid_save))
+    print("killed after line, epochs reported done, last.pt epoch, temps left by the kill:", outcomes)
+    # The kills really landed at different points: not all before the first epoch, not all at the end.
+    assert len({outcome[2] for outcome in outcomes}) >= 2, outcomes
