@@ -495,7 +495,7 @@ class ShardIterableDataset(_ShardDatasetBase, IterableDataset):
     Each of the ``world_size * num_workers`` parts reads its own shard folders (whole shards,
     balanced by item count); with fewer shards than parts it falls back to dealing items, so
     every item is read exactly once per epoch either way. Per-rank counts can differ by up to
-    one shard: under DDP wrap the loop in ``model.join()`` or make shards equal-sized.
+    one shard: the training loop keeps DDP ranks in lockstep (``distributed.in_lockstep``).
 
     Args:
         dataset_dir: ``<processed>/<dataset>`` holding ``manifest.json``.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,6 +145,34 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def min_across_ranks(value: int, device: torch.device | None = None) -> int:
+    """The smallest ``value`` of all ranks (itself single-process); every rank must call it."""
+    if world_size() <= 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor.item())
+
+
+def in_lockstep(batches: Iterable[Any], device: torch.device | None = None) -> Iterator[Any]:
+    """Yield batches only while every rank still has one, so all ranks run the same number of steps.
+
+    Shards split across ranks by whole shards can leave one rank a few batches more than another;
+    that rank's extra backward pass would wait forever for gradients the others never send. One
+    tiny all-reduce per batch ends the epoch on every rank as soon as any rank runs out (the
+    surplus is dropped for this epoch, as ``DistributedSampler(drop_last=True)`` would).
+    """
+    if world_size() <= 1:
+        yield from batches
+        return
+    iterator = iter(batches)
+    while True:
+        batch = next(iterator, None)
+        if min_across_ranks(0 if batch is None else 1, device) == 0:
+            return
+        yield batch
 
 
 def broadcast_object(value: Any, src: int = 0) -> Any:

@@ -38,8 +38,10 @@ from seg_pipeline.training.distributed import (
     all_reduce_sum,
     barrier,
     broadcast_object,
+    in_lockstep,
     is_initialized,
     is_main_process,
+    min_across_ranks,
     rank,
     unwrap_model,
     world_size,
@@ -379,6 +381,8 @@ class _Trainer:
         config = self.config
         accum = config.grad_accum_steps
         num_batches = _loader_length(loader)
+        if self.is_ddp and num_batches is not None:  # every rank must agree on which batch closes a group
+            num_batches = min_across_ranks(num_batches, self.policy.device)
         stats = _EpochStats(self.policy.device)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -388,7 +392,8 @@ class _Trainer:
         window_images = 0
         self._grads_not_synced = False
         started = time.perf_counter()
-        for batch_index, raw_batch in enumerate(loader):
+        batches = in_lockstep(loader, self.policy.device) if self.is_ddp else loader
+        for batch_index, raw_batch in enumerate(batches):
             batch = _move_batch(raw_batch, self.policy)
             batch_size = _batch_size(batch)
             closes_group = pending + 1 == accum or (

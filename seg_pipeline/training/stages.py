@@ -32,7 +32,7 @@ from seg_pipeline.data.normalization import BandStats, band_stats_from_catalog
 from seg_pipeline.evaluation.metrics import ConfusionMatrix
 from seg_pipeline.training.checkpoint import load_checkpoint, load_model_weights
 from seg_pipeline.training.distill import MULTI_SCALE_MODES, DistillationObjective
-from seg_pipeline.training.distributed import init_distributed, is_initialized, is_main_process
+from seg_pipeline.training.distributed import init_distributed, is_initialized, is_main_process, world_size
 from seg_pipeline.training.loop import (
     FitResult,
     Objective,
@@ -169,6 +169,7 @@ class StageResult:
     registered_model: str | None = None
     registered_version: str | None = None
     curve_path: Path | None = None
+    world_size: int = 1  # DDP ranks that trained it (torchrun), 1 in a single process
 
     def to_value(self) -> dict[str, Any]:
         """JSON-friendly dict (paths as strings)."""
@@ -520,6 +521,7 @@ def _stage_result(
         images_per_s=result.images_per_s,
         device=result.device,
         precision=result.precision,
+        world_size=world_size(),
         model_spec=config.model.to_dict(),
         class_names=list(class_names),
         normalization=normalization,

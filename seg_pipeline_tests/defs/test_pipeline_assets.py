@@ -34,9 +34,11 @@ TINY = {
 @pytest.fixture(scope="module")
 def materialized(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dg.ExecuteInProcessResult]:
     root = tmp_path_factory.mktemp("pipeline")
-    spec = SyntheticSpec(grid_rows=4, grid_cols=4, tile_size=32, labeled_fraction=0.8)
+    # 64 px tiles: the encoder's deepest BatchNorm then sees 2x2 maps, so a rank's trailing batch of
+    # one tile still trains (at 32 px it would be 1x1, one value per channel, which BatchNorm refuses).
+    spec = SyntheticSpec(grid_rows=4, grid_cols=4, tile_size=64, labeled_fraction=0.8)
     write_synthetic_dataset(root / "raw" / "demo", spec, seed=5)
-    aux = SyntheticSpec(grid_rows=2, grid_cols=3, tile_size=32, class_scheme="aux", item_prefix="oem")
+    aux = SyntheticSpec(grid_rows=2, grid_cols=3, tile_size=64, class_scheme="aux", item_prefix="oem")
     write_synthetic_dataset(root / "raw" / "demo_aux", aux, seed=6)
     result = dg.materialize(
         [
@@ -58,7 +60,8 @@ def materialized(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dg.Exe
                 "dataset_splits": {
                     "config": {"train_fraction": 0.6, "val_fraction": 0.4, "test_fraction": 0.0}
                 },
-                "pretrained_model": {"config": TINY},
+                # Stage 1 on two torchrun ranks (gloo on CPU) from the same asset code; KD in-process.
+                "pretrained_model": {"config": {**TINY, "nproc_per_node": 2}},
                 "kd_student_model": {
                     "config": {**TINY, "epochs": 2, "kd_warmup_epochs": 1, "transfer_split": "unlabeled"}
                 },
@@ -87,6 +90,8 @@ def test_pipeline_materializes_and_values_point_at_exact_checkpoints(materialize
     assert Path(pre["best_checkpoint"]).parent != Path(kd["best_checkpoint"]).parent
     assert kd["teacher_best_val_miou"] == pre["best_score"]
     assert kd["epochs_run"] == 2 and pre["epochs_run"] == 1
+    assert (pre["world_size"], kd["world_size"]) == (2, 1)
+    assert result.asset_materializations_for_node("pretrained_model")[0].metadata["ddp_ranks"].value == 2
     meta = result.asset_materializations_for_node("kd_student_model")[0].metadata
     for key in (
         "best_val_miou",

@@ -12,7 +12,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Subset, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
 from seg_pipeline.training import distributed
@@ -45,7 +45,11 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _rank_main(rank: int, port: int, out_dir: str) -> None:
+#: Uneven split: rank 0 reads 15 samples (5 batches), rank 1 reads 9 (3 batches).
+UNEVEN_SPLIT = 15
+
+
+def _rank_main(rank: int, port: int, out_dir: str, uneven: bool = False) -> None:
     os.environ.update(
         {"RANK": str(rank), "WORLD_SIZE": str(WORLD), "LOCAL_RANK": str(rank)},
         MASTER_ADDR="127.0.0.1",
@@ -60,10 +64,14 @@ def _rank_main(rank: int, port: int, out_dir: str) -> None:
         generator = torch.Generator().manual_seed(0)
         images = torch.rand(SAMPLES, 3, 8, 8, generator=generator)
         dataset = TensorDataset(images, images.argmax(dim=1), torch.arange(SAMPLES))
-        sampler = DistributedSampler(
-            dataset, num_replicas=distributed.world_size(), rank=distributed.rank(), seed=5
-        )
-        loader = DataLoader(dataset, batch_size=3, sampler=sampler, collate_fn=_collate)
+        if uneven:  # what whole-shard partitioning can give: one rank has more batches
+            part = range(UNEVEN_SPLIT) if rank == 0 else range(UNEVEN_SPLIT, SAMPLES)
+            loader = DataLoader(Subset(dataset, list(part)), batch_size=3, collate_fn=_collate)
+        else:
+            sampler = DistributedSampler(
+                dataset, num_replicas=distributed.world_size(), rank=distributed.rank(), seed=5
+            )
+            loader = DataLoader(dataset, batch_size=3, sampler=sampler, collate_fn=_collate)
         seen: dict[int, list[int]] = {}
         evaluated_on: list[int] = []
 
@@ -135,6 +143,25 @@ def test_two_gloo_ranks_see_disjoint_data_and_end_with_identical_weights(tmp_pat
     assert saved["world_size"] == WORLD and len(saved["rng"]) == WORLD
     for key, value in ranks[0]["state"].items():
         assert torch.equal(saved["model"][key], value)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+def test_ranks_with_uneven_batch_counts_stay_in_lockstep_instead_of_hanging(tmp_path: Path) -> None:
+    """5 batches on rank 0, 3 on rank 1, 2-step accumulation: both ranks stop after 3 batches.
+
+    Without the lockstep, rank 0's 4th backward pass waits for gradients rank 1 never sends (a hang
+    until the 120 s process-group timeout).
+    """
+    mp.spawn(_rank_main, args=(_free_port(), str(tmp_path), True), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    for epoch in range(1, EPOCHS + 1):
+        assert len(ranks[0]["seen"][epoch]) == len(ranks[1]["seen"][epoch]) == 9  # 3 batches of 3 each
+        assert set(ranks[1]["seen"][epoch]) == set(range(UNEVEN_SPLIT, SAMPLES))
+    for key, value in ranks[0]["params"].items():
+        assert torch.equal(value, ranks[1]["params"][key]), key
+    assert ranks[0]["train_images"] == [18.0] * EPOCHS  # the surplus 6 samples of rank 0 are dropped
+    saved = torch.load(tmp_path / "ckpt" / "final.pt", weights_only=True)
+    assert saved["global_step"] == 2 * EPOCHS  # one full 2-batch group and one flushed batch per epoch
 
 
 def test_single_process_helpers_without_a_process_group(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import re
 import signal
@@ -256,3 +258,49 @@ def test_five_kills_during_training_each_resume_and_finish_like_an_uninterrupted
     print("killed after line, epochs reported done, last.pt epoch, temps left by the kill:", outcomes)
     # The kills really landed at different points: not all before the first epoch, not all at the end.
     assert len({outcome[2] for outcome in outcomes}) >= 2, outcomes
+
+
+def test_stage_config_and_sources_survive_the_torchrun_job_file(sources) -> None:
+    from seg_pipeline.training.launch import from_plain, to_plain
+    from seg_pipeline.training.stages import KDSettings
+
+    _target, aux = sources
+    config = _config(3)
+    config.kd = KDSettings(alpha=0.6, patch_sizes=(32, 48))
+    back = from_plain(StageConfig, json.loads(json.dumps(to_plain(config))))
+    assert back == config and isinstance(back.kd.patch_sizes, tuple)
+    assert from_plain(SourceSpec, json.loads(json.dumps(to_plain(aux)))) == aux
+    with pytest.raises(ValueError, match=r"StageConfig got unknown keys \['lr_typo'\]"):
+        from_plain(StageConfig, {**to_plain(config), "lr_typo": 1})
+
+
+@pytest.mark.slow
+def test_train_stage_runs_the_same_stage_on_two_torchrun_ranks(tmp_path: Path) -> None:
+    """``train_stage(nproc_per_node=2)``: torchrun, two gloo ranks on CPU, rank 0's result comes back."""
+    from seg_pipeline.training.launch import train_stage
+
+    # 24 tiles: each rank gets several training tiles per batch (BatchNorm needs more than one).
+    spec = SyntheticSpec(grid_rows=4, grid_cols=6, tile_size=32)
+    target = _prepare(tmp_path, "demo", spec, 3, TARGET_CLASSES)
+    lines: list[str] = []
+    value = train_stage(
+        "pretrain", _config(2), [target], target, tmp_path / "ddp", nproc_per_node=2, log_fn=lines.append
+    )
+    assert value["epochs_run"] == 2 and Path(value["best_checkpoint"]).exists()
+    assert load_checkpoint(value["best_checkpoint"])["world_size"] == 2
+    assert any("world size 2" in line for line in lines), lines[-20:]
+    manifest = json.loads((tmp_path / "ddp" / "run_manifest.json").read_text())
+    assert manifest["config"]["world_size"] == 2, manifest["config"]
+
+
+def test_train_stage_refuses_impossible_rank_counts(sources, tmp_path: Path) -> None:
+    from seg_pipeline.training.launch import train_stage
+
+    target, _aux = sources
+    with pytest.raises(ValueError, match=r"nproc_per_node=0: must be an integer >= 1"):
+        train_stage("pretrain", _config(1), [target], target, tmp_path / "x", nproc_per_node=0)
+    cuda = _config(1)
+    cuda.train = dataclasses.replace(cuda.train, device="cuda")
+    with pytest.raises(ValueError, match=r"nproc_per_node=\d+ but only \d+ CUDA device"):
+        train_stage("pretrain", cuda, [target], target, tmp_path / "x", nproc_per_node=64)
+    assert not (tmp_path / "x").exists()

@@ -69,6 +69,11 @@ class TrainingConfig(dg.Config):
     log_every_n_steps: int = 20
     max_steps_per_epoch: int | None = None
     device: str = Field(default="auto", description="auto, cuda, mps or cpu.")
+    nproc_per_node: int = Field(
+        default=1,
+        description="DDP ranks on this machine (one per GPU), started with torchrun from this step; "
+        "1 trains in the step's own process.",
+    )
     amp: bool | None = Field(default=None, description="None = policy (CUDA on, MPS off, CPU bf16).")
     channels_last: bool | None = None
     augment: bool = True
@@ -208,6 +213,7 @@ def _metadata(result: dict[str, Any]) -> dict[str, Any]:
         "wall_time_s": round(result["wall_time_s"], 1),
         "images_per_s": round(result["images_per_s"], 1),
         "device": f"{result['device']} ({result['precision']})",
+        "ddp_ranks": result["world_size"],
         "checkpoint": dg.MetadataValue.path(result["best_checkpoint"]),
         "per_class_iou": table(
             [{"class": name, "iou": round(value, 4)} for name, value in result["per_class_iou"].items()]
@@ -243,7 +249,7 @@ def pretrained_model(
     mlflow: MlflowResource,
 ) -> dg.Output[dict[str, Any]]:
     """Pretrain on combined sources and track it in MLflow."""
-    from seg_pipeline.training.stages import run_stage
+    from seg_pipeline.training.launch import train_stage
 
     sources = [_source(tile_shards, ("train",))]
     if config.use_auxiliary:
@@ -252,17 +258,18 @@ def pretrained_model(
             sources.append(_source(aux, ("train",), remap))
     target = sources[0]
     stage_config = _stage_config(config, config.model, len(target.class_names), _in_channels(tile_shards))
-    result = run_stage(
+    result = train_stage(
         "pretrain",
         stage_config,
         sources,
         target,
         _checkpoint_dir(context, storage, "pretrain"),
+        nproc_per_node=config.nproc_per_node,
         tracking=mlflow.settings(storage.root),
         run_tags=_tags(context, tile_shards["data_version"]),
         register_as=config.register_as,
         log_fn=context.log.info,
-    ).to_value()
+    )
     return dg.Output(result, metadata=_metadata(result))
 
 
@@ -285,7 +292,8 @@ def kd_student_model(
 ) -> dg.Output[dict[str, Any]]:
     """Distil stage 1 (plus any extra teachers) into the student on target data."""
     from seg_pipeline.cli import resolve_model_checkpoint
-    from seg_pipeline.training.stages import KDSettings, run_stage
+    from seg_pipeline.training.launch import train_stage
+    from seg_pipeline.training.stages import KDSettings
 
     target = _source(tile_shards, ("train",))
     teacher_spec = pretrained_model["model_spec"]
@@ -309,12 +317,13 @@ def kd_student_model(
     )
     stage_config = _stage_config(config, student, len(target.class_names), _in_channels(tile_shards), kd=kd)
     settings = mlflow.settings(storage.root)
-    result = run_stage(
+    result = train_stage(
         "kd",
         stage_config,
         [target],
         target,
         _checkpoint_dir(context, storage, "kd"),
+        nproc_per_node=config.nproc_per_node,
         init_checkpoint=pretrained_model["best_checkpoint"] if same_architecture else None,
         teacher_checkpoints=[
             pretrained_model["best_checkpoint"],
@@ -324,7 +333,7 @@ def kd_student_model(
         run_tags=_tags(context, tile_shards["data_version"]),
         register_as=config.register_as,
         log_fn=context.log.info,
-    ).to_value()
+    )
     result["teacher_best_val_miou"] = pretrained_model["best_score"]
     metadata = _metadata(result)
     metadata["teacher_best_val_miou"] = pretrained_model["best_score"]
