@@ -13,6 +13,7 @@ from seg_pipeline.defs.jobs import full_pipeline_job, ingest_job
 from seg_pipeline.defs.resources import StorageResource
 
 WATCHED = tuple(d for d in os.environ.get("SEG_PIPELINE_WATCH", "demo").split(",") if d)
+DATASET_TAG = "seg_pipeline/dataset"
 RETRAIN_AFTER_NEW_MASKS = int(os.environ.get("SEG_PIPELINE_RETRAIN_AFTER_NEW_MASKS", "20"))
 
 
@@ -28,6 +29,12 @@ def raw_tiles_sensor(context: dg.SensorEvaluationContext, storage: StorageResour
     cursor = json.loads(context.cursor) if context.cursor else {}
     requests = []
     for dataset in WATCHED:
+        # The run ingests the dataset that changed, and carries its name as a tag: dagster.yaml lets
+        # one run per dataset tag value run at a time, so two ingests never rewrite the same shards.
+        request = {
+            "run_config": {"ops": {"tile_headers": {"config": {"dataset_id": dataset}}}},
+            "tags": {DATASET_TAG: dataset},
+        }
         snap = snapshot(storage.raw_dir(dataset))
         seen = cursor.get(dataset, {})
         if snap.n_files == 0 or snap.fingerprint == seen.get("fingerprint"):
@@ -36,13 +43,17 @@ def raw_tiles_sensor(context: dg.SensorEvaluationContext, storage: StorageResour
         if snap.n_masks - masks_at_retrain >= RETRAIN_AFTER_NEW_MASKS:
             requests.append(
                 dg.RunRequest(
-                    run_key=f"retrain-{dataset}-{snap.fingerprint[:16]}", job_name=full_pipeline_job.name
+                    run_key=f"retrain-{dataset}-{snap.fingerprint[:16]}",
+                    job_name=full_pipeline_job.name,
+                    **request,
                 )
             )
             masks_at_retrain = snap.n_masks
         else:
             requests.append(
-                dg.RunRequest(run_key=f"ingest-{dataset}-{snap.fingerprint[:16]}", job_name=ingest_job.name)
+                dg.RunRequest(
+                    run_key=f"ingest-{dataset}-{snap.fingerprint[:16]}", job_name=ingest_job.name, **request
+                )
             )
         cursor[dataset] = {"fingerprint": snap.fingerprint, "masks_at_retrain": masks_at_retrain}
     return dg.SensorResult(run_requests=requests, cursor=json.dumps(cursor, sort_keys=True))

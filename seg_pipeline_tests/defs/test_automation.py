@@ -21,15 +21,22 @@ def _evaluate(root: Path, cursor: str | None) -> dg.SensorResult:
 
 
 def test_sensor_requests_ingest_on_change_and_retrain_past_the_threshold(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(sensors, "WATCHED", ("demo",))
+    monkeypatch.setattr(sensors, "WATCHED", ("tiles_b",))
     monkeypatch.setattr(sensors, "RETRAIN_AFTER_NEW_MASKS", 5)
-    raw = tmp_path / "raw" / "demo"
+    raw = tmp_path / "raw" / "tiles_b"
     write_synthetic_dataset(
         raw, SyntheticSpec(grid_rows=2, grid_cols=2, tile_size=16, labeled_fraction=1.0), seed=0
     )
 
     first = _evaluate(tmp_path, None)
     assert [r.job_name for r in first.run_requests] == ["ingest_job"]
+    # The run ingests the dataset that changed (not the config default), tagged with its name.
+    assert first.run_requests[0].run_config == {
+        "ops": {"tile_headers": {"config": {"dataset_id": "tiles_b"}}}
+    }
+    assert first.run_requests[0].tags == {"seg_pipeline/dataset": "tiles_b"}
+    job = defs.resolve_job_def("ingest_job")
+    assert dg.validate_run_config(job, first.run_requests[0].run_config)
     unchanged = _evaluate(tmp_path, first.cursor)
     assert unchanged.run_requests == []
 
@@ -38,6 +45,7 @@ def test_sensor_requests_ingest_on_change_and_retrain_past_the_threshold(tmp_pat
     write_synthetic_dataset(raw, extra, seed=1)
     retrain = _evaluate(tmp_path, unchanged.cursor)
     assert [r.job_name for r in retrain.run_requests] == ["full_pipeline_job"]
+    assert retrain.run_requests[0].tags == {"seg_pipeline/dataset": "tiles_b"}
     (raw / "images" / "new_000_000.tif").touch()
     after = _evaluate(tmp_path, retrain.cursor)
     assert [r.job_name for r in after.run_requests] == ["ingest_job"]
