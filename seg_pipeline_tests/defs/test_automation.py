@@ -46,6 +46,9 @@ def test_sensor_requests_ingest_on_change_and_retrain_past_the_threshold(tmp_pat
     retrain = _evaluate(tmp_path, unchanged.cursor)
     assert [r.job_name for r in retrain.run_requests] == ["full_pipeline_job"]
     assert retrain.run_requests[0].tags == {"seg_pipeline/dataset": "tiles_b"}
+    assert dg.validate_run_config(
+        defs.resolve_job_def("full_pipeline_job"), retrain.run_requests[0].run_config
+    )
     (raw / "images" / "new_000_000.tif").touch()
     after = _evaluate(tmp_path, retrain.cursor)
     assert [r.job_name for r in after.run_requests] == ["ingest_job"]
