@@ -12,6 +12,18 @@ from pathlib import Path
 from seg_pipeline.data.synthetic import SyntheticSpec, write_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[2]
+#: Every asset of the graph (DESIGN section 2), in pipeline order.
+PIPELINE_ASSETS = (
+    "tile_headers",
+    "dataset_splits",
+    "tile_shards",
+    "auxiliary_sources",
+    "pretrained_model",
+    "kd_student_model",
+    "ensemble_predictions",
+    "evaluation_report",
+    "champion_model",
+)
 DAGSTER = Path(sys.executable).with_name("dagster")
 
 
@@ -57,3 +69,13 @@ def dagster_cli(*args: str, env: dict[str, str], timeout: float = 900) -> subpro
     return subprocess.run(
         [str(DAGSTER), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def stop_process(process: subprocess.Popen, timeout: float = 20) -> None:
+    """SIGTERM a server the test started, then SIGKILL it if it has not gone within ``timeout``."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

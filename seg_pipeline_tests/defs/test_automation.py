@@ -11,6 +11,7 @@ from seg_pipeline.data.synthetic import SyntheticSpec, write_synthetic_dataset
 from seg_pipeline.defs import sensors
 from seg_pipeline.defs.definitions import defs
 from seg_pipeline.defs.resources import StorageResource
+from seg_pipeline_tests.defs.cli_helpers import PIPELINE_ASSETS
 
 
 def _evaluate(root: Path, cursor: str | None) -> dg.SensorResult:
@@ -61,17 +62,7 @@ def test_definitions_load_with_jobs_schedule_and_sensors_stopped_by_default() ->
     assert defs.get_sensor_def("raw_tiles_sensor").default_status == dg.DefaultSensorStatus.STOPPED
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
-    assert keys == {
-        "tile_headers",
-        "dataset_splits",
-        "tile_shards",
-        "auxiliary_sources",
-        "pretrained_model",
-        "kd_student_model",
-        "ensemble_predictions",
-        "evaluation_report",
-        "champion_model",
-    }
+    assert keys == set(PIPELINE_ASSETS)
 
 
 def test_shipped_run_configs_validate_against_the_jobs() -> None:

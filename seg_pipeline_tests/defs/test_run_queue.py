@@ -18,7 +18,14 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from seg_pipeline_tests.defs.cli_helpers import DAGSTER, REPO, dagster_cli, new_dagster_home, write_demo_data
+from seg_pipeline_tests.defs.cli_helpers import (
+    DAGSTER,
+    REPO,
+    dagster_cli,
+    new_dagster_home,
+    stop_process,
+    write_demo_data,
+)
 
 GPU_TAG = {"seg_pipeline/gpu": "true"}
 DAEMON = DAGSTER.with_name("dagster-daemon")
@@ -75,10 +82,6 @@ def test_queue_runs_one_gpu_tagged_run_at_a_time(tmp_path: Path) -> None:
         assert most_gpu_in_flight == 1
         assert most_in_flight >= 2, "the queue ran everything one by one: the limit proved nothing"
     finally:
-        daemon.terminate()
-        try:
-            daemon.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
+        stop_process(daemon, timeout=30)
         log.close()
         instance.dispose()

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pytest
 
-from seg_pipeline_tests.defs.cli_helpers import REPO, MaterializedPipeline
+from seg_pipeline_tests.defs.cli_helpers import PIPELINE_ASSETS, REPO, MaterializedPipeline, stop_process
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page
@@ -44,17 +44,6 @@ CHROMIUM_FLAGS = [
     "--disable-sync",
 ]
 VIEWPORT = {"width": 1600, "height": 1000}
-ALL_ASSETS = (
-    "tile_headers",
-    "dataset_splits",
-    "tile_shards",
-    "auxiliary_sources",
-    "pretrained_model",
-    "kd_student_model",
-    "ensemble_predictions",
-    "evaluation_report",
-    "champion_model",
-)
 #: Texts of Dagster's error and empty states; none may appear on a page that rendered.
 ERROR_TEXTS = ("Page not found", "An unexpected error", "Something went wrong", "Could not load")
 
@@ -112,11 +101,7 @@ def webserver(materialized_pipeline: MaterializedPipeline) -> Iterator[str]:
                 time.sleep(0.5)
         yield url
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_process(server)
         log.close()
 
 
@@ -168,9 +153,9 @@ def test_asset_graph_shows_every_asset_materialized(page: Page, webserver: str, 
     page.get_by_text("ingest", exact=True).first.wait_for(timeout=30_000)
     page.keyboard.press("Alt+e")  # the UI's "expand all groups" shortcut
     names = page.locator("[class*='AssetNode_assetName']")
-    names.nth(len(ALL_ASSETS) - 1).wait_for(timeout=30_000)
+    names.nth(len(PIPELINE_ASSETS) - 1).wait_for(timeout=30_000)
     drawn = names.all_inner_texts()
-    for asset in ALL_ASSETS:
+    for asset in PIPELINE_ASSETS:
         assert any(_shows(text, asset) for text in drawn), (asset, drawn)
     page.wait_for_timeout(1000)  # let the edges finish animating
     _assert_no_error_page(page)
