@@ -21,6 +21,7 @@ import sys
 import tempfile
 import types
 import typing
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,14 +35,14 @@ _TAIL_LINES = 40
 _RANK_ERROR = re.compile(r"^\[rank\d+\]: [\w.]*(Error|Exception)\b")
 
 
-def to_plain(value: Any) -> Any:
-    """Dataclasses, paths and tuples as JSON-ready data."""
+def dataclass_to_json(value: Any) -> Any:
+    """Dataclasses, paths and tuples as JSON-ready data (the job file handed to every rank)."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: dataclass_to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, Mapping):
-        return {str(k): to_plain(v) for k, v in value.items()}
+        return {str(k): dataclass_to_json(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [to_plain(v) for v in value]
+        return [dataclass_to_json(v) for v in value]
     if isinstance(value, Path):
         return str(value)
     return value
@@ -57,7 +58,7 @@ def _from_annotation(annotation: Any, data: Any) -> Any:
         structured = [a for a in options if dataclasses.is_dataclass(a) or a is Path]
         return _from_annotation(structured[0] if structured else options[0], data)
     if dataclasses.is_dataclass(annotation):
-        return from_plain(annotation, data)
+        return dataclass_from_json(annotation, data)
     if annotation is Path:
         return Path(data)
     if origin is tuple:
@@ -65,8 +66,8 @@ def _from_annotation(annotation: Any, data: Any) -> Any:
     return data
 
 
-def from_plain(cls: type, data: Mapping[str, Any]) -> Any:
-    """Inverse of :func:`to_plain` for a dataclass type (nested dataclasses, paths, tuples)."""
+def dataclass_from_json(cls: type, data: Mapping[str, Any]) -> Any:
+    """Inverse of :func:`dataclass_to_json` for a dataclass type (nested dataclasses, paths, tuples)."""
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
@@ -121,11 +122,11 @@ def train_stage(
     log = log_fn or default_log_fn()
     job = {
         "stage": stage,
-        "config": to_plain(config),
-        "sources": [to_plain(s) for s in sources],
-        "target": to_plain(target),
+        "config": dataclass_to_json(config),
+        "sources": [dataclass_to_json(s) for s in sources],
+        "target": dataclass_to_json(target),
         "checkpoint_dir": str(checkpoint_dir),
-        "kwargs": {k: to_plain(v) for k, v in run_stage_kwargs.items()},
+        "kwargs": {k: dataclass_to_json(v) for k, v in run_stage_kwargs.items()},
     }
     with tempfile.TemporaryDirectory(prefix="seg-pipeline-torchrun-") as folder:
         job_path, result_path = Path(folder) / "job.json", Path(folder) / "result.json"
@@ -136,7 +137,7 @@ def train_stage(
             "-m", "seg_pipeline.training.launch", str(job_path), str(result_path),
         ]  # fmt: skip
         log(f"{stage}: starting {nproc_per_node} DDP ranks (torchrun --standalone)")
-        tail: list[str] = []
+        tail: deque[str] = deque(maxlen=_TAIL_LINES)
         rank_errors: list[str] = []  # "[rankN]: SomeError: ..." lines: the cause, above torchrun's report
         # One intra-op thread per rank unless the user chose otherwise (torchrun's own default).
         env = {
@@ -150,7 +151,7 @@ def train_stage(
             assert process.stdout is not None
             for line in process.stdout:
                 line = line.rstrip("\n")
-                tail = [*tail[-_TAIL_LINES + 1 :], line]
+                tail.append(line)
                 if _RANK_ERROR.match(line):
                     rank_errors.append(line)
                 log(line)
@@ -172,10 +173,10 @@ def _run_job(job: Mapping[str, Any], result_path: Path) -> None:
     if kwargs.get("tracking") is not None:
         from seg_pipeline.tracking import TrackingSettings
 
-        kwargs["tracking"] = from_plain(TrackingSettings, kwargs["tracking"])
-    config = from_plain(StageConfig, job["config"])
-    sources = [from_plain(SourceSpec, s) for s in job["sources"]]
-    target = from_plain(SourceSpec, job["target"])
+        kwargs["tracking"] = dataclass_from_json(TrackingSettings, kwargs["tracking"])
+    config = dataclass_from_json(StageConfig, job["config"])
+    sources = [dataclass_from_json(SourceSpec, s) for s in job["sources"]]
+    target = dataclass_from_json(SourceSpec, job["target"])
     rank_prefix = f"[rank {os.environ.get('RANK', '0')}] "
     try:
         result = run_stage(

@@ -261,17 +261,17 @@ def test_five_kills_during_training_each_resume_and_finish_like_an_uninterrupted
 
 
 def test_stage_config_and_sources_survive_the_torchrun_job_file(sources) -> None:
-    from seg_pipeline.training.launch import from_plain, to_plain
+    from seg_pipeline.training.launch import dataclass_from_json, dataclass_to_json
     from seg_pipeline.training.stages import KDSettings
 
     _target, aux = sources
     config = _config(3)
     config.kd = KDSettings(alpha=0.6, patch_sizes=(32, 48))
-    back = from_plain(StageConfig, json.loads(json.dumps(to_plain(config))))
+    back = dataclass_from_json(StageConfig, json.loads(json.dumps(dataclass_to_json(config))))
     assert back == config and isinstance(back.kd.patch_sizes, tuple)
-    assert from_plain(SourceSpec, json.loads(json.dumps(to_plain(aux)))) == aux
+    assert dataclass_from_json(SourceSpec, json.loads(json.dumps(dataclass_to_json(aux)))) == aux
     with pytest.raises(ValueError, match=r"StageConfig got unknown keys \['lr_typo'\]"):
-        from_plain(StageConfig, {**to_plain(config), "lr_typo": 1})
+        dataclass_from_json(StageConfig, {**dataclass_to_json(config), "lr_typo": 1})
 
 
 @pytest.mark.slow
