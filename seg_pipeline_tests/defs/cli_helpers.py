@@ -56,9 +56,9 @@ def new_dagster_home(path: Path, initialize: bool = False) -> Path:
     return path
 
 
-def write_demo_data(data_root: Path, rows: int = 3, cols: int = 4) -> None:
+def write_demo_data(data_root: Path, rows: int = 3, cols: int = 4, tile_size: int = 32) -> None:
     """Tiny target (demo) and auxiliary (demo_aux) datasets as the pipeline expects them."""
-    target = SyntheticSpec(grid_rows=rows, grid_cols=cols, tile_size=32)
+    target = SyntheticSpec(grid_rows=rows, grid_cols=cols, tile_size=tile_size)
     write_synthetic_dataset(data_root / "raw" / "demo", target, seed=1)
     aux = SyntheticSpec(grid_rows=1, grid_cols=3, tile_size=32, class_scheme="aux", item_prefix="oem")
     write_synthetic_dataset(data_root / "raw" / "demo_aux", aux, seed=2)
