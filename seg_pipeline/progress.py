@@ -29,9 +29,9 @@ def format_duration(seconds: float) -> str:
     return f"{secs}s"
 
 
-def default_log_fn() -> LogFn:
-    """``logging.getLogger("seg_pipeline").info``: reaches the terminal when logging is configured."""
-    return logging.getLogger(LOGGER_NAME).info
+def default_log_fn(logger_name: str = LOGGER_NAME) -> LogFn:
+    """``logging.getLogger(logger_name).info``: reaches the terminal when logging is configured."""
+    return logging.getLogger(logger_name).info
 
 
 class ItemProgress:

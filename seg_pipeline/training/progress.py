@@ -8,12 +8,12 @@ re-exported here.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 
 import torch
 
+from seg_pipeline.progress import default_log_fn as _package_log_fn
 from seg_pipeline.progress import format_duration
 
 __all__ = ["LOGGER_NAME", "ProgressLogger", "default_log_fn", "format_duration"]
@@ -22,8 +22,8 @@ LOGGER_NAME = "seg_pipeline.training"
 
 
 def default_log_fn() -> Callable[[str], None]:
-    """``logging.getLogger("seg_pipeline.training").info``."""
-    return logging.getLogger(LOGGER_NAME).info
+    """``logging.getLogger("seg_pipeline.training").info`` (a child of the package logger)."""
+    return _package_log_fn(LOGGER_NAME)
 
 
 class ProgressLogger:
