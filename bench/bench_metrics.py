@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from seg_pipeline.evaluation.metrics import ConfusionMatrix
+from seg_pipeline.metrics import ConfusionMatrix
 
 IGNORE_VALUE = 255
 

@@ -30,14 +30,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import hashlib
-import importlib.metadata
 import json
 import math
-import os
-import shutil
 import sys
-import uuid
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -48,8 +43,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seg_pipeline.training.checkpoint import CheckpointError, load_checkpoint
-from seg_pipeline.training.models import SegmentationModel
+from seg_pipeline.io import atomic_dir, file_sha256
+from seg_pipeline.models import SegmentationModel
+from seg_pipeline.models.checkpoint import CheckpointError, load_checkpoint
+from seg_pipeline.provenance import package_versions
 
 FORMATS: tuple[str, ...] = ("torchscript", "onnx")
 FILE_NAMES: dict[str, str] = {"torchscript": "model.torchscript.pt", "onnx": "model.onnx"}
@@ -165,24 +162,6 @@ def _read_stage_checkpoint(checkpoint: Path) -> _StageInfo:
     )
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _package_versions() -> dict[str, str | None]:
-    versions: dict[str, str | None] = {}
-    for name in _VERSIONED_PACKAGES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
 def _json_safe(value: Any) -> Any:
     """Metrics may hold NaN/inf (an empty validation class): JSON has no such numbers, use null."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -257,25 +236,8 @@ def _staging_dir(out_dir: Path) -> Iterator[Path]:
                 f"out_dir={out_dir} exists and is not a previous export (no {CARD_NAME}); "
                 "choose an empty or new folder."
             )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # mkdir (not tempfile.mkdtemp, which is 0700) so the published folder follows the umask.
-    staging = out_dir.with_name(f".{out_dir.name}.export-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    staging.mkdir()
-    try:
+    with atomic_dir(out_dir) as staging:
         yield staging
-        if out_dir.exists():  # a previous export: swap, then drop the old one
-            retired = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(out_dir, retired)
-            try:
-                os.replace(staging, out_dir)
-            except BaseException:
-                os.replace(retired, out_dir)
-                raise
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # no-op after a successful rename
 
 
 def _parity_inputs(bands: int, example_size: int) -> list[torch.Tensor]:
@@ -469,7 +431,7 @@ def _build_card(
             "lineage": {
                 **dict(lineage or {}),
                 "checkpoint_path": str(checkpoint),
-                "checkpoint_sha256": _sha256(checkpoint),
+                "checkpoint_sha256": file_sha256(checkpoint),
             },
             "formats": {name: {"file": FILE_NAMES[name], **details} for name, details in parity.items()},
             "parity": {
@@ -478,7 +440,7 @@ def _build_card(
                 "max_abs_diff": {name: details["max_abs_diff"] for name, details in parity.items()},
                 "tolerance": {name: details["tolerance"] for name, details in parity.items()},
             },
-            "package_versions": _package_versions(),
+            "package_versions": package_versions(_VERSIONED_PACKAGES),
         }
     )
 

@@ -11,9 +11,9 @@ from seg_pipeline.data.synthetic import TARGET_CLASSES
 from seg_pipeline.defs.assets.ingest import tile_headers
 from seg_pipeline.defs.resources import StorageResource
 from seg_pipeline.inference.tiling import window_grid
+from seg_pipeline.models import ModelSpec
 from seg_pipeline.tracking import TrackingSettings, TrackingUnavailableError
 from seg_pipeline.training.loop import TrainConfig
-from seg_pipeline.training.models import ModelSpec
 from seg_pipeline.training.stages import KDSettings, SourceSpec, StageConfig, run_stage
 
 

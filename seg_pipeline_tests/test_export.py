@@ -31,9 +31,9 @@ from seg_pipeline.export import (
     export_model,
     main,
 )
-from seg_pipeline.training.checkpoint import CheckpointError
+from seg_pipeline.models import ModelSpec
+from seg_pipeline.models.checkpoint import CheckpointError
 from seg_pipeline.training.loop import TrainConfig
-from seg_pipeline.training.models import ModelSpec
 from seg_pipeline.training.stages import SourceSpec, StageConfig, load_trained_model, run_stage
 
 EXAMPLE_SIZE = 32  # one encoder stride; parity also runs 37x43 (off-stride, padded in the graph)

@@ -80,7 +80,7 @@ def stage_config(args: argparse.Namespace, source: SourceSpec) -> StageConfig:
     """StageConfig from the options; everything not exposed keeps the library defaults."""
     from seg_pipeline.data.loaders import LoaderConfig
     from seg_pipeline.training.loop import TrainConfig
-    from seg_pipeline.training.models import ModelSpec
+    from seg_pipeline.models import ModelSpec
     from seg_pipeline.training.stages import StageConfig
 
     return StageConfig(

@@ -22,14 +22,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from seg_pipeline.data.raster_io import (
-    RasterInfo,
-    RasterReadError,
-    atomic_write,
-    file_sha256,
-    info_from_dataset,
-    open_raster,
-)
+from seg_pipeline.data.raster_io import RasterInfo, RasterReadError, info_from_dataset, open_raster
+from seg_pipeline.io import atomic_write, file_sha256
 from seg_pipeline.data.spec import DatasetSpec, TileRecord, discover
 from seg_pipeline.progress import ItemProgress
 

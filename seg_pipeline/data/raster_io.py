@@ -20,6 +20,8 @@ import rasterio
 from rasterio.errors import RasterioIOError
 from rasterio.transform import Affine
 
+from seg_pipeline.io import atomic_write
+
 #: Extensions the dataset discovery treats as rasters.
 RASTER_EXTENSIONS: frozenset[str] = frozenset(
     {".tif", ".tiff", ".png", ".jpg", ".jpeg", ".jp2", ".img", ".vrt", ".bmp"}
@@ -111,35 +113,6 @@ def read_array(path: Path | str, window: rasterio.windows.Window | None = None) 
             return src.read(window=window)
         except RasterioIOError as exc:
             raise RasterReadError(path, f"pixel data is corrupt or truncated ({exc})") from exc
-
-
-def file_sha256(path: Path | str, chunk_size: int = 1 << 20) -> str:
-    """Content hash of a file, streamed so big rasters do not load into memory."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def atomic_path(final_path: Path) -> Path:
-    """A temp path next to ``final_path`` (same filesystem, so ``os.replace`` is atomic)."""
-    final_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final_path.name}.", suffix=".tmp", dir=final_path.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
-@contextlib.contextmanager
-def atomic_write(final_path: Path | str) -> Iterator[Path]:
-    """Yield a temp path to write; rename onto ``final_path`` on success, delete on failure."""
-    final_path = Path(final_path)
-    tmp = atomic_path(final_path)
-    try:
-        yield tmp
-        os.replace(tmp, final_path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_geotiff(

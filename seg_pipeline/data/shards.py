@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +25,8 @@ import numpy as np
 import pandas as pd
 
 from seg_pipeline.data.headers import STATUS_OK
-from seg_pipeline.data.raster_io import atomic_write, open_raster, write_geotiff
+from seg_pipeline.data.raster_io import open_raster, write_geotiff
+from seg_pipeline.io import atomic_dir, atomic_write, sweep_stale_temps
 from seg_pipeline.progress import ItemProgress
 
 INDEX_NAME = "index.jsonl"
@@ -148,10 +147,9 @@ def _write_shard(
     tile_format: str,
     progress: ItemProgress | None = None,
 ) -> None:
-    """Build a shard in a hidden temp folder, then swap it into ``final_dir``."""
-    tmp = final_dir.parent / f".tmp-{final_dir.name}-{uuid.uuid4().hex[:8]}"
-    try:
-        (tmp / "inputs").mkdir(parents=True)
+    """Build a shard in a hidden temp folder, then swap it into ``final_dir`` (see ``io.atomic_dir``)."""
+    with atomic_dir(final_dir) as tmp:
+        (tmp / "inputs").mkdir()
         (tmp / "targets").mkdir()
         for item in items:
             _store(Path(item["image_path"]), tmp / "inputs" / item["item_id"], tile_format)
@@ -160,21 +158,6 @@ def _write_shard(
             if progress is not None:
                 progress.advance(detail=f"{final_dir.parent.name}/{final_dir.name}")
         (tmp / INDEX_NAME).write_text(index_text)
-        _replace_dir(tmp, final_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _replace_dir(new: Path, final: Path) -> None:
-    """Put ``new`` at ``final``; an existing ``final`` is moved aside first, then deleted."""
-    old = None
-    if final.exists():
-        old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
-        os.rename(final, old)
-    os.rename(new, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _existing_hash(shard_dir: Path) -> str | None:
@@ -215,8 +198,7 @@ def write_shards(
     for split, ids in split_ids.items():
         split_dir = dataset_dir / split
         split_dir.mkdir(parents=True, exist_ok=True)
-        for leftover in split_dir.glob(f".*-{SHARD_PREFIX}*"):  # .tmp-/.old- folders of a killed writer
-            shutil.rmtree(leftover, ignore_errors=True)
+        sweep_stale_temps(split_dir)  # temp/retired shard folders of killed writers, never live ones
         items = [ok.loc[i].to_dict() for i in ids]
         shards = []
         for n, chunk in enumerate(_chunks(items, config)):

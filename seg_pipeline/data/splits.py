@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from seg_pipeline.data.headers import STATUS_OK
-from seg_pipeline.data.raster_io import atomic_write
+from seg_pipeline.io import atomic_write
 
 POLICIES = ("v0", "supervised", "fixed")
 SPLIT_SCHEMA = pa.schema(

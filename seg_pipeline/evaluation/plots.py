@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from seg_pipeline.data.raster_io import atomic_write
+from seg_pipeline.io import atomic_write
 
 
 def _pyplot():

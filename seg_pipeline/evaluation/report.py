@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from seg_pipeline.data.raster_io import RASTER_EXTENSIONS, atomic_write, read_array
-from seg_pipeline.evaluation.metrics import ConfusionMatrix, SegmentationMetrics
+from seg_pipeline.data.raster_io import RASTER_EXTENSIONS, read_array
+from seg_pipeline.io import atomic_write
+from seg_pipeline.metrics import ConfusionMatrix, SegmentationMetrics
 from seg_pipeline.progress import ItemProgress
 
 SCALARS = ("miou", "mdice", "mprecision", "mrecall", "pixel_accuracy", "fwiou", "kappa")

@@ -23,8 +23,8 @@ from seg_pipeline.inference.ensemble import EnsemblePredictor
 from seg_pipeline.inference.tiling import predict_raster
 from seg_pipeline.inference.tta import TTAConfig
 from seg_pipeline.inference.writers import default_palette, save_color_png
+from seg_pipeline.models.checkpoint import load_checkpoint
 from seg_pipeline.progress import ItemProgress
-from seg_pipeline.training.checkpoint import load_checkpoint
 
 
 @dataclass(frozen=True)

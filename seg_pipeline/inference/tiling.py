@@ -27,7 +27,8 @@ import torch
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window
 
-from seg_pipeline.inference.writers import atomic_path, class_dtype_for, geotiff_profile, scale_probabilities
+from seg_pipeline.inference.writers import class_dtype_for, geotiff_profile, scale_probabilities
+from seg_pipeline.io import atomic_write
 from seg_pipeline.progress import ItemProgress
 
 __all__ = ["blend_weights", "predict_raster", "window_grid"]
@@ -300,13 +301,13 @@ def predict_raster(
 
             with contextlib.ExitStack() as outputs:
                 class_dst = outputs.enter_context(
-                    rasterio.open(outputs.enter_context(atomic_path(dst_path)), "w", **class_profile)
+                    rasterio.open(outputs.enter_context(atomic_write(dst_path)), "w", **class_profile)
                 )
                 prob_dst = None
                 if write_probabilities is not None:
                     prob_dst = outputs.enter_context(
                         rasterio.open(
-                            outputs.enter_context(atomic_path(write_probabilities)), "w", **prob_profile
+                            outputs.enter_context(atomic_write(write_probabilities)), "w", **prob_profile
                         )
                     )
 

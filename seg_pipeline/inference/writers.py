@@ -1,8 +1,8 @@
 """Writers for predictions: GeoTIFF class maps and probabilities, palettes, colourised PNGs.
 
-Every writer goes through ``atomic_path``: the file is written under a temporary name in the
-target folder and renamed into place with ``os.replace``, so a reader (or a Dagster sensor) never
-sees a half-written file, and a failed write leaves nothing behind.
+Every writer goes through :func:`seg_pipeline.io.atomic_write`: the file is written under a temporary
+name in the target folder and renamed into place with ``os.replace``, so a reader (or a Dagster sensor)
+never sees a half-written file, and a failed write leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import colorsys
 import contextlib
 import os
-import tempfile
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -20,8 +19,9 @@ import numpy as np
 import rasterio
 from rasterio.errors import NotGeoreferencedWarning
 
+from seg_pipeline.io import atomic_write
+
 __all__ = [
-    "atomic_path",
     "class_dtype_for",
     "colorize",
     "default_palette",
@@ -30,27 +30,6 @@ __all__ = [
     "write_class_map",
     "write_probabilities",
 ]
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it to ``path`` only if the block succeeds.
-
-    The temporary name keeps the suffix (GDAL and matplotlib pick formats from it) and starts
-    with a dot so globs like ``*.tif`` do not pick it up. Sidecars GDAL may write next to the
-    temporary file (``.aux.xml``, ``.msk``) are removed as well.
-    """
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.stem}.", suffix=f".tmp{final.suffix}")
-    os.close(handle)
-    temporary = Path(name)
-    try:
-        yield temporary
-        os.replace(temporary, final)
-    finally:
-        for leftover in (temporary, Path(f"{temporary}.aux.xml"), Path(f"{temporary}.msk")):
-            leftover.unlink(missing_ok=True)
 
 
 def class_dtype_for(num_classes: int) -> tuple[str, int]:
@@ -157,7 +136,7 @@ def write_class_map(
             f"0..{num_classes - 1}; pass the right num_classes or nodata."
         )
     profile = geotiff_profile(*classes.shape, 1, dtype, nodata=nodata, **_georeference(profile_like))
-    with atomic_path(path) as temporary, _open_for_write(temporary, profile) as dst:
+    with atomic_write(path) as temporary, _open_for_write(temporary, profile) as dst:
         dst.write(classes.astype(dtype, copy=False), 1)
     return Path(path)
 
@@ -183,7 +162,7 @@ def write_probabilities(
     count, height, width = probabilities.shape
     nodata = float("nan") if dtype == "float32" else None
     profile = geotiff_profile(height, width, count, dtype, nodata=nodata, **_georeference(profile_like))
-    with atomic_path(path) as temporary, _open_for_write(temporary, profile) as dst:
+    with atomic_write(path) as temporary, _open_for_write(temporary, profile) as dst:
         dst.write(scale_probabilities(probabilities, dtype))
     return Path(path)
 
@@ -286,7 +265,7 @@ def save_color_png(
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
-    with atomic_path(path) as temporary:
+    with atomic_write(path) as temporary:
         if not legend:
             import matplotlib.image
 

@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from seg_pipeline.data.raster_io import atomic_write
+from seg_pipeline.io import atomic_write
 from seg_pipeline.progress import default_log_fn
 
 LogFn = Callable[[str], None]

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
-import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -25,14 +23,14 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from seg_pipeline.training.checkpoint import (
+from seg_pipeline.io import sweep_stale_temps, write_json
+from seg_pipeline.models.checkpoint import (
     CheckpointError,
-    CheckpointManager,
     check_state_dict_compatible,
     link_or_copy,
     load_checkpoint,
-    sweep_dead_writers_temps,
 )
+from seg_pipeline.training.checkpoints import CheckpointManager
 from seg_pipeline.training.distributed import (
     all_gather_object,
     all_reduce_sum,
@@ -270,13 +268,6 @@ def _batch_size(batch: Batch) -> int:
 def _base_lr(optimizer: torch.optim.Optimizer) -> float:
     group = optimizer.param_groups[0]
     return float(group["lr"]) / float(group.get("lr_mult", 1.0))
-
-
-def _write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
 
 
 class _EpochStats:
@@ -586,7 +577,7 @@ def fit(
     trainer = _Trainer(model, objective, optimizer, scheduler, config, policy, manager, log)
     main = is_main_process()
     if main:
-        for stale in sweep_dead_writers_temps(checkpoint_dir):
+        for stale in sweep_stale_temps(checkpoint_dir):
             trainer.log(
                 f"removed {stale.name}: a temp file of a killed writer (the checkpoint it held never landed)"
             )
@@ -609,7 +600,7 @@ def fit(
                 "resumed_from_epoch": last_done,
             }
         )
-        _write_json_atomic(Path(checkpoint_dir) / "run_manifest.json", manifest)
+        write_json(Path(checkpoint_dir) / "run_manifest.json", manifest)
     trainer.log(
         f"training on {policy.describe()} | world size {world_size()} | epochs {start_epoch}..{config.epochs}"
     )

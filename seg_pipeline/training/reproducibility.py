@@ -7,29 +7,14 @@ the resolved config, package versions, interpreter/platform and the git commit.
 
 from __future__ import annotations
 
-import datetime as _dt
-import importlib.metadata
 import os
-import platform
 import random
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-MANIFEST_PACKAGES = (
-    "torch",
-    "torchvision",
-    "segmentation-models-pytorch",
-    "timm",
-    "numpy",
-    "rasterio",
-    "mlflow",
-    "dagster",
-)
+from seg_pipeline.provenance import run_provenance
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -116,47 +101,6 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in cuda_states])
 
 
-def package_versions(names: tuple[str, ...] = MANIFEST_PACKAGES) -> dict[str, str | None]:
-    """Installed versions via ``importlib.metadata`` (no imports, so dagster is never loaded)."""
-    versions: dict[str, str | None] = {}
-    for name in names:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
-def git_commit(folder: str | Path | None = None) -> str | None:
-    """``git rev-parse HEAD`` in ``folder`` (default: this package's folder); None outside a repo."""
-    cwd = Path(folder) if folder is not None else Path(__file__).resolve().parent
-    try:
-        completed = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=False
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    commit = completed.stdout.strip()
-    return commit if completed.returncode == 0 and commit else None
-
-
-def git_is_dirty(folder: str | Path | None = None) -> bool | None:
-    """True when tracked files differ from HEAD (the commit alone would not reproduce the run)."""
-    cwd = Path(folder) if folder is not None else Path(__file__).resolve().parent
-    try:
-        completed = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return bool(completed.stdout.strip()) if completed.returncode == 0 else None
-
-
 def run_manifest(config: dict[str, Any]) -> dict[str, Any]:
     """Everything needed to trace a run: resolved config, versions, platform, git commit.
 
@@ -164,15 +108,8 @@ def run_manifest(config: dict[str, Any]) -> dict[str, Any]:
     """
     return {
         "config": config,
-        "packages": package_versions(),
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
+        **run_provenance(),
         "torch_build": torch.__version__,  # includes the local tag (e.g. +cu130) that metadata drops
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
-        "git_commit": git_commit(),
-        "git_dirty": git_is_dirty(),
-        "created_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }

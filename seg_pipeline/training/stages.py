@@ -29,8 +29,9 @@ from seg_pipeline.data.datasets import ShardIterableDataset, ShardMapDataset
 from seg_pipeline.data.headers import read_catalog
 from seg_pipeline.data.loaders import LoaderConfig, build_eval_loader, build_train_loader
 from seg_pipeline.data.normalization import BandStats, band_stats_from_catalog
-from seg_pipeline.evaluation.metrics import ConfusionMatrix
-from seg_pipeline.training.checkpoint import load_checkpoint, load_model_weights
+from seg_pipeline.metrics import ConfusionMatrix
+from seg_pipeline.models import ModelSpec, SegmentationModel, build_model
+from seg_pipeline.models.checkpoint import load_checkpoint, load_model_weights
 from seg_pipeline.training.distill import MULTI_SCALE_MODES, DistillationObjective
 from seg_pipeline.training.distributed import init_distributed, is_initialized, is_main_process, world_size
 from seg_pipeline.training.loop import (
@@ -42,7 +43,6 @@ from seg_pipeline.training.loop import (
     optimizer_steps_per_epoch,
 )
 from seg_pipeline.training.losses import KnowledgeDistillationLoss, build_loss, inverse_frequency_weights
-from seg_pipeline.training.models import ModelSpec, SegmentationModel, build_model
 from seg_pipeline.training.optim import build_optimizer, build_scheduler
 
 logger = logging.getLogger("seg_pipeline.training")

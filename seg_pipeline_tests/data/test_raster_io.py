@@ -14,8 +14,6 @@ from rasterio.transform import Affine
 
 from seg_pipeline.data.raster_io import (
     RasterReadError,
-    atomic_write,
-    file_sha256,
     read_array,
     read_info,
     write_geotiff,
@@ -136,38 +134,3 @@ def test_write_geotiff_2d_array_gives_one_band_and_big_rasters_are_tiled(tmp_pat
         assert src.count == 1
     with rasterio.open(big) as src:
         assert src.block_shapes == [(256, 256)]
-
-
-def test_file_sha256_matches_hashlib(tmp_path: Path) -> None:
-    path = tmp_path / "blob.bin"
-    payload = os.urandom(3 * 1024 + 7)
-    path.write_bytes(payload)
-    assert file_sha256(path, chunk_size=1024) == hashlib.sha256(payload).hexdigest()
-
-
-def test_atomic_write_renames_into_place_on_success(tmp_path: Path) -> None:
-    final = tmp_path / "out" / "result.txt"
-    with atomic_write(final) as tmp:
-        assert tmp != final and tmp.parent == final.parent
-        tmp.write_text("done")
-        assert not final.exists()  # nothing visible until the body finished
-    assert final.read_text() == "done"
-    assert sorted(p.name for p in final.parent.iterdir()) == ["result.txt"]
-
-
-def test_atomic_write_leaves_nothing_when_the_body_raises(tmp_path: Path) -> None:
-    final = tmp_path / "result.txt"
-    with pytest.raises(RuntimeError, match="boom"), atomic_write(final) as tmp:
-        tmp.write_text("half")
-        raise RuntimeError("boom")
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_atomic_write_keeps_the_old_file_when_the_body_raises(tmp_path: Path) -> None:
-    final = tmp_path / "result.txt"
-    final.write_text("old")
-    with pytest.raises(RuntimeError), atomic_write(final) as tmp:
-        tmp.write_text("new but unfinished")
-        raise RuntimeError("interrupted")
-    assert final.read_text() == "old"
-    assert list(tmp_path.iterdir()) == [final]

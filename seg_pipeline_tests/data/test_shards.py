@@ -28,6 +28,7 @@ from seg_pipeline.data.shards import (
 )
 from seg_pipeline.data.spec import DatasetSpec
 from seg_pipeline.data.splits import SplitConfig, assign_splits
+from seg_pipeline.io import is_temp
 
 MakeDataset = Callable[..., Path]
 WriteRaster = Callable[..., Path]
@@ -326,7 +327,7 @@ def test_process_killed_during_shard_writing_leaves_no_half_shard(
         child.wait()
 
     leftovers = [p.name for p in (out / "train").iterdir() if p.name.startswith(".")]
-    assert len(leftovers) == 1 and leftovers[0].startswith(".tmp-shard-00000-")  # hidden, half written
+    assert len(leftovers) == 1 and leftovers[0].startswith(".shard-00000.tmp-")  # hidden, half written
     visible = {k: v for k, v in _snapshot(out).items() if not k.startswith("train/.")}
     assert visible == before
     assert len(read_shard_index(shard_dirs(out, "train")[0])) == 3
@@ -428,7 +429,7 @@ def test_five_kills_during_shard_writing_never_show_a_half_shard_and_the_rerun_c
 
         split_dir = out / "train"
         hidden = sorted(p.name for p in split_dir.iterdir() if p.name.startswith("."))
-        assert all(name.startswith((".tmp-shard-", ".old-shard-")) for name in hidden), hidden
+        assert all(name.startswith(".shard-") and is_temp(Path(name)) for name in hidden), hidden
         visible = _shard_contents(split_dir)
         for name, files in visible.items():
             assert files in (old[name], new[name]), (
@@ -436,7 +437,7 @@ def test_five_kills_during_shard_writing_never_show_a_half_shard_and_the_rerun_c
             )
             read_shard_index(split_dir / name)  # and its index is valid
         for name in old.keys() - visible.keys():
-            assert any(h.startswith(f".old-{name}-") for h in hidden), f"try {attempt}: {name} lost"
+            assert any(h.startswith(f".{name}.old-") for h in hidden), f"try {attempt}: {name} lost"
         assert (out / MANIFEST_NAME).read_bytes() == old_manifest  # the manifest is written last
         replaced = sum(visible[name] == new[name] for name in visible)
         outcomes.append((after_line, replaced, len(hidden)))

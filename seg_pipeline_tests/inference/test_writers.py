@@ -11,7 +11,6 @@ from affine import Affine
 from matplotlib.image import imread
 
 from seg_pipeline.inference.writers import (
-    atomic_path,
     class_dtype_for,
     colorize,
     default_palette,
@@ -66,17 +65,6 @@ def test_write_probabilities_float_and_uint8(tmp_path: Path) -> None:
         assert np.array_equal(dst.read(), probabilities)
     with rasterio.open(write_probabilities(tmp_path / "p8.tif", probabilities, dtype="uint8")) as dst:
         assert np.array_equal(dst.read(), [[[51, 255]], [[204, 0]]])
-
-
-def test_atomic_path_removes_the_temporary_file_on_error(tmp_path: Path) -> None:
-    with pytest.raises(RuntimeError), atomic_path(tmp_path / "x.tif") as temporary:
-        temporary.write_text("partial")
-        raise RuntimeError("boom")
-    assert list(tmp_path.iterdir()) == []
-    with atomic_path(tmp_path / "x.tif") as temporary:
-        temporary.write_text("complete")
-    assert [p.name for p in tmp_path.iterdir()] == ["x.tif"]
-    assert (tmp_path / "x.tif").read_text() == "complete"
 
 
 @pytest.mark.parametrize("num_classes", [1, 6, 15, 40, 300])

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from seg_pipeline.training.checkpoint import load_checkpoint, load_model_weights
+from seg_pipeline.models.checkpoint import load_checkpoint, load_model_weights
 from seg_pipeline.training.loop import FitResult, SupervisedObjective, TrainConfig, fit
 from seg_pipeline.training.optim import build_optimizer, build_scheduler
 from seg_pipeline.training.progress import ProgressLogger, format_duration

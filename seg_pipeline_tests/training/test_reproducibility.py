@@ -14,10 +14,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from seg_pipeline.training.checkpoint import load_checkpoint, save_checkpoint
+from seg_pipeline.models.checkpoint import load_checkpoint, save_checkpoint
 from seg_pipeline.training.reproducibility import (
     capture_rng_state,
-    git_commit,
     restore_rng_state,
     run_manifest,
     seed_everything,
@@ -116,17 +115,3 @@ def test_run_manifest_does_not_import_dagster() -> None:
     )
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert completed.stdout.strip() == "False"
-
-
-def test_git_commit_inside_and_outside_a_repository(tmp_path: Path) -> None:
-    assert git_commit(tmp_path) is None
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@x", "GIT_COMMITTER_NAME": "t"}
-    env["GIT_COMMITTER_EMAIL"] = "t@x"
-    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True, env=env)
-    (tmp_path / "f.txt").write_text("x")
-    subprocess.run(["git", "add", "f.txt"], cwd=tmp_path, check=True, env=env)
-    subprocess.run(["git", "commit", "-q", "-m", "init"], cwd=tmp_path, check=True, env=env)
-    log = subprocess.run(
-        ["git", "log", "-1", "--format=%H"], cwd=tmp_path, capture_output=True, text=True, check=True
-    )
-    assert git_commit(tmp_path) == log.stdout.strip()

@@ -21,9 +21,9 @@ from seg_pipeline.data.shards import write_shards
 from seg_pipeline.data.spec import DatasetSpec
 from seg_pipeline.data.splits import SplitConfig, assign_splits
 from seg_pipeline.data.synthetic import AUX_CLASSES, TARGET_CLASSES, SyntheticSpec, write_synthetic_dataset
-from seg_pipeline.training.checkpoint import load_checkpoint
+from seg_pipeline.models import ModelSpec
+from seg_pipeline.models.checkpoint import load_checkpoint
 from seg_pipeline.training.loop import TrainConfig
-from seg_pipeline.training.models import ModelSpec
 from seg_pipeline.training.stages import SourceSpec, StageConfig, build_training_data, run_stage
 
 REMAP = {

@@ -18,7 +18,6 @@ import dagster as dg
 from pydantic import Field
 
 from seg_pipeline.data.headers import build_headers, read_catalog, write_catalog
-from seg_pipeline.data.raster_io import atomic_write
 from seg_pipeline.data.shards import ShardConfig, write_shards
 from seg_pipeline.data.spec import DatasetSpec
 from seg_pipeline.data.splits import (
@@ -30,6 +29,7 @@ from seg_pipeline.data.splits import (
 )
 from seg_pipeline.defs.metadata import table
 from seg_pipeline.defs.resources import StorageResource
+from seg_pipeline.io import atomic_write, file_sha256
 
 GROUP = "ingest"
 _SHOWN_QUARANTINE_ROWS = 50
@@ -94,10 +94,6 @@ class AuxiliaryConfig(dg.Config):
     split_seed: int = 0
     val_fraction: float = Field(default=0.1, description="Share of labeled aux tiles held out as aux val.")
     max_quarantine_fraction: float = 0.5
-
-
-def _file_hash(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _resolve_raw(storage: StorageResource, dataset_id: str, raw_dir: str | None) -> Path:
@@ -184,7 +180,7 @@ def split(
         "policy": config.policy,
         "seed": config.seed,
         "grouped": config.group_block_size is not None,
-        "content_hash": _file_hash(path),
+        "content_hash": file_sha256(path),
     }
     metadata = {
         "splits_path": dg.MetadataValue.path(str(path)),

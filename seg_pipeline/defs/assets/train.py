@@ -124,8 +124,8 @@ def _stage_config(
 ):
     from seg_pipeline.data.augment import AugmentConfig
     from seg_pipeline.data.loaders import LoaderConfig
+    from seg_pipeline.models import ModelSpec
     from seg_pipeline.training.loop import TrainConfig
-    from seg_pipeline.training.models import ModelSpec
     from seg_pipeline.training.stages import StageConfig
 
     return StageConfig(

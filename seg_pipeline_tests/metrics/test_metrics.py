@@ -1,4 +1,4 @@
-"""Tests for seg_pipeline.evaluation.metrics against hand-computed values and scikit-learn."""
+"""Tests for seg_pipeline.metrics against hand-computed values and scikit-learn."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from seg_pipeline.evaluation.metrics import (
+from seg_pipeline.metrics import (
     ConfusionMatrix,
     DetectionCounter,
     SegmentationMetrics,
@@ -333,5 +333,5 @@ def test_matches_scikit_learn_on_random_data() -> None:
 
 
 def test_module_does_not_import_torch() -> None:
-    code = "import sys, seg_pipeline.evaluation.metrics; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, seg_pipeline.metrics; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from seg_pipeline.training.models import (
+from seg_pipeline.models import (
     ARCHITECTURES,
     ModelSpec,
     SegmentationModel,

@@ -11,15 +11,15 @@ import segmentation_models_pytorch as smp
 import torch
 from torch import nn
 
-from seg_pipeline.training import checkpoint as checkpoint_module
-from seg_pipeline.training.checkpoint import (
+from seg_pipeline import io as io_module
+from seg_pipeline.models.checkpoint import (
     CheckpointError,
-    CheckpointManager,
     CheckpointMismatchError,
     load_checkpoint,
     load_model_weights,
     save_checkpoint,
 )
+from seg_pipeline.training.checkpoints import CheckpointManager
 
 
 class _Marker:
@@ -71,7 +71,7 @@ def test_crash_before_rename_leaves_nothing(tmp_path: Path, monkeypatch: pytest.
     def crash(src: str, dst: str) -> None:
         raise OSError("simulated crash before rename")
 
-    monkeypatch.setattr(checkpoint_module.os, "replace", crash)
+    monkeypatch.setattr(io_module.os, "replace", crash)
     with pytest.raises(OSError, match="simulated crash"):
         save_checkpoint(tmp_path / "best.pt", {"epoch": 3})
     assert list(tmp_path.iterdir()) == []

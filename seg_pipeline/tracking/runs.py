@@ -1,0 +1,252 @@
+"""One MLflow run as a context manager: params, metrics, tags, artefacts and models in batched calls."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH, MAX_TAG_VAL_LENGTH
+
+from seg_pipeline.provenance import package_version
+from seg_pipeline.tracking._mlflow import mlflow
+from seg_pipeline.tracking.params import _chunks, _metric_value, flatten_params, truncate_value
+from seg_pipeline.tracking.probes import check_tracking_uri, ensure_experiment
+from seg_pipeline.tracking.settings import TrackingSettings, _is_http, _using_uris
+
+# What a pickled model needs at load time; written into the logged model's requirements.txt.
+MODEL_REQUIREMENT_PACKAGES: tuple[str, ...] = ("torch", "segmentation-models-pytorch", "timm")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggedModelInfo:
+    """What :meth:`TrackedRun.log_model` produced.
+
+    Attributes:
+        model_uri: URI that loads the model (MLflow 3: ``models:/m-<id>``).
+        model_id: MLflow 3 logged-model id.
+        registered_model_name: Registry name, if the model was registered.
+        registered_version: Registry version, if the model was registered.
+    """
+
+    model_uri: str
+    model_id: str | None
+    registered_model_name: str | None = None
+    registered_version: str | None = None
+
+
+def default_pip_requirements() -> list[str]:
+    """Return ``name==version`` for the installed model packages (local ``+cu130`` suffixes dropped).
+
+    Passing these explicitly skips MLflow's 7-10 s requirement inference and keeps the list installable
+    from PyPI.
+    """
+    requirements = []
+    for package in MODEL_REQUIREMENT_PACKAGES:
+        version = package_version(package)
+        if version is not None:
+            requirements.append(f"{package}=={version.split('+', 1)[0]}")
+    return requirements
+
+
+def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """Return the MLflow UI link of a run for http servers, else ``<tracking_uri> run <run_id>``.
+
+    Local stores have no UI address of their own (``mlflow ui --backend-store-uri <uri>`` serves them).
+    """
+    if _is_http(tracking_uri):
+        return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{tracking_uri} run {run_id}"
+
+
+class TrackedRun:
+    """One MLflow run, used as a context manager; see :func:`start_run`.
+
+    Inside the ``with`` block MLflow's fluent API points at this run's store. Leaving the block ends
+    the run as FINISHED, or as FAILED when an exception escapes (the exception propagates), and
+    restores the previous tracking URI.
+    """
+
+    def __init__(
+        self,
+        settings: TrackingSettings,
+        run_name: str | None = None,
+        tags: Mapping[str, Any] | None = None,
+        nested: bool = False,
+    ) -> None:
+        self.settings = settings
+        self.run_name = run_name
+        self.tags = {key: str(value) for key, value in (tags or {}).items()}
+        self.nested = nested
+        self._client = settings.client()
+        self._run_id: str | None = None
+        self._experiment_id: str | None = None
+        self._uri_scope: Any = None
+        self._active_run: Any = None
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def __enter__(self) -> TrackedRun:
+        check_tracking_uri(self.settings)
+        self._uri_scope = _using_uris(self.settings)
+        self._uri_scope.__enter__()
+        try:
+            self._experiment_id = ensure_experiment(self.settings)
+            self._active_run = mlflow.start_run(
+                experiment_id=self._experiment_id,
+                run_name=self.run_name,
+                nested=self.nested,
+                tags={key: truncate_value(value, MAX_TAG_VAL_LENGTH) for key, value in self.tags.items()},
+            )
+        except BaseException:
+            self._uri_scope.__exit__(*sys.exc_info())
+            raise
+        self._run_id = self._active_run.info.run_id
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        try:
+            # MLflow's ActiveRun ends the run FINISHED, or FAILED when exc_type is set.
+            self._active_run.__exit__(exc_type, exc_value, traceback)
+        finally:
+            self._uri_scope.__exit__(exc_type, exc_value, traceback)
+
+    @property
+    def run_id(self) -> str:
+        """The MLflow run id (available inside the ``with`` block and after it)."""
+        if self._run_id is None:
+            raise RuntimeError("the run has not started: use `with start_run(...) as run:`")
+        return self._run_id
+
+    @property
+    def experiment_id(self) -> str:
+        """The MLflow experiment id the run belongs to."""
+        if self._experiment_id is None:
+            raise RuntimeError("the run has not started: use `with start_run(...) as run:`")
+        return self._experiment_id
+
+    @property
+    def url(self) -> str:
+        """A browser link for http tracking servers, else a readable ``<uri> run <id>`` reference."""
+        return run_url(self.settings.tracking_uri, self.experiment_id, self.run_id)
+
+    @property
+    def artifact_uri(self) -> str:
+        """Root URI of this run's artefacts."""
+        return self._client.get_run(self.run_id).info.artifact_uri
+
+    # -- params, metrics, tags -----------------------------------------------------------------------
+
+    def log_params(self, params: Mapping[str, Any]) -> dict[str, str]:
+        """Log (nested) params flattened with dots, as few ``log_batch`` calls as MLflow allows.
+
+        Returns the flattened params that were logged. MLflow rejects changing an already-logged param.
+        """
+        flat = flatten_params(params)
+        entries = [Param(key, value) for key, value in flat.items()]
+        for chunk in _chunks(entries, MAX_PARAMS_TAGS_PER_BATCH):
+            self._client.log_batch(self.run_id, params=chunk, synchronous=True)
+        return flat
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
+        """Log all ``metrics`` at ``step`` in one ``log_batch`` call (one row per metric per step)."""
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step={step!r} must be a non-negative int (epoch or global step)")
+        timestamp_ms = int(time.time() * 1000)
+        entries = [
+            Metric(key, _metric_value(key, value), timestamp_ms, step) for key, value in metrics.items()
+        ]
+        for chunk in _chunks(entries, MAX_METRICS_PER_BATCH):
+            self._client.log_batch(self.run_id, metrics=chunk, synchronous=True)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Set (or overwrite) run tags in one ``log_batch`` call."""
+        entries = [RunTag(key, truncate_value(str(value), MAX_TAG_VAL_LENGTH)) for key, value in tags.items()]
+        for chunk in _chunks(entries, MAX_PARAMS_TAGS_PER_BATCH):
+            self._client.log_batch(self.run_id, tags=chunk, synchronous=True)
+
+    # -- artefacts ---------------------------------------------------------------------------------
+
+    def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None:
+        """Copy a file, or a folder's contents, into the run's artefacts (under ``artifact_path``)."""
+        local = Path(path)
+        if not local.exists():
+            raise ValueError(f"path={str(local)!r} does not exist: pass an existing file or folder to log")
+        if local.is_dir():
+            self._client.log_artifacts(self.run_id, str(local), artifact_path)
+        else:
+            self._client.log_artifact(self.run_id, str(local), artifact_path)
+
+    def log_dict(self, obj: Mapping[str, Any] | list[Any], name: str) -> None:
+        """Write ``obj`` as JSON or YAML (chosen by ``name``'s suffix) into the run's artefacts."""
+        self._client.log_dict(self.run_id, obj, name)
+
+    def log_text(self, text: str, name: str) -> None:
+        """Write ``text`` to the artefact file ``name``."""
+        self._client.log_text(self.run_id, text, name)
+
+    def log_figure(self, figure: Any, name: str) -> None:
+        """Save a matplotlib (or plotly) figure as the artefact file ``name`` (e.g. ``plots/loss.png``)."""
+        self._client.log_figure(self.run_id, figure, name)
+
+    # -- models ------------------------------------------------------------------------------------
+
+    def log_model(
+        self,
+        model: Any,
+        artifact_path: str = "model",
+        registered_model_name: str | None = None,
+        pip_requirements: Sequence[str] | None = None,
+        step: int = 0,
+    ) -> LoggedModelInfo:
+        """Log a torch module with ``mlflow.pytorch.log_model`` (pickle format), optionally registering it.
+
+        Pickle is used because MLflow 3's default ``pt2`` export needs an input example; the model's
+        classes must be importable where it is loaded. ``pip_requirements`` defaults to the installed
+        torch/SMP/timm versions, which also skips MLflow's slow requirement inference.
+        """
+        import mlflow.pytorch  # imports torch
+
+        requirements = list(pip_requirements) if pip_requirements is not None else default_pip_requirements()
+        with _using_uris(self.settings):
+            info = mlflow.pytorch.log_model(
+                model,
+                name=artifact_path,
+                serialization_format="pickle",
+                pip_requirements=requirements,
+                registered_model_name=registered_model_name,
+                step=step,
+                run_id=self.run_id,
+            )
+        version = info.registered_model_version
+        return LoggedModelInfo(
+            model_uri=info.model_uri,
+            model_id=getattr(info, "model_id", None),
+            registered_model_name=registered_model_name if version is not None else None,
+            registered_version=None if version is None else str(version),
+        )
+
+
+def start_run(
+    settings: TrackingSettings,
+    run_name: str | None = None,
+    tags: Mapping[str, Any] | None = None,
+    nested: bool = False,
+) -> TrackedRun:
+    """Return a :class:`TrackedRun`; entering it checks the store, ensures the experiment and starts the run.
+
+    Example:
+        >>> with start_run(settings, "pretrain", build_run_tags("pretrain")) as run:  # doctest: +SKIP
+        ...     run.log_metrics({"train/loss": 0.4}, step=0)
+    """
+    return TrackedRun(settings, run_name=run_name, tags=tags, nested=nested)

@@ -1,0 +1,122 @@
+"""Which checkpoint files a training run writes after each epoch, and the best score so far (DESIGN F14).
+
+``last.pt`` every epoch, ``best.pt`` when the monitored metric improved, ``epoch-N.pt`` every
+``save_every`` epochs, ``final.pt`` at the end; the files themselves go through
+:mod:`seg_pipeline.models.checkpoint` (atomic, ``weights_only``-loadable).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from seg_pipeline.models.checkpoint import CheckpointError, link_or_copy, save_checkpoint
+
+
+class CheckpointManager:
+    """Decides which checkpoint files to write after each epoch and tracks the best score.
+
+    Files in ``directory``: ``last.pt`` (every epoch), ``best.pt`` (monitored metric improved),
+    ``epoch-{N:04d}.pt`` (every ``save_every`` epochs; 0 disables), ``final.pt`` (end of training).
+
+    Args:
+        directory: checkpoint folder (created on first save).
+        monitor: metric name used for "best", e.g. ``val/miou``.
+        mode: ``max`` or ``min``.
+        save_every: period of the ``epoch-N`` snapshots in epochs.
+        min_delta: an improvement must beat the best score by more than this.
+    """
+
+    def __init__(
+        self,
+        directory: str | Path,
+        monitor: str = "val/miou",
+        mode: str = "max",
+        save_every: int = 5,
+        min_delta: float = 0.0,
+    ) -> None:
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode={mode!r} must be 'max' or 'min'.")
+        if not isinstance(save_every, int) or save_every < 0:
+            raise ValueError(f"save_every={save_every!r} must be an integer >= 0 (0 disables epoch-N files).")
+        if min_delta < 0:
+            raise ValueError(f"min_delta={min_delta!r} must be >= 0.")
+        self.directory = Path(directory)
+        self.monitor = monitor
+        self.mode = mode
+        self.save_every = save_every
+        self.min_delta = float(min_delta)
+        self.best_score: float | None = None
+        self.best_epoch: int | None = None
+        self.epochs_without_improvement = 0
+
+    @property
+    def last_path(self) -> Path:
+        return self.directory / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.directory / "best.pt"
+
+    @property
+    def final_path(self) -> Path:
+        return self.directory / "final.pt"
+
+    def epoch_path(self, epoch: int) -> Path:
+        return self.directory / f"epoch-{epoch:04d}.pt"
+
+    def is_improvement(self, score: float) -> bool:
+        """True when ``score`` beats the best so far (NaN never does)."""
+        if score is None or not math.isfinite(score):
+            return False
+        if self.best_score is None:
+            return True
+        if self.mode == "max":
+            return score > self.best_score + self.min_delta
+        return score < self.best_score - self.min_delta
+
+    def update(self, score: float, epoch: int) -> bool:
+        """Record an epoch's score; returns whether it is a new best (resets the patience counter)."""
+        improved = self.is_improvement(score)
+        if improved:
+            self.best_score = float(score)
+            self.best_epoch = int(epoch)
+            self.epochs_without_improvement = 0
+        else:
+            self.epochs_without_improvement += 1
+        return improved
+
+    def save_epoch(self, state: Mapping[str, Any], epoch: int, improved: bool) -> list[Path]:
+        """Write ``last.pt``, then publish it as ``best.pt``/``epoch-N.pt`` when due (no re-serialising)."""
+        written = [save_checkpoint(self.last_path, state)]
+        if improved:
+            written.append(link_or_copy(self.last_path, self.best_path))
+        if self.save_every and epoch % self.save_every == 0:
+            written.append(link_or_copy(self.last_path, self.epoch_path(epoch)))
+        return written
+
+    def save_final(self, state: Mapping[str, Any]) -> Path:
+        """Write ``final.pt`` (the state at the end of training, early-stopped or not)."""
+        return save_checkpoint(self.final_path, state)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "best_score": self.best_score,
+            "best_epoch": self.best_epoch,
+            "epochs_without_improvement": self.epochs_without_improvement,
+            "monitor": self.monitor,
+            "mode": self.mode,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the best score and patience counter; refuses a checkpoint tracking another metric."""
+        if state.get("monitor", self.monitor) != self.monitor or state.get("mode", self.mode) != self.mode:
+            raise CheckpointError(
+                f"checkpoint tracks monitor={state.get('monitor')!r} mode={state.get('mode')!r} but this "
+                f"run uses monitor={self.monitor!r} mode={self.mode!r}; use resume=False or the same monitor."
+            )
+        self.best_score = None if state.get("best_score") is None else float(state["best_score"])
+        self.best_epoch = None if state.get("best_epoch") is None else int(state["best_epoch"])
+        self.epochs_without_improvement = int(state.get("epochs_without_improvement", 0))
