@@ -16,7 +16,7 @@ from seg_pipeline.data.datasets import (
 )
 from seg_pipeline.data.loaders import LoaderConfig, build_eval_loader, build_train_loader, seed_worker
 from seg_pipeline.data.raster_io import write_geotiff
-from seg_pipeline_tests.data.test_datasets import build_sharded_dataset
+from seg_pipeline_tests.data.test_shard_datasets import build_sharded_dataset
 
 
 @pytest.fixture(scope="module")

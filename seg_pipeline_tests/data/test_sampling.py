@@ -18,7 +18,7 @@ from seg_pipeline.data.sampling import (
     rare_classes_auto,
     rows_for_items,
 )
-from seg_pipeline_tests.data.test_datasets import build_sharded_dataset
+from seg_pipeline_tests.data.test_shard_datasets import build_sharded_dataset
 
 
 def _catalog() -> pd.DataFrame:

@@ -1,0 +1,210 @@
+"""Raw tile -> finished sample or batch, and the state every dataset shares (epoch, checks).
+
+Every dataset yields ``{"image": float32 (C, H, W), "mask": int64 (H, W), "item_id": str}``:
+the image normalised with :class:`~seg_pipeline.data.normalization.BandStats`, nodata pixels
+(all bands == nodata, or any NaN) set to 0 and marked ``ignore_index`` in the mask, unlabeled
+tiles all ``ignore_index``. With ``two_views=True`` a sample also holds ``image_view1/2`` and
+``mask_view1/2`` (``image``/``mask`` are view 1). The default collate makes batches of them.
+
+Epochs: ``set_epoch(n)`` writes into a shared-memory tensor, so DataLoader workers (persistent
+or not) see the new epoch on the next ``iter(loader)``. Call it *before* creating the iterator.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import get_worker_info
+
+from seg_pipeline.data.augment import (
+    IDENTITY,
+    Augmenter,
+    AugmentParams,
+    geometric_stage,
+    photometric_batch,
+    write_sample,
+)
+from seg_pipeline.data.normalization import BandStats
+from seg_pipeline.data.tiles import CACHE_MODES, RawTile
+
+
+class _EpochState:
+    """An epoch counter in shared memory, visible to DataLoader workers after they start."""
+
+    def __init__(self, epoch: int) -> None:
+        self._epoch = torch.full((1,), int(epoch), dtype=torch.int64).share_memory_()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order and augmentation the next iteration uses."""
+        if epoch < 0:
+            raise ValueError(f"epoch={epoch}: must be >= 0")
+        self._epoch.fill_(int(epoch))
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch.item())
+
+
+def _buffer(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Tensor:
+    """An output tensor; in a worker, ``shared`` puts it in shared memory (as ``default_collate``
+    does for its stacked batch), so the batch reaches the main process without another copy."""
+    if not shared or get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+
+class _SampleMaker:
+    """Turns raw tiles into samples or batches: augment, normalise, nodata -> 0 / ignore_index."""
+
+    def __init__(
+        self, stats: BandStats, augmenter: Augmenter | None, ignore_index: int, two_views: bool, seed: int
+    ) -> None:
+        if two_views and augmenter is None:
+            raise ValueError("two_views=True needs an augmenter (two identical views are useless)")
+        self.stats = stats
+        self.augmenter = augmenter
+        self.ignore_index = ignore_index
+        self.two_views = two_views
+        self.seed = seed
+
+    def _params(self, tile: RawTile) -> tuple[AugmentParams, tuple[int, int, int]]:
+        bands, height, width = tile[0].shape
+        params: AugmentParams = IDENTITY
+        if self.augmenter is not None:
+            params = self.augmenter.sample_params(bands, height, width)
+        out_h, out_w = params.out_size if params.out_size is not None else (height, width)
+        return params, (bands, out_h, out_w)
+
+    def make(self, item_id: str, tile: RawTile, epoch: int) -> dict[str, Any]:
+        """One finished sample (the per-sample path; the default collate batches these)."""
+        n_views = 2 if self.two_views else 1
+        views = []
+        for params, shape in self._plans([(item_id, tile)], epoch, n_views)[0]:
+            image = torch.empty(shape, dtype=torch.float32)
+            mask = torch.empty(shape[1:], dtype=torch.int64)
+            write_sample(image, mask, *tile, self.stats, params, self.augmenter, self.ignore_index)
+            views.append((image, mask))
+        sample: dict[str, Any] = {"image": views[0][0], "mask": views[0][1], "item_id": item_id}
+        if self.two_views:
+            sample.update(
+                image_view1=views[0][0],
+                mask_view1=views[0][1],
+                image_view2=views[1][0],
+                mask_view2=views[1][1],
+            )
+        return sample
+
+    def build_raw(self, items: Sequence[tuple[str, RawTile]], epoch: int) -> dict[str, Any]:
+        """Worker half of batch mode: draws and geometric ops only, pixels still raw.
+
+        A ``uint8`` RGB batch is 4x smaller than its float32 form and its int64 masks 8x larger
+        than ``uint8`` ones; on CPU, allocating the shared memory a batch travels in costs more
+        than the arithmetic, so the float work happens after the transfer (:meth:`finish`).
+        """
+        n_views = 2 if self.two_views else 1
+        plans = self._plans(items, epoch, n_views)
+        views = []
+        for v in range(n_views):
+            results = [
+                geometric_stage(*tile, params[v][0], self.stats.bands, self.ignore_index)
+                for (_, tile), params in zip(items, plans, strict=True)
+            ]
+            views.append(
+                {
+                    "image": _stack([r.image for r in results]),
+                    "mask": _stack([r.mask for r in results]),
+                    "invalid": _share_maps([r.invalid for r in results]),
+                    "params": [params[v][0] for params in plans],
+                }
+            )
+        return {"raw_views": views, "item_id": [item_id for item_id, _ in items]}
+
+    def finish(self, raw: dict[str, Any], pin_memory: bool = False, threads: int = 1) -> dict[str, Any]:
+        """Main-process half of batch mode: photometric ops and normalisation into float32.
+
+        Runs with ``threads`` torch threads (restored afterwards): the workers already occupy
+        the cores, and torch's default intra-op threads then spin against them (measured: 10x
+        more CPU per tile on 2 cores with the default 2 threads).
+        """
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return self._finish(raw, pin_memory)
+        finally:
+            torch.set_num_threads(previous)
+
+    def _finish(self, raw: dict[str, Any], pin_memory: bool) -> dict[str, Any]:
+        outputs = []
+        pin = pin_memory and torch.cuda.is_available()
+        for view in raw["raw_views"]:
+            images_raw = view["image"]
+            images = torch.empty(images_raw.shape, dtype=torch.float32, pin_memory=pin)
+            photometric_batch(images, images_raw, view["invalid"], self.stats, view["params"], self.augmenter)
+            masks = torch.empty(view["mask"].shape, dtype=torch.int64, pin_memory=pin).copy_(view["mask"])
+            outputs.append((images, masks))
+        batch: dict[str, Any] = {"image": outputs[0][0], "mask": outputs[0][1], "item_id": raw["item_id"]}
+        if self.two_views:
+            batch.update(
+                image_view1=outputs[0][0],
+                mask_view1=outputs[0][1],
+                image_view2=outputs[1][0],
+                mask_view2=outputs[1][1],
+            )
+        return batch
+
+    def _plans(
+        self, items: Sequence[tuple[str, RawTile]], epoch: int, n_views: int
+    ) -> list[list[tuple[AugmentParams, tuple[int, int, int]]]]:
+        plans = []
+        for item_id, tile in items:
+            if self.augmenter is not None:
+                self.augmenter.reseed(self.seed, epoch, item_id)
+            plans.append([self._params(tile) for _ in range(n_views)])
+        shape = plans[0][0][1]
+        for (item_id, _), views in zip(items, plans, strict=True):
+            for _, view_shape in views:
+                if view_shape != shape:
+                    raise ValueError(
+                        f"tile {item_id} gives a {view_shape} sample but the batch holds {shape}; tiles in "
+                        "one batch must share a size: set AugmentConfig.crop_size or use batch_size=1"
+                    )
+        return plans
+
+
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Stack into a (shared-memory, in a worker) buffer of the common dtype."""
+    dtype = tensors[0].dtype
+    for tensor in tensors[1:]:
+        dtype = torch.promote_types(dtype, tensor.dtype)
+    out = _buffer((len(tensors), *tensors[0].shape), dtype, shared=True)
+    for i, tensor in enumerate(tensors):
+        out[i].copy_(tensor)
+    return out
+
+
+def _share_maps(maps: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """Per-sample nodata maps, each moved to shared memory; most tiles have none, so a batch-wide
+    buffer would mostly carry zeros."""
+    shared: list[torch.Tensor | None] = []
+    for invalid in maps:
+        if invalid is None:
+            shared.append(None)
+            continue
+        buffer = _buffer(tuple(invalid.shape), torch.bool, shared=True)
+        shared.append(buffer.copy_(invalid))
+    return shared
+
+
+def _check_common(stats: BandStats, ignore_index: int, cache_mode: str, cache_max_items: int) -> None:
+    if not isinstance(stats, BandStats):
+        raise ValueError(f"stats={stats!r}: pass a BandStats (band_stats_from_catalog or scale_stats)")
+    if ignore_index < 0:
+        raise ValueError(f"ignore_index={ignore_index}: must be >= 0")
+    if cache_mode not in CACHE_MODES:
+        raise ValueError(f"cache_mode={cache_mode!r}: choose one of {', '.join(CACHE_MODES)}")
+    if cache_max_items < 0:
+        raise ValueError(f"cache_max_items={cache_max_items}: must be >= 0 (0 = unbounded)")

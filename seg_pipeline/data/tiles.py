@@ -1,0 +1,126 @@
+"""Reading one shard row: ``.npy`` decoding with cached headers, rasterio for the rest, and the
+per-worker LRU cache of decoded tiles (``cache_mode="lru"`` of the shard datasets).
+
+Tiles stay raw here (source dtype, no normalisation); :mod:`seg_pipeline.data.samples` turns
+them into samples.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+from seg_pipeline.data.normalization import invalid_pixels
+from seg_pipeline.data.raster_io import read_array
+from seg_pipeline.data.shards import ShardError, ShardRow
+
+CACHE_MODES = ("none", "lru")
+
+#: One decoded tile: raw image ``(C, H, W)``, mask ``(H, W)`` or ``None``, nodata map or ``None``.
+RawTile = tuple[np.ndarray, np.ndarray | None, np.ndarray | None]
+
+
+#: Parsed ``.npy`` headers by their raw bytes: a shard's tiles share a handful of headers, and
+#: ``np.load`` re-parses each one with ``ast.literal_eval`` (about as slow as reading the pixels).
+_NPY_HEADERS: dict[bytes, tuple[tuple[int, ...], np.dtype, bool]] = {}
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def load_npy(path: Path | str) -> np.ndarray:
+    """Read an ``.npy`` file like ``np.load`` (writable array), caching parsed headers.
+
+    Raises:
+        ShardError: the file is not a complete ``.npy`` array.
+    """
+    with open(path, "rb", buffering=0) as fh:
+        prefix = fh.read(12)
+        if prefix[:6] != _NPY_MAGIC:
+            raise ShardError(f"{path}: not an .npy file (bad magic); rebuild the shard")
+        major = prefix[6]
+        if major == 1:
+            header_len, start = int.from_bytes(prefix[8:10], "little"), 10
+        else:
+            header_len, start = int.from_bytes(prefix[8:12], "little"), 12
+        header = prefix[start:] + fh.read(header_len - (len(prefix) - start))
+        parsed = _NPY_HEADERS.get(header)
+        if parsed is None:
+            fh.seek(0)
+            version = np.lib.format.read_magic(fh)
+            reader = (
+                np.lib.format.read_array_header_1_0
+                if version[0] == 1
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran, dtype = reader(fh)
+            parsed = (tuple(shape), dtype, bool(fortran))
+            if len(_NPY_HEADERS) < 1024:
+                _NPY_HEADERS[header] = parsed
+        shape, dtype, fortran = parsed
+        if fortran or dtype.hasobject:
+            return np.load(path, allow_pickle=False)
+        array = np.empty(shape, dtype=dtype)
+        view = memoryview(array.reshape(-1).view(np.uint8))
+        got = fh.readinto(view)
+        if got != array.nbytes:
+            raise ShardError(
+                f"{path}: truncated .npy ({got} of {array.nbytes} data bytes); rebuild the shard"
+            )
+        return array
+
+
+def read_raw_tile(row: ShardRow) -> RawTile:
+    """Decode one shard row: ``.npy`` with :func:`load_npy`, anything else with rasterio."""
+
+    def load(path: Path) -> np.ndarray:
+        return load_npy(path) if path.suffix == ".npy" else read_array(path)
+
+    image = load(row.input_path)
+    if image.ndim == 2:
+        image = image[np.newaxis]
+    mask = None
+    if row.target_path is not None:
+        mask = load(row.target_path)
+        mask = mask[0] if mask.ndim == 3 else mask
+    nodata = row.extra.get("nodata")
+    return image, mask, invalid_pixels(image, None if nodata is None else float(nodata))
+
+
+class TileCache:
+    """A least-recently-used cache of decoded tiles, private to one process (one worker).
+
+    Args:
+        max_items: Capacity; 0 means unbounded (every tile the worker sees stays in memory).
+    """
+
+    def __init__(self, max_items: int = 0) -> None:
+        if max_items < 0:
+            raise ValueError(f"cache_max_items={max_items}: must be >= 0 (0 = unbounded)")
+        self.max_items = max_items
+        self._items: OrderedDict[str, RawTile] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: str) -> RawTile | None:
+        """The cached tile (marked most recently used) or ``None``."""
+        tile = self._items.get(key)
+        if tile is None:
+            self.misses += 1
+            return None
+        self._items.move_to_end(key)
+        self.hits += 1
+        return tile
+
+    def put(self, key: str, tile: RawTile) -> None:
+        """Store ``tile``, evicting the least recently used one beyond capacity."""
+        self._items[key] = tile
+        self._items.move_to_end(key)
+        if self.max_items and len(self._items) > self.max_items:
+            self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        self._items.clear()
