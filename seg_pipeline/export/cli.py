@@ -1,0 +1,53 @@
+"""The command line: ``python -m seg_pipeline.export --checkpoint best.pt --out exports/v1``.
+
+Argument parsing only; the work is :func:`seg_pipeline.export.api.export_model`. Bad arguments and
+refused exports print ``export failed: ...`` to stderr and return 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from seg_pipeline.export.api import export_model
+from seg_pipeline.export.errors import ExportParityError
+from seg_pipeline.export.names import FORMATS
+
+
+def _description() -> str | None:
+    """The package docstring's first line: the summary ``--help`` shows."""
+    doc = sys.modules[__package__].__doc__
+    return doc.splitlines()[0] if doc else None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m seg_pipeline.export --checkpoint best.pt --out exports/v1``: prints a JSON summary."""
+    parser = argparse.ArgumentParser(prog="python -m seg_pipeline.export", description=_description())
+    parser.add_argument("--checkpoint", required=True, type=Path, help="stage checkpoint (best.pt)")
+    parser.add_argument("--out", required=True, type=Path, help="export folder to create or replace")
+    parser.add_argument(
+        "--formats", nargs="+", default=list(FORMATS), choices=FORMATS, help="formats to write"
+    )
+    parser.add_argument("--example-size", type=int, default=256, help="trace example side in pixels")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset")
+    parser.add_argument(
+        "--lineage", type=json.loads, default=None, help='JSON object, e.g. \'{"git_commit": "abc123"}\''
+    )
+    args = parser.parse_args(argv)
+    try:
+        result = export_model(
+            args.checkpoint,
+            args.out,
+            formats=args.formats,
+            example_size=args.example_size,
+            opset=args.opset,
+            lineage=args.lineage,
+        )
+    except (ValueError, ExportParityError) as error:
+        print(f"export failed: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(result.to_value(), indent=2))
+    return 0
