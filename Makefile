@@ -35,7 +35,7 @@ demo-data: install
 	$(PY) -m seg_pipeline.data.synthetic --out $(AUX_DIR) --seed 1 --class-scheme aux --prefix oem --rows 6 --cols 6
 
 run: install $(DAGSTER_HOME)/dagster.yaml demo-data
-	$(BIN)/dagster job execute -m seg_pipeline -j $(JOB) $(if $(wildcard $(RUN_CONFIG)),-c $(RUN_CONFIG))
+	$(BIN)/dagster job execute -m seg_pipeline.definitions -j $(JOB) $(if $(wildcard $(RUN_CONFIG)),-c $(RUN_CONFIG))
 	$(PY) -m seg_pipeline.cli --data-root data summary --dataset demo
 
 test: install

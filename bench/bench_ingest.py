@@ -17,10 +17,11 @@ import time
 from pathlib import Path
 
 from seg_pipeline.data.headers import build_headers, write_catalog
-from seg_pipeline.data.shards import ShardConfig, write_shards
+from seg_pipeline.data.shards import write_shards
 from seg_pipeline.data.spec import DatasetSpec
-from seg_pipeline.data.splits import SplitConfig, assign_splits
+from seg_pipeline.data.splits import assign_splits
 from seg_pipeline.data.synthetic import SyntheticSpec, write_synthetic_dataset
+from seg_pipeline.settings import ShardSettings, SplitSettings
 
 
 def main() -> None:
@@ -40,18 +41,18 @@ def main() -> None:
         n_files = sum(1 for _ in raw.rglob("*.tif"))
         n_tiles = args.rows * args.cols
         print(f"{n_tiles} tiles ({n_files} files incl. masks) of {args.tile_size}^2 {args.bands}")
-        dataset = DatasetSpec("bench", raw)
+        dataset = DatasetSpec(dataset_id="bench", root=raw)
         cold = build_headers(dataset)
         write_catalog(cold.catalog, work / "headers.parquet", cold.class_names)
         warm = build_headers(dataset, previous_catalog=work / "headers.parquet")
-        splits = assign_splits(cold.catalog, SplitConfig(policy="supervised"))
+        splits = assign_splits(cold.catalog, SplitSettings(policy="supervised"))
         rows = [
             ("headers, cold", cold.seconds, n_files),
             ("headers, incremental (unchanged)", warm.seconds, n_files),
         ]
         for fmt in ("tif", "npy"):
             start = time.perf_counter()
-            write_shards(cold.catalog, splits, work / f"shards_{fmt}", ShardConfig(tile_format=fmt))
+            write_shards(cold.catalog, splits, work / f"shards_{fmt}", ShardSettings(tile_format=fmt))
             rows.append((f"shards, {fmt}", time.perf_counter() - start, n_tiles))
         print(f"{'step':<36}{'seconds':>9}{'items/s':>11}")
         for name, seconds, items in rows:

@@ -27,14 +27,15 @@ import rasterio
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from seg_pipeline.data.augment import AugmentConfig, Augmenter
+from seg_pipeline.data.augment import Augmenter
 from seg_pipeline.data.datasets import ShardIterableDataset
 from seg_pipeline.data.headers import STATUS_OK, build_headers
-from seg_pipeline.data.loaders import LoaderConfig, build_train_loader
+from seg_pipeline.data.loaders import build_train_loader
 from seg_pipeline.data.normalization import BandStats, band_stats_from_catalog, invalid_pixels
-from seg_pipeline.data.shards import ShardConfig, write_shards
+from seg_pipeline.data.shards import write_shards
 from seg_pipeline.data.spec import DatasetSpec
 from seg_pipeline.data.synthetic import SyntheticSpec, write_synthetic_dataset
+from seg_pipeline.settings import AugmentSettings, LoaderSettings, ShardSettings
 
 
 class PerFileRasterioDataset(Dataset):
@@ -98,7 +99,9 @@ def prepare(
     ok = catalog[catalog["status"] == STATUS_OK]
     splits = pd.DataFrame({"item_id": ok["item_id"], "split": "train"})
     for fmt in ("npy", "tif"):
-        write_shards(catalog, splits, work / fmt, ShardConfig(tile_format=fmt, max_items_per_shard=per_shard))
+        write_shards(
+            catalog, splits, work / fmt, ShardSettings(tile_format=fmt, max_items_per_shard=per_shard)
+        )
     rows_list = [
         {
             "item_id": r["item_id"],
@@ -173,9 +176,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         n = data["n"]
         print(
             f"prepared {n} tiles in {time.perf_counter() - start:.1f}s; workers={args.workers}, "
-            f"batch={args.batch_size}, epochs={args.epochs}, augmentation=AugmentConfig.light()"
+            f"batch={args.batch_size}, epochs={args.epochs}, augmentation=AugmentSettings()"
         )
-        config = AugmentConfig.light()
+        config = AugmentSettings()
         stats = data["stats"]
 
         def ours(fmt: str, cache: str, batched: bool = False) -> tuple[DataLoader, Callable[[int], None]]:
@@ -186,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 augmenter=Augmenter(config, seed=0),
                 batch_size=args.batch_size if batched else None,
             )
-            loader_config = LoaderConfig(
+            loader_config = LoaderSettings(
                 num_workers=args.workers,
                 batch_size=args.batch_size,
                 persistent_workers=args.workers > 0,

@@ -1,6 +1,6 @@
 """Whole-pipeline wall time and the share spent outside asset/check compute (orchestration overhead).
 
-Runs ``dagster job execute -m seg_pipeline -j full_pipeline_job -c configs/demo.yaml`` as a user
+Runs ``dagster job execute -m seg_pipeline.definitions -j full_pipeline_job -c configs/demo.yaml`` as a user
 would (fresh temp DAGSTER_HOME and data root holding the demo raw tiles), then reads the run's
 step statistics from the Dagster instance: overhead = process wall time - sum of step durations
 (interpreter start, imports, run/event bookkeeping between steps).

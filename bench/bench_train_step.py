@@ -37,8 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seg_pipeline.training.loop import SupervisedObjective, TrainConfig, fit
+from seg_pipeline.settings import LoopSettings
+from seg_pipeline.training.objectives import SupervisedObjective
 from seg_pipeline.training.optim import build_optimizer, build_scheduler
+from seg_pipeline.training.trainer import fit
 
 CLASSES = 6
 IGNORE_INDEX = 255
@@ -113,7 +115,7 @@ def our_fit(
         optimizer, "cosine", epochs=1, steps_per_epoch=len(batches), warmup_epochs=0.2
     )
     objective = TimedObjective(SupervisedObjective(loss_fn))
-    config = TrainConfig(
+    config = LoopSettings(
         epochs=1,
         device="cpu",
         amp=amp,

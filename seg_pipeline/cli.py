@@ -1,6 +1,6 @@
 """Command line helpers that need no Dagster: ``seg-pipeline summary``, ``demo-data``.
 
-The pipeline itself runs through Dagster (``dagster job execute -m seg_pipeline -j ...``);
+The pipeline itself runs through Dagster (``dagster job execute -m seg_pipeline.definitions -j ...``);
 these commands cover what a user wants from a terminal around it.
 """
 
@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from seg_pipeline.progress import LOGGER_NAME
+from seg_pipeline.settings import PredictSettings, TTASettings, WindowSettings
+from seg_pipeline.workflows.layout import DATA_ROOT_ENV, default_data_root
 
 
 def summary(data_root: Path, dataset: str) -> str:
@@ -51,57 +53,38 @@ def summary(data_root: Path, dataset: str) -> str:
     return "\n".join(lines)
 
 
-def resolve_model_checkpoint(model: str, data_root: Path) -> Path:
-    """A stage checkpoint path, or the checkpoint behind ``models:/name@alias`` / ``models:/name/3``."""
-    if not model.startswith("models:/"):
-        return Path(model)
-    from seg_pipeline import tracking as trk
-
-    settings = trk.TrackingSettings.from_data_root(data_root)
-    name_and_ref = model.removeprefix("models:/")
-    if "@" in name_and_ref:
-        name, alias = name_and_ref.split("@", 1)
-        info = trk.get_alias_version(name, alias, settings=settings)
-        if info is None:
-            raise SystemExit(f"{model}: no such registered model or alias in {settings.tracking_uri}")
-        run_id = info.run_id
-    else:
-        name, version = name_and_ref.rsplit("/", 1)
-        run_id = settings.client().get_model_version(name, version).run_id
-    checkpoint = trk.run_tag(run_id, "seg_pipeline.best_checkpoint", settings=settings)
-    if not checkpoint or not Path(checkpoint).exists():
-        raise SystemExit(f"{model}: the checkpoint recorded by its run ({checkpoint}) is missing")
-    return Path(checkpoint)
+def predict_settings(args: argparse.Namespace) -> PredictSettings:
+    """The prediction settings of the command line (one schema: validated like a run config)."""
+    return PredictSettings.parse(
+        {
+            "tta": {"scales": args.scales, "flips": args.flips, "merge": args.merge},
+            "windows": {"window": args.window, "overlap": args.overlap, "batch_size": args.batch_size},
+            "device": args.device,
+            "bf16": args.bf16,
+            "write_probabilities": args.probabilities,
+        },
+        "predict",
+    )
 
 
 def predict_command(args: argparse.Namespace) -> None:
     """Predict a folder of rasters with one or more models (ensemble when several)."""
-    from seg_pipeline.inference.predict import (
-        list_rasters,
-        load_stage_model,
-        predict_files,
-        tta_from_settings,
-    )
+    from seg_pipeline.inference.ensemble import ENSEMBLE
+    from seg_pipeline.inference.predict import list_rasters, load_stage_model, predict_files
+    from seg_pipeline.tracking import TrackingSettings
+    from seg_pipeline.workflows.resolve import resolve_model_checkpoint
 
+    settings = predict_settings(args)
+    tracking = TrackingSettings.from_data_root(args.data_root)
     models = [
-        load_stage_model(resolve_model_checkpoint(m, args.data_root), f"model_{i}")
+        load_stage_model(resolve_model_checkpoint(m, tracking), f"model_{i}")
         for i, m in enumerate(args.model)
     ]
     inputs = [(path.stem, path) for path in list_rasters(args.input)]
-    result = predict_files(
-        models,
-        inputs,
-        args.output,
-        tta=tta_from_settings({"scales": args.scales, "flips": args.flips, "bf16": args.bf16}),
-        window=args.window,
-        overlap=args.overlap,
-        batch_size=args.batch_size,
-        device=args.device,
-        write_probabilities=args.probabilities,
-    )
+    run = predict_files(models, inputs, {ENSEMBLE: args.output}, settings)
     print(
         f"predicted {len(inputs)} rasters with {len(models)} model(s) x "
-        f"{result['views_per_input'] // len(models)} views in {result['seconds']:.1f}s -> {args.output}"
+        f"{run.views_per_input // len(models)} views in {run.seconds:.1f}s -> {args.output}"
     )
 
 
@@ -150,7 +133,12 @@ def configure_logging() -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``seg-pipeline`` / ``python -m seg_pipeline.cli``."""
     parser = argparse.ArgumentParser(prog="seg-pipeline", description=__doc__.splitlines()[0])
-    parser.add_argument("--data-root", type=Path, default=Path("data"))
+    parser.add_argument(
+        "--data-root",
+        type=Path,
+        default=default_data_root(),
+        help=f"data root (default: ${DATA_ROOT_ENV} or ./data); models:/ URIs resolve in its MLflow store",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p_summary = sub.add_parser("summary", help="print where the pipeline's outputs are")
     p_summary.add_argument("--dataset", default="demo")
@@ -164,13 +152,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     p_predict.add_argument("--input", type=Path, required=True)
     p_predict.add_argument("--output", type=Path, required=True)
-    p_predict.add_argument("--scales", type=float, nargs="+", default=[0.75, 1.0, 1.25])
-    p_predict.add_argument("--flips", nargs="+", default=["none", "h", "v"])
-    p_predict.add_argument("--window", type=int, default=512)
-    p_predict.add_argument("--overlap", type=int, default=64)
-    p_predict.add_argument("--batch-size", type=int, default=4)
-    p_predict.add_argument("--device", default="auto")
-    p_predict.add_argument("--bf16", action="store_true")
+    tta, windows, predict = TTASettings(), WindowSettings(), PredictSettings()
+    p_predict.add_argument("--scales", type=float, nargs="+", default=tta.scales)
+    p_predict.add_argument("--flips", nargs="+", default=tta.flips)
+    p_predict.add_argument("--merge", choices=["mean_prob", "mean_logit"], default=tta.merge)
+    p_predict.add_argument("--window", type=int, default=windows.window)
+    p_predict.add_argument("--overlap", type=int, default=windows.overlap)
+    p_predict.add_argument("--batch-size", type=int, default=windows.batch_size)
+    p_predict.add_argument("--device", default=predict.device)
+    p_predict.add_argument("--bf16", action="store_true", default=predict.bf16)
     p_predict.add_argument("--probabilities", action="store_true", help="also write probability GeoTIFFs")
 
     p_eval = sub.add_parser("evaluate", help="evaluate a prediction folder against a ground-truth folder")

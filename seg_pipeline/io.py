@@ -47,14 +47,16 @@ def _remove(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_write(final_path: Path | str) -> Iterator[Path]:
+def atomic_write(final_path: Path | str, keep_suffix: bool = True) -> Iterator[Path]:
     """Yield a temp path (not yet created) to write; rename onto ``final_path`` only on success.
 
-    Sidecars GDAL may write next to the temp file (``.aux.xml``, ``.msk``) are removed too.
+    ``keep_suffix=False`` for files whose writer does not need the extension (checkpoints), so a
+    glob such as ``*.pt`` never sees the temp. Sidecars GDAL may write next to the temp file
+    (``.aux.xml``, ``.msk``) are removed too.
     """
     final = Path(final_path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_name(final)
+    tmp = temp_name(final, keep_suffix=keep_suffix)
     try:
         yield tmp
         os.replace(tmp, final)

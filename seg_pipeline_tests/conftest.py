@@ -11,7 +11,11 @@ import pytest
 import rasterio
 from rasterio.transform import Affine
 
+from seg_pipeline.contracts import ShardSet
 from seg_pipeline.data.synthetic import SyntheticSpec, write_synthetic_dataset
+from seg_pipeline.settings import DatasetSettings, ShardSettings, SplitSettings
+from seg_pipeline.workflows import ingest
+from seg_pipeline.workflows.layout import DataLayout
 
 #: Grid of the synthetic scenes (``SyntheticSpec`` defaults), so hand-written tiles can line up.
 TEST_CRS = "EPSG:32633"
@@ -104,3 +108,41 @@ def demo_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _make_dataset(
         tmp_path_factory.mktemp("demo") / "demo", rows=3, cols=4, labeled_fraction=0.75, seed=7
     )
+
+
+def ingest_synthetic(
+    data_root: Path,
+    name: str,
+    spec: SyntheticSpec | None = None,
+    *,
+    seed: int = 0,
+    split: SplitSettings | None = None,
+    **dataset_fields: Any,
+) -> ShardSet:
+    """Write a synthetic dataset under ``data_root/raw/name`` and ingest it with the library's own
+    catalogue, split and shard steps: the :class:`ShardSet` a training stage receives."""
+    spec = spec or SyntheticSpec(grid_rows=3, grid_cols=4, tile_size=32)
+    write_synthetic_dataset(data_root / "raw" / name, spec, seed=seed)
+    layout = DataLayout.at(data_root)
+    catalog = ingest.catalogue(
+        DatasetSettings(dataset_id=name, **dataset_fields), layout, log_fn=lambda _: None
+    ).catalog
+    split = split or SplitSettings(
+        policy="supervised", train_fraction=0.6, val_fraction=0.4, test_fraction=0.0
+    )
+    table = ingest.split(split, catalog, log_fn=lambda _: None)
+    return ingest.shard(ShardSettings(), catalog, table, log_fn=lambda _: None).shards
+
+
+def tiny_stage(**changes: Any) -> dict[str, Any]:
+    """Stage settings (as a dict) small enough for a test: resnet18, 1 epoch of 2 steps, no EMA."""
+    settings: dict[str, Any] = {
+        "model": {"architecture": "unet", "encoder": "resnet18"},
+        "loop": {"epochs": 1, "max_steps_per_epoch": 2, "ema_decay": None, "log_every_n_steps": 0,
+                 "early_stopping_patience": None},
+        "scheduler": {"warmup_epochs": 0.0},
+        "loader": {"batch_size": 4},
+    }  # fmt: skip
+    for key, value in changes.items():
+        settings[key] = {**settings.get(key, {}), **value} if isinstance(value, dict) else value
+    return settings

@@ -284,7 +284,7 @@ def test_gpu_run_config_validates_against_the_k8s_code_location(
     resolved = dg.validate_run_config(job, merged)
     assert set(resolved["execution"]) == {"k8s"}
     assert set(resolved["execution"]["k8s"]["per_step_k8s_config"]) == GPU_STEPS
-    assert resolved["ops"]["pretrained_model"]["config"]["device"] == "cuda"
+    assert resolved["ops"]["pretrained_model"]["config"]["loop"]["device"] == "cuda"
 
 
 def test_dagster_loads_the_k8s_code_location_file() -> None:
@@ -431,6 +431,9 @@ def test_non_training_step_pod_gets_no_gpu(
 def test_torchrun_script_rejects_a_folder_that_was_not_ingested(tmp_path: Path) -> None:
     script = load_file_module(DEPLOY / "torchrun" / "train_stage.py")
     args = script.parse_args(["--dataset-dir", str(tmp_path), "--checkpoint-dir", str(tmp_path / "ckpt")])
-    assert (args.batch_size, args.epochs, args.device) == (8, 50, "auto")
-    with pytest.raises(ValueError, match=r"--dataset-dir=.*headers\.parquet"):
-        script.target_source(args.dataset_dir)
+    settings = script.stage_settings(REPO_ROOT / "configs" / "gpu.yaml")  # the same schema as the asset
+    assert (settings.loader.batch_size, settings.loop.epochs, settings.loop.device) == (8, 50, "cuda")
+    from seg_pipeline.workflows.ingest import load_shard_set
+
+    with pytest.raises(ValueError, match=r"has no headers\.parquet, splits\.parquet, manifest\.json"):
+        load_shard_set(args.dataset_dir)

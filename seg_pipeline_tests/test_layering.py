@@ -1,23 +1,30 @@
-"""The library never imports Dagster; the Dagster layer is the only place that does."""
+"""The layers import only downward, the library never imports Dagster, and the Definitions load plainly."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "seg_pipeline"
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "seg_pipeline"
+LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
+DAGSTER_LAYER = ("defs", "definitions.py")
 
 
-def test_library_modules_do_not_import_dagster() -> None:
-    modules = sorted(
+def _library_modules() -> list[str]:
+    return sorted(
         ".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts)
         for p in PACKAGE.rglob("*.py")
-        if "defs" not in p.relative_to(PACKAGE).parts and p.name != "__main__.py"
+        if p.relative_to(PACKAGE).parts[0] not in DAGSTER_LAYER and p.name != "__main__.py"
     )
+
+
+def test_library_modules_do_not_import_dagster_even_at_run_time() -> None:
     code = (
         "import importlib, sys\n"
-        f"for m in {modules!r}:\n"
+        f"for m in {_library_modules()!r}:\n"
         "    importlib.import_module(m)\n"
         "bad = [m for m in sys.modules if m == 'dagster' or m.startswith('dagster.')]\n"
         "print('DAGSTER_IMPORTED' if bad else 'CLEAN')\n"
@@ -26,7 +33,24 @@ def test_library_modules_do_not_import_dagster() -> None:
     assert done.stdout.strip().endswith("CLEAN"), done.stdout + done.stderr
 
 
-def test_package_exposes_definitions_when_loaded_by_dagster() -> None:
-    code = "import dagster, seg_pipeline; print(type(seg_pipeline.defs).__name__)"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert done.stdout.strip() == "Definitions"
+def test_import_contracts_hold_including_imports_inside_functions() -> None:
+    """``lint-imports`` (import-linter) reads every import statement, those inside functions too."""
+    assert LINT_IMPORTS.exists() or shutil.which("lint-imports"), "install the dev extras (import-linter)"
+    done = subprocess.run([str(LINT_IMPORTS)], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert "Contracts: 2 kept, 0 broken." in done.stdout
+
+
+def test_the_definitions_load_in_a_fresh_interpreter_without_import_tricks() -> None:
+    code = (
+        "import sys\n"
+        "import seg_pipeline\n"
+        "assert 'dagster' not in sys.modules and 'torch' not in sys.modules, 'the package import is light'\n"
+        "from seg_pipeline.defs.definitions import defs\n"
+        "defs.resolve_job_def('full_pipeline_job')\n"
+        "from seg_pipeline.definitions import defs as same\n"
+        "print(type(defs).__name__, same is defs)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "Definitions True"

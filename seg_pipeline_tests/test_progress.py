@@ -12,16 +12,18 @@ import pytest
 import torch
 from torch import nn
 
+from seg_pipeline.contracts import EnsembleMember, PredictionItem, PredictionSet
 from seg_pipeline.data.headers import build_headers
 from seg_pipeline.data.normalization import BandStats
-from seg_pipeline.data.shards import ShardConfig, write_shards
+from seg_pipeline.data.shards import write_shards
 from seg_pipeline.data.spec import DatasetSpec
-from seg_pipeline.data.splits import SplitConfig, assign_splits
-from seg_pipeline.evaluation.evaluate import build_report
+from seg_pipeline.data.splits import assign_splits
 from seg_pipeline.inference.predict import LoadedModel, predict_files
 from seg_pipeline.inference.tta import TTAConfig
 from seg_pipeline.progress import ItemProgress, format_duration
+from seg_pipeline.settings import EvaluationSettings, PredictSettings, ShardSettings, SplitSettings
 from seg_pipeline.training import progress as training_progress
+from seg_pipeline.workflows.report import build_report
 
 MakeDataset = Callable[..., Path]
 WriteRaster = Callable[..., Path]
@@ -205,17 +207,21 @@ def _assert_progress(lines: list[str], label: str, unit: str, total: int) -> Non
 def test_build_headers_and_write_shards_log_progress(tmp_path: Path, make_dataset: MakeDataset) -> None:
     root = make_dataset(tmp_path / "raw", rows=2, cols=3)
     header_lines: list[str] = []
-    result = build_headers(DatasetSpec("demo", root), workers=1, log_fn=header_lines.append)
+    result = build_headers(DatasetSpec(dataset_id="demo", root=root), workers=1, log_fn=header_lines.append)
     _assert_progress(header_lines, "headers demo", "tiles", 6)
     assert len(header_lines) == 6  # tiles 1-5 (each is 10% or more), then the closing line
 
     again: list[str] = []
-    build_headers(DatasetSpec("demo", root), previous_catalog=_catalog(tmp_path, result), log_fn=again.append)
+    build_headers(
+        DatasetSpec(dataset_id="demo", root=root),
+        previous_catalog=_catalog(tmp_path, result),
+        log_fn=again.append,
+    )
     assert len(again) == 1
     assert re.fullmatch(r"headers demo: 0/0 tiles in \d+s \(0\.0 tiles/s\) \| reused 6 unchanged", again[0])
 
-    splits = assign_splits(result.catalog, SplitConfig(policy="v0", seed=1))
-    config = ShardConfig(max_items_per_shard=2)
+    splits = assign_splits(result.catalog, SplitSettings(policy="v0", seed=1))
+    config = ShardSettings(max_items_per_shard=2)
     shard_lines: list[str] = []
     manifest = write_shards(result.catalog, splits, tmp_path / "demo", config, log_fn=shard_lines.append)
     n_shards = manifest["stats"]["shards_written"]
@@ -258,34 +264,38 @@ def test_predict_files_and_build_report_log_progress(tmp_path: Path, write_tif: 
     stats = BandStats((127.0, 127.0, 127.0), (50.0, 50.0, 50.0))
     models = [LoadedModel(f"m{i}", _pointwise_model(3), classes, stats, "test") for i in range(2)]
     inputs = [(item["item_id"], Path(item["input"])) for item in items]
-    one_view = TTAConfig(scales=(1.0,), flips=("none",))
+    settings = PredictSettings.parse(
+        {
+            "tta": {"scales": [1.0], "flips": ["none"]},
+            "windows": {"window": 32, "overlap": 8},
+            "color_png": False,
+        }
+    )
 
     predict_lines: list[str] = []
-    result = predict_files(
-        models, inputs, tmp_path / "ensemble", tta=one_view, window=32, overlap=8, color_png=False,
-        log_fn=predict_lines.append,
-    )  # fmt: skip
+    out_dirs = {"m0": tmp_path / "m0", "ensemble": tmp_path / "ensemble"}
+    result = predict_files(models, inputs, out_dirs, settings, log_fn=predict_lines.append)
     assert [line for line in predict_lines if " windows " in line] == []  # small rasters: no window lines
     _assert_progress(predict_lines, "predict ensemble of 2", "files", 3)
     assert predict_lines[0].endswith(" | t0")
     single_lines: list[str] = []
-    predict_files(
-        models[:1], inputs, tmp_path / "m0", tta=one_view, window=32, overlap=8, color_png=False,
-        log_fn=single_lines.append,
-    )  # fmt: skip
+    predict_files(models[:1], inputs, {"ensemble": tmp_path / "single"}, settings, log_fn=single_lines.append)
     _assert_progress(single_lines, "predict m0", "files", 3)
 
-    predictions = {
-        "split": "test",
-        "class_names": list(classes),
-        "ignore_index": 255,
-        "items": items,
-        "models": ["m0", "m1"],
-        "views_per_input": result["views_per_input"],
-        "prediction_dirs": {"m0": str(tmp_path / "m0"), "ensemble": result["out_dir"]},
-    }
+    predictions = PredictionSet(
+        split="test",
+        out_root=str(tmp_path),
+        sets={name: str(folder) for name, folder in out_dirs.items()},
+        items=[PredictionItem(**item) for item in items],
+        members=[EnsembleMember(name=m.name, checkpoint="none") for m in models],
+        candidate="m0",
+        class_names=list(classes),
+        ignore_index=255,
+        views_per_input=result.views_per_input,
+        settings=settings,
+    )
     report_lines: list[str] = []
-    build_report(predictions, tmp_path / "report", overlays=0, log_fn=report_lines.append)
+    build_report(EvaluationSettings(overlays=0), predictions, tmp_path / "report", log_fn=report_lines.append)
     _assert_progress(report_lines, "evaluate test", "files", 6)
     assert report_lines[-1].endswith(" | 2 prediction sets")
 

@@ -105,7 +105,7 @@ def _open_with_inference(path: Path) -> object:
 
 
 def _open_as_kd_teacher(path: Path) -> object:
-    from seg_pipeline.training.stages import load_trained_model
+    from seg_pipeline.models.loading import load_trained_model
 
     return load_trained_model(path)
 
@@ -117,11 +117,12 @@ def _open_with_export(path: Path) -> object:
 
 
 def _open_to_resume(path: Path) -> object:
-    from seg_pipeline.training.loop import TrainConfig, fit
+    from seg_pipeline.settings import LoopSettings
+    from seg_pipeline.training.trainer import fit
 
     model = torch.nn.Conv2d(3, 2, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    return fit(model, None, [], None, None, optimizer, None, TrainConfig(epochs=1), path.parent, resume=path)
+    return fit(model, None, [], None, None, optimizer, None, LoopSettings(epochs=1), path.parent, resume=path)
 
 
 @pytest.mark.parametrize(
@@ -150,7 +151,9 @@ def test_a_run_config_with_a_python_yaml_tag_is_refused_and_never_runs(tmp_path:
     )
     home = new_dagster_home(tmp_path / "home")
     env = {**os.environ, "DAGSTER_HOME": str(home), "SEG_PIPELINE_DATA_ROOT": str(tmp_path / "data")}
-    done = dagster_cli("job", "execute", "-m", "seg_pipeline", "-j", "ingest_job", "-c", str(evil), env=env)
+    done = dagster_cli(
+        "job", "execute", "-m", "seg_pipeline.definitions", "-j", "ingest_job", "-c", str(evil), env=env
+    )
     assert done.returncode != 0
     output = done.stdout + done.stderr
     assert re.search(r"could not determine a constructor for the tag .*python/object/apply", output), output[

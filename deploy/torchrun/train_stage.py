@@ -1,14 +1,16 @@
 """Stage-1 training of one ingested dataset under torchrun, outside Dagster (DESIGN F16).
 
-The Dagster training assets call ``run_stage`` in one process, so a step uses one GPU. For several
-GPUs, torchrun starts one copy of this script per GPU; ``run_stage`` joins the process group from
-torchrun's environment (NCCL on GPU, gloo on CPU), the shard stream splits the data across ranks,
-and only rank 0 writes checkpoints and talks to MLflow::
+The Dagster training assets start torchrun themselves (``nproc_per_node``). Outside Dagster, torchrun
+starts one copy of this script per GPU; the stage joins the process group from torchrun's
+environment (NCCL on GPU, gloo on CPU), the shard stream splits the data across ranks, and only
+rank 0 writes checkpoints and talks to MLflow::
 
     torchrun --standalone --nproc_per_node=4 deploy/torchrun/train_stage.py \\
-        --dataset-dir data/processed/demo --checkpoint-dir data/models/pretrain/ddp-1 --device cuda
+        --dataset-dir data/processed/demo --checkpoint-dir data/models/pretrain/ddp-1 \\
+        --config configs/gpu.yaml
 
-``--batch-size`` is per rank. The dataset must have been ingested already (``ingest_job``).
+``--config`` is a run config (its ``ops.pretrained_model.config``) or a bare settings mapping: the
+same schema as the Dagster asset. The dataset must have been ingested already (``ingest_job``).
 """
 
 from __future__ import annotations
@@ -17,28 +19,15 @@ import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # torch and SMP load only when training starts (``--help`` stays instant)
-    from seg_pipeline.training.stages import SourceSpec, StageConfig
-
-CATALOG_NAME = "headers.parquet"
+from typing import Any
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Command-line options (a deliberately small subset of the Dagster ``PretrainConfig``)."""
+    """Command-line options: where the data and checkpoints are, and the settings file."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset-dir", type=Path, required=True, help="data/processed/<dataset_id>")
     parser.add_argument("--checkpoint-dir", type=Path, required=True, help="best.pt/last.pt go here")
-    parser.add_argument("--architecture", default="unet")
-    parser.add_argument("--encoder", default="resnet34")
-    parser.add_argument("--epochs", type=int, default=50)
-    parser.add_argument("--batch-size", type=int, default=8, help="per rank")
-    parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--warmup-epochs", type=float, default=1.0, help="must be < --epochs")
-    parser.add_argument("--num-workers", type=int, default=4, help="DataLoader workers per rank")
-    parser.add_argument("--max-steps-per-epoch", type=int, default=None)
-    parser.add_argument("--device", default="auto", help="auto, cuda or cpu")
+    parser.add_argument("--config", type=Path, default=None, help="YAML: a run config or PretrainSettings")
     parser.add_argument(
         "--mlflow-data-root",
         type=Path,
@@ -49,85 +38,54 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def target_source(dataset_dir: Path) -> SourceSpec:
-    """The ingested dataset as a training source; class names come from its header catalog."""
-    catalog_path = dataset_dir / CATALOG_NAME
-    if not catalog_path.is_file():
-        raise ValueError(
-            f"--dataset-dir={str(dataset_dir)!r} has no {CATALOG_NAME}: point it at data/processed/<id> "
-            "after running ingest_job"
-        )
-    from seg_pipeline.data.headers import read_catalog_class_names
-    from seg_pipeline.training.stages import SourceSpec
+def stage_settings(config: Path | None) -> Any:
+    """The PretrainSettings of ``config`` (a run config's pretrained_model section, or bare settings)."""
+    import yaml
 
-    return SourceSpec(
-        name=dataset_dir.name,
-        dataset_dir=dataset_dir,
-        catalog_path=catalog_path,
-        class_names=read_catalog_class_names(catalog_path),
-    )
+    from seg_pipeline.settings import PretrainSettings
 
-
-def in_channels(catalog_path: Path) -> int:
-    """Band count of the usable tiles (as the Dagster asset computes it)."""
-    from seg_pipeline.data.headers import read_catalog
-
-    catalog = read_catalog(catalog_path)
-    return int(catalog.loc[catalog["status"] == "ok", "bands"].mode().iloc[0])
-
-
-def stage_config(args: argparse.Namespace, source: SourceSpec) -> StageConfig:
-    """StageConfig from the options; everything not exposed keeps the library defaults."""
-    from seg_pipeline.data.loaders import LoaderConfig
-    from seg_pipeline.training.loop import TrainConfig
-    from seg_pipeline.models import ModelSpec
-    from seg_pipeline.training.stages import StageConfig
-
-    return StageConfig(
-        model=ModelSpec(
-            architecture=args.architecture,
-            encoder=args.encoder,
-            in_channels=in_channels(source.catalog_path),
-            num_classes=len(source.class_names),
-        ),
-        lr=args.lr,
-        warmup_epochs=args.warmup_epochs,
-        train=TrainConfig(
-            epochs=args.epochs, device=args.device, max_steps_per_epoch=args.max_steps_per_epoch
-        ),
-        loader=LoaderConfig(batch_size=args.batch_size, num_workers=args.num_workers),
-    )
+    data = yaml.safe_load(config.read_text()) if config is not None else {}
+    section = (data.get("ops") or {}).get("pretrained_model", {}).get("config", {}) if "ops" in data else data
+    section = {k: v for k, v in section.items() if k not in ("nproc_per_node", "register_as")}
+    return PretrainSettings.parse(section, str(config or "defaults"))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Train, print the stage result as JSON on rank 0, leave the process group cleanly."""
     from seg_pipeline.training import distributed
-    from seg_pipeline.training.stages import run_stage
+    from seg_pipeline.workflows.ingest import load_shard_set
+    from seg_pipeline.workflows.stage import StageJob, run_stage
+    from seg_pipeline.workflows.train import _spec, pretraining_sources
 
     args = parse_args(argv)
-    source = target_source(args.dataset_dir)
+    target = load_shard_set(args.dataset_dir)
+    settings = stage_settings(args.config)
     tracking = None
     if args.mlflow_data_root is not None:
         from seg_pipeline.tracking import TrackingSettings
 
         tracking = TrackingSettings.from_data_root(args.mlflow_data_root)
+    from seg_pipeline.contracts import AuxiliarySet
+
+    job = StageJob(
+        stage="pretrain",
+        settings=settings,
+        target=target,
+        sources=pretraining_sources(settings, target, AuxiliarySet(data_version="none")),
+        checkpoint_dir=str(args.checkpoint_dir),
+        spec=_spec(settings.model, target),
+        tracking=tracking,
+        register_as=args.register_as if tracking is not None else None,
+    )
     try:
-        result = run_stage(
-            "pretrain",
-            stage_config(args, source),
-            [source],
-            source,
-            args.checkpoint_dir,
-            tracking=tracking,
-            register_as=args.register_as if tracking is not None else None,
-        )
+        model = run_stage(job)
         if distributed.is_main_process():
             summary = {
                 "world_size": distributed.world_size(),
-                "best_score": result.best_score,
-                "epochs_run": result.epochs_run,
-                "best_checkpoint": str(result.best_checkpoint),
-                "run_id": result.run_id,
+                "best_score": model.best_score,
+                "epochs_run": model.epochs_run,
+                "best_checkpoint": model.checkpoint,
+                "run_id": model.tracking.run_id if model.tracking else None,
             }
             print(json.dumps(summary))
     finally:

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from seg_pipeline.data.normalization import BandStats
+from seg_pipeline.settings.training import AugmentSettings
 
 #: Luma weights of torchvision's ``rgb_to_grayscale`` (ITU-R 601, red as 0.2989), for saturation.
 LUMA_WEIGHTS = (0.2989, 0.587, 0.114)
@@ -56,75 +57,6 @@ def derive_seed(*keys: Any) -> int:
     """A 63-bit seed that depends only on ``keys`` (stable across processes and Python runs)."""
     digest = hashlib.blake2b(repr(keys).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") >> 1
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """What to randomise. All ranges are symmetric around "no change"; 0 disables an op.
-
-    Attributes:
-        enabled: False makes the augmenter the identity (normalisation only).
-        hflip_p: Probability of a horizontal flip.
-        vflip_p: Probability of a vertical flip.
-        rot90: Rotate by ``k * 90`` degrees, ``k`` uniform in 0..3.
-        scale_range: ``(low, high)`` zoom factors for random scale+crop, or ``None``.
-        crop_size: Output side of the random (scale+)crop; ``None`` keeps the input size.
-        brightness: Factor ``f`` drawn from ``[1 - brightness, 1 + brightness]``.
-        contrast: Factor ``c`` drawn from ``[1 - contrast, 1 + contrast]``.
-        saturation: Factor ``s`` drawn from ``[1 - saturation, 1 + saturation]`` (RGB only).
-        noise_std: Noise sigma drawn from ``[0, noise_std]`` in normalised (std) units.
-        photometric_p: Probability of applying each of brightness, contrast and saturation.
-        noise_p: Probability of adding noise to a sample.
-        noise_bank_size: Standard-normal values kept per process for noise; 0 draws fresh noise.
-    """
-
-    enabled: bool = True
-    hflip_p: float = 0.5
-    vflip_p: float = 0.5
-    rot90: bool = True
-    scale_range: tuple[float, float] | None = None
-    crop_size: int | None = None
-    brightness: float = 0.0
-    contrast: float = 0.0
-    saturation: float = 0.0
-    noise_std: float = 0.0
-    photometric_p: float = 1.0
-    noise_p: float = 0.5
-    noise_bank_size: int = 1 << 22
-
-    def __post_init__(self) -> None:
-        for name in ("hflip_p", "vflip_p", "photometric_p", "noise_p"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"AugmentConfig.{name}={value}: a probability must be within [0, 1]")
-        for name in ("brightness", "contrast", "saturation"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"AugmentConfig.{name}={value}: must be within [0, 1) (factor 1 +/- {name})")
-        if self.noise_std < 0:
-            raise ValueError(f"AugmentConfig.noise_std={self.noise_std}: must be >= 0")
-        if self.noise_bank_size < 0:
-            raise ValueError(
-                f"AugmentConfig.noise_bank_size={self.noise_bank_size}: must be >= 0 (0 = fresh)"
-            )
-        if self.scale_range is not None:
-            low, high = self.scale_range
-            if not 0 < low <= high:
-                raise ValueError(f"AugmentConfig.scale_range={self.scale_range}: need 0 < low <= high")
-        if self.crop_size is not None and self.crop_size < 1:
-            raise ValueError(f"AugmentConfig.crop_size={self.crop_size}: must be >= 1 (or None)")
-
-    @classmethod
-    def light(cls, **overrides: Any) -> AugmentConfig:
-        """D4 flips/rotations plus light colour jitter and noise (a sensible training default)."""
-        values: dict[str, Any] = dict(brightness=0.1, contrast=0.1, saturation=0.1, noise_std=0.05)
-        values.update(overrides)
-        return cls(**values)
-
-    @classmethod
-    def disabled(cls) -> AugmentConfig:
-        """The identity: tiles are only normalised."""
-        return cls(enabled=False)
 
 
 @dataclass(frozen=True)
@@ -165,8 +97,8 @@ class Augmenter:
             seeds give different streams for the same sample keys.
     """
 
-    def __init__(self, config: AugmentConfig | None = None, seed: int = 0) -> None:
-        self.config = config if config is not None else AugmentConfig()
+    def __init__(self, config: AugmentSettings | None = None, seed: int = 0) -> None:
+        self.config = config if config is not None else AugmentSettings()
         self.seed = int(seed)
         self.generator = torch.Generator().manual_seed(derive_seed("augmenter", self.seed))
         self._bank: torch.Tensor | None = None
@@ -502,7 +434,7 @@ def photometric_batch(
     if tuple(out.shape) != tuple(raw.shape):
         raise ValueError(
             f"augmented images have shape {tuple(raw.shape)} but the output is {tuple(out.shape)}; "
-            "tiles in one batch must share a size (set AugmentConfig.crop_size)"
+            "tiles in one batch must share a size (set augment.crop_size)"
         )
     batch, bands = out.shape[:2]
     affines = [photometric_affine(p, stats) for p in params]

@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from seg_pipeline.data.raster_io import RasterInfo, RasterReadError, info_from_dataset, open_raster
-from seg_pipeline.io import atomic_write, file_sha256
 from seg_pipeline.data.spec import DatasetSpec, TileRecord, discover
+from seg_pipeline.io import atomic_write, file_sha256
 from seg_pipeline.progress import ItemProgress
 
 STATUS_OK = "ok"
@@ -315,14 +315,29 @@ def read_catalog(path: Path | str) -> pd.DataFrame:
     return _to_frame(pq.read_table(path))
 
 
-def write_catalog(catalog: pd.DataFrame, path: Path | str, class_names: Iterable[str]) -> Path:
-    """Write the catalog as parquet atomically, with class names in the file metadata."""
+def write_catalog(
+    catalog: pd.DataFrame,
+    path: Path | str,
+    class_names: Iterable[str],
+    settings: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write the catalog as parquet atomically, with class names (and the dataset settings that
+    made it, so the catalog describes itself) in the file metadata."""
     path = Path(path)
     table = pa.Table.from_pandas(catalog[list(COLUMNS)], schema=CATALOG_SCHEMA, preserve_index=False)
-    table = table.replace_schema_metadata({"class_names": json.dumps(list(class_names))})
+    metadata = {"class_names": json.dumps(list(class_names))}
+    if settings is not None:
+        metadata["dataset_settings"] = json.dumps(dict(settings), sort_keys=True)
+    table = table.replace_schema_metadata(metadata)
     with atomic_write(path) as tmp:
         pq.write_table(table, tmp)
     return path
+
+
+def read_catalog_settings(path: Path | str) -> dict[str, Any]:
+    """The dataset settings stored in a catalog's parquet metadata (empty for older catalogs)."""
+    meta = pq.read_schema(path).metadata or {}
+    return dict(json.loads(meta.get(b"dataset_settings", b"{}")))
 
 
 def read_catalog_class_names(path: Path | str) -> tuple[str, ...]:

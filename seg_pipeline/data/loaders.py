@@ -1,6 +1,6 @@
 """DataLoader construction with seed 000's loader knobs (DESIGN F7).
 
-One :class:`LoaderConfig` carries every knob; :func:`build_train_loader` and
+One :class:`~seg_pipeline.settings.LoaderSettings` carries every knob; :func:`build_train_loader` and
 :func:`build_eval_loader` turn a dataset into a ``torch.utils.data.DataLoader`` with
 reproducible worker seeding. ``prefetch_factor`` and ``persistent_workers`` are only passed
 when ``num_workers > 0`` (torch rejects them otherwise). The cache knobs are applied to shard
@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import random
 import warnings
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -20,52 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from seg_pipeline.data.augment import derive_seed
-from seg_pipeline.data.datasets import CACHE_MODES
-
-
-@dataclass(frozen=True)
-class LoaderConfig:
-    """Loader knobs (seed 000 ``data.*``).
-
-    Attributes:
-        num_workers: Worker processes; 0 loads in the main process.
-        prefetch_factor: Batches prefetched per worker (raise when I/O-bound).
-        persistent_workers: Keep workers (and their caches) alive across epochs.
-        pin_memory: Page-locked host batches for faster GPU copies.
-        cache_mode: ``none`` or ``lru`` (per-worker cache of decoded tiles).
-        cache_max_items: LRU capacity per worker; 0 = unbounded.
-        batch_size: Samples per batch.
-    """
-
-    num_workers: int = 0
-    prefetch_factor: int = 2
-    persistent_workers: bool = False
-    pin_memory: bool = False
-    cache_mode: str = "none"
-    cache_max_items: int = 0
-    batch_size: int = 8
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise ``ValueError`` naming the field when a value is impossible."""
-        if not isinstance(self.num_workers, int) or self.num_workers < 0:
-            raise ValueError(f"num_workers={self.num_workers!r}: must be an integer >= 0 (0 = main process)")
-        if not isinstance(self.prefetch_factor, int) or self.prefetch_factor < 1:
-            raise ValueError(f"prefetch_factor={self.prefetch_factor!r}: must be an integer >= 1")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch_size={self.batch_size!r}: must be an integer >= 1")
-        if self.cache_mode not in CACHE_MODES:
-            raise ValueError(f"cache_mode={self.cache_mode!r}: choose one of {', '.join(CACHE_MODES)}")
-        if not isinstance(self.cache_max_items, int) or self.cache_max_items < 0:
-            raise ValueError(
-                f"cache_max_items={self.cache_max_items!r}: must be an integer >= 0 (0 = unbounded)"
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict (for logging as run parameters)."""
-        return asdict(self)
+from seg_pipeline.settings.training import LoaderSettings
 
 
 def seed_worker(worker_id: int, base_seed: int = 0, rank: int = 0) -> None:
@@ -86,7 +40,7 @@ def _rank() -> int:
     return 0
 
 
-def _apply_cache(dataset: Dataset, config: LoaderConfig) -> None:
+def _apply_cache(dataset: Dataset, config: LoaderSettings) -> None:
     configure = getattr(dataset, "configure_cache", None)
     if configure is not None:
         configure(config.cache_mode, config.cache_max_items)
@@ -103,7 +57,7 @@ def _apply_cache(dataset: Dataset, config: LoaderConfig) -> None:
         )
 
 
-def _common_kwargs(config: LoaderConfig, seed: int) -> dict[str, Any]:
+def _common_kwargs(config: LoaderSettings, seed: int) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "num_workers": config.num_workers,
         "pin_memory": config.pin_memory,
@@ -134,7 +88,7 @@ class FinishingDataLoader(DataLoader):
 
 def build_train_loader(
     dataset: Dataset,
-    config: LoaderConfig = LoaderConfig(),
+    config: LoaderSettings | None = None,
     *,
     seed: int = 0,
     sampler: Sampler | None = None,
@@ -150,7 +104,7 @@ def build_train_loader(
     its own ``batch_size`` (``ShardIterableDataset(batch_size=...)``) yields raw batches: the
     result is a :class:`FinishingDataLoader` that finishes them in the main process.
     """
-    config.validate()
+    config = config or LoaderSettings()
     _apply_cache(dataset, config)
     kwargs = _common_kwargs(config, seed)
     if collate_fn is not None:
@@ -168,7 +122,7 @@ def build_train_loader(
         if dataset_batch is not None:  # the dataset assembles batches itself
             if dataset_batch != config.batch_size:
                 raise ValueError(
-                    f"dataset batch_size={dataset_batch} but LoaderConfig.batch_size={config.batch_size}; "
+                    f"dataset batch_size={dataset_batch} but loader.batch_size={config.batch_size}; "
                     "build the dataset with the loader's batch size"
                 )
             dataset.drop_last = drop_last  # type: ignore[attr-defined]
@@ -189,13 +143,13 @@ def build_train_loader(
 
 def build_eval_loader(
     dataset: Dataset,
-    config: LoaderConfig = LoaderConfig(),
+    config: LoaderSettings | None = None,
     *,
     seed: int = 0,
     collate_fn: Any = None,
 ) -> DataLoader:
     """An evaluation DataLoader: dataset order, nothing dropped (use a map-style dataset)."""
-    config.validate()
+    config = config or LoaderSettings()
     _apply_cache(dataset, config)
     kwargs = _common_kwargs(config, seed)
     if collate_fn is not None:

@@ -7,9 +7,7 @@ with an identity transform are accepted and flagged as not georeferenced.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path

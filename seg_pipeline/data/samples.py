@@ -170,7 +170,7 @@ class _SampleMaker:
                 if view_shape != shape:
                     raise ValueError(
                         f"tile {item_id} gives a {view_shape} sample but the batch holds {shape}; tiles in "
-                        "one batch must share a size: set AugmentConfig.crop_size or use batch_size=1"
+                        "one batch must share a size: set augment.crop_size or use batch_size=1"
                     )
         return plans
 

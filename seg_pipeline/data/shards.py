@@ -28,42 +28,16 @@ from seg_pipeline.data.headers import STATUS_OK
 from seg_pipeline.data.raster_io import open_raster, write_geotiff
 from seg_pipeline.io import atomic_dir, atomic_write, sweep_stale_temps
 from seg_pipeline.progress import ItemProgress
+from seg_pipeline.settings.data import ShardSettings
 
 INDEX_NAME = "index.jsonl"
 MANIFEST_NAME = "manifest.json"
 SHARD_PREFIX = "shard-"
 REQUIRED_INDEX_KEYS = ("item_id", "input", "target", "split")
-TILE_FORMATS = ("tif", "npy")
 
 
 class ShardError(ValueError):
     """A shard is malformed or unsafe; the message names the shard and the row."""
-
-
-@dataclass(frozen=True)
-class ShardConfig:
-    """How to cut splits into shards.
-
-    Attributes:
-        max_items_per_shard: Upper bound on tiles per shard.
-        max_shard_bytes: Upper bound on source bytes per shard (a single larger tile still
-            gets a shard of its own).
-        tile_format: ``tif`` keeps GeoTIFFs (georeferenced, readable by any GIS); ``npy``
-            stores raw arrays, several times faster to load for training.
-    """
-
-    max_items_per_shard: int = 256
-    max_shard_bytes: int = 512 * 1024 * 1024
-    tile_format: str = "tif"
-
-    def validate(self) -> None:
-        """Raise ``ValueError`` naming the field when a value is impossible."""
-        if self.max_items_per_shard < 1:
-            raise ValueError(f"max_items_per_shard={self.max_items_per_shard}: must be >= 1")
-        if self.max_shard_bytes < 1:
-            raise ValueError(f"max_shard_bytes={self.max_shard_bytes}: must be >= 1")
-        if self.tile_format not in TILE_FORMATS:
-            raise ValueError(f"tile_format={self.tile_format!r}: choose one of {', '.join(TILE_FORMATS)}")
 
 
 @dataclass(frozen=True)
@@ -77,7 +51,7 @@ class ShardRow:
     extra: dict[str, Any]
 
 
-def _chunks(rows: list[dict[str, Any]], config: ShardConfig) -> Iterator[list[dict[str, Any]]]:
+def _chunks(rows: list[dict[str, Any]], config: ShardSettings) -> Iterator[list[dict[str, Any]]]:
     chunk: list[dict[str, Any]] = []
     size = 0
     for row in rows:
@@ -169,7 +143,7 @@ def write_shards(
     catalog: pd.DataFrame,
     splits: pd.DataFrame,
     dataset_dir: Path | str,
-    config: ShardConfig = ShardConfig(),
+    config: ShardSettings | None = None,
     *,
     log_fn: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
@@ -180,7 +154,7 @@ def write_shards(
     tiles (copied or kept) goes to ``log_fn`` (default: the ``seg_pipeline`` logger), since
     copying a large dataset takes a while.
     """
-    config.validate()
+    config = config or ShardSettings()
     dataset_dir = Path(dataset_dir)
     ok = catalog[catalog["status"] == STATUS_OK].set_index("item_id", drop=False)
     manifest: dict[str, Any] = {"format": 1, "tile_format": config.tile_format, "splits": {}}

@@ -14,12 +14,12 @@ Images and masks pair by file stem. Class names come from ``classes.txt`` in the
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from seg_pipeline.data.raster_io import RASTER_EXTENSIONS
+from seg_pipeline.settings.data import DatasetSettings
 
 IMAGE_DIR_NAMES = frozenset({"images", "image", "imgs", "img", "images_png", "inputs", "rgb"})
 MASK_DIR_NAMES = frozenset(
@@ -42,42 +42,24 @@ class DatasetSpecError(ValueError):
     """The dataset folder or spec cannot be used; the message says which field or path."""
 
 
-@dataclass(frozen=True)
-class DatasetSpec:
-    """Where one dataset lives and what its labels mean.
+class DatasetSpec(DatasetSettings):
+    """A dataset's settings with its raw folder resolved: where the tiles are and what labels mean.
 
-    Attributes:
-        dataset_id: Name used for output folders (``<processed>/<dataset_id>/``).
-        root: Folder holding the images and masks.
-        images_glob: Optional glob (relative to ``root``) for images; overrides detection.
-        masks_glob: Optional glob for masks; pairs with images by stem.
-        class_names: Class names by id; empty means read ``classes.txt``.
-        ignore_index: Mask value meaning "not labelled" (excluded from loss and metrics).
-        expected_bands: Band count every image must have (``None``: take the first tile's).
+    Every field but ``root`` is a :class:`~seg_pipeline.settings.DatasetSettings` field (written once
+    there); ``root`` is the folder holding the images and masks.
     """
 
-    dataset_id: str
     root: Path
-    images_glob: str | None = None
-    masks_glob: str | None = None
-    class_names: tuple[str, ...] = ()
-    ignore_index: int = 255
-    expected_bands: int | None = None
 
-    def validate(self) -> None:
-        """Raise :class:`DatasetSpecError` naming the field when a value is unusable."""
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.dataset_id):
-            raise DatasetSpecError(
-                f"dataset_id={self.dataset_id!r}: use letters, digits, '_', '-' or '.' (it names a folder)"
-            )
+    @classmethod
+    def from_settings(cls, settings: DatasetSettings, root: Path | str) -> DatasetSpec:
+        """The spec of ``settings`` with its tiles in ``root``."""
+        return cls(**settings.model_dump(), root=Path(root))
+
+    def validate_root(self) -> None:
+        """Raise :class:`DatasetSpecError` when the raw folder is missing."""
         if not Path(self.root).is_dir():
             raise DatasetSpecError(f"root={self.root}: folder does not exist; point it at your tiles")
-        if self.expected_bands is not None and self.expected_bands < 1:
-            raise DatasetSpecError(f"expected_bands={self.expected_bands}: must be >= 1")
-        if not 0 <= self.ignore_index <= 65535:
-            raise DatasetSpecError(f"ignore_index={self.ignore_index}: must be within [0, 65535]")
-        if bool(self.masks_glob) and not self.images_glob:
-            raise DatasetSpecError("masks_glob is set but images_glob is not: set both or neither")
 
 
 @dataclass(frozen=True)
@@ -149,7 +131,7 @@ def discover(spec: DatasetSpec) -> Discovery:
     Raises:
         DatasetSpecError: the folder holds no raster at all, or the spec is invalid.
     """
-    spec.validate()
+    spec.validate_root()
     root = Path(spec.root)
     images: dict[str, list[tuple[Path, str | None]]] = defaultdict(list)
     masks: dict[str, list[tuple[Path, str | None]]] = defaultdict(list)
@@ -203,7 +185,7 @@ def discover(spec: DatasetSpec) -> Discovery:
             problem = f"image split folder {image_split!r} differs from mask split folder {mask_split!r}"
         records.append(TileRecord(item_id, image, mask, image_split or mask_split, problem))
 
-    class_names = spec.class_names
+    class_names = tuple(spec.class_names)
     if not class_names and (root / "classes.txt").exists():
         class_names = read_class_names(root / "classes.txt")
     return Discovery(records=records, class_names=tuple(class_names), layout=layout)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -27,8 +26,8 @@ import pyarrow.parquet as pq
 
 from seg_pipeline.data.headers import STATUS_OK
 from seg_pipeline.io import atomic_write
+from seg_pipeline.settings.data import SplitSettings
 
-POLICIES = ("v0", "supervised", "fixed")
 SPLIT_SCHEMA = pa.schema(
     [
         ("item_id", pa.string()),
@@ -42,43 +41,6 @@ SPLIT_SCHEMA = pa.schema(
 
 class SplitError(ValueError):
     """The split cannot be made as configured; the message names the field or the tiles."""
-
-
-@dataclass(frozen=True)
-class SplitConfig:
-    """How to split. Defaults follow seed 000's v0 policy.
-
-    Attributes:
-        policy: ``v0``, ``supervised`` or ``fixed``.
-        seed: Salt of the hash; change it to draw a different (but again stable) split.
-        metrics_fraction: v0 share of labeled tiles sent to ``metrics_train``.
-        train_fraction, val_fraction, test_fraction: supervised fractions (must sum to 1).
-        group_block_size: Spatial grouping block in CRS units (e.g. metres); tiles whose
-            centres fall in the same block share a split. ``None`` disables grouping.
-    """
-
-    policy: str = "v0"
-    seed: int = 0
-    metrics_fraction: float = 0.25
-    train_fraction: float = 0.7
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
-    group_block_size: float | None = None
-
-    def validate(self) -> None:
-        """Raise :class:`SplitError` naming the field when a value is impossible."""
-        if self.policy not in POLICIES:
-            raise SplitError(f"policy={self.policy!r}: choose one of {', '.join(POLICIES)}")
-        if not 0.0 <= self.metrics_fraction <= 1.0:
-            raise SplitError(f"metrics_fraction={self.metrics_fraction}: must be within [0, 1]")
-        fractions = (self.train_fraction, self.val_fraction, self.test_fraction)
-        if any(f < 0 for f in fractions) or not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
-            raise SplitError(
-                f"train/val/test fractions {fractions} must be >= 0 and sum to 1 "
-                f"(they sum to {sum(fractions):.3f})"
-            )
-        if self.group_block_size is not None and self.group_block_size <= 0:
-            raise SplitError(f"group_block_size={self.group_block_size}: must be > 0 (or null to disable)")
 
 
 def unit_hash(key: str, seed: int) -> float:
@@ -96,7 +58,7 @@ def spatial_group(row: pd.Series | dict, block_size: float | None) -> str:
     return f"{row['crs']}:{math.floor(cx / block_size)}:{math.floor(cy / block_size)}"
 
 
-def _split_for(u: float, labeled: bool, fixed: str | None, config: SplitConfig) -> str:
+def _split_for(u: float, labeled: bool, fixed: str | None, config: SplitSettings) -> str:
     if config.policy == "fixed":
         return fixed or ""
     if config.policy == "v0":
@@ -110,14 +72,13 @@ def _split_for(u: float, labeled: bool, fixed: str | None, config: SplitConfig) 
     return "val" if u < config.train_fraction + config.val_fraction else "test"
 
 
-def assign_splits(catalog: pd.DataFrame, config: SplitConfig) -> pd.DataFrame:
+def assign_splits(catalog: pd.DataFrame, config: SplitSettings) -> pd.DataFrame:
     """One row per OK tile: item id, split, spatial group, has_label and the hash draw.
 
     Raises:
         SplitError: no usable tiles; no labeled tile for a policy that needs them; a tile
             without a split folder under the ``fixed`` policy.
     """
-    config.validate()
     ok = catalog[catalog["status"] == STATUS_OK]
     if ok.empty:
         raise SplitError(

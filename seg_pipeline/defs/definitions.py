@@ -1,40 +1,27 @@
-"""The Definitions object: assembly only, no logic."""
+"""The one ``Definitions`` object: the pipeline's definitions plus resources and executor; no logic.
 
-from __future__ import annotations
+Every asset, check, job, schedule and sensor under :mod:`seg_pipeline.defs.pipeline` is found by
+Dagster's own ``load_from_defs_folder`` (the project is described in ``[tool.dg]`` of pyproject.toml),
+so nothing is listed by hand. ``workspace.yaml``, ``dagster job execute
+-m seg_pipeline.definitions`` and ``dg`` (``[tool.dg]`` in pyproject.toml) all load this object.
+"""
+
+from pathlib import Path
 
 import dagster as dg
 
-from seg_pipeline.defs.assets.evaluate import (
-    EVALUATION_CHECKS,
-    champion_model,
-    ensemble_predictions,
-    evaluation_report,
-)
-from seg_pipeline.defs.assets.ingest import auxiliary_sources, dataset_splits, tile_headers, tile_shards
-from seg_pipeline.defs.assets.train import kd_student_model, pretrained_model
-from seg_pipeline.defs.checks import INGEST_CHECKS
-from seg_pipeline.defs.jobs import JOBS
+from seg_pipeline.defs.io_manager import ContractIOManager
 from seg_pipeline.defs.resources import MlflowResource, StorageResource
-from seg_pipeline.defs.schedules import SCHEDULES
-from seg_pipeline.defs.sensors import SENSORS
 
-defs = dg.Definitions(
-    assets=[
-        tile_headers,
-        dataset_splits,
-        tile_shards,
-        auxiliary_sources,
-        pretrained_model,
-        kd_student_model,
-        ensemble_predictions,
-        evaluation_report,
-        champion_model,
-    ],
-    asset_checks=[*INGEST_CHECKS, *EVALUATION_CHECKS],
-    jobs=JOBS,
-    schedules=SCHEDULES,
-    sensors=SENSORS,
-    resources={"storage": StorageResource(), "mlflow": MlflowResource()},
-    # One machine, 2 cores: steps in one process avoid re-importing torch per step (~4 s each).
-    executor=dg.in_process_executor,
+defs = dg.Definitions.merge(
+    dg.load_from_defs_folder(path_within_project=Path(__file__).parent),
+    dg.Definitions(
+        resources={
+            "storage": StorageResource(),
+            "mlflow": MlflowResource(),
+            "io_manager": ContractIOManager(),
+        },
+        # One machine, 2 cores: steps in one process avoid re-importing torch per step (~4 s each).
+        executor=dg.in_process_executor,
+    ),
 )

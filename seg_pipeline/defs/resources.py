@@ -1,67 +1,54 @@
-"""Dagster resources: where the pipeline's data lives.
+"""Dagster resources: where the pipeline's data lives and where its MLflow runs go.
 
-One small ``ConfigurableResource`` so a deployment can point the whole pipeline at another
-disk (or a mounted bucket) without touching asset code.
+Small ``ConfigurableResource`` classes so a deployment can point the whole pipeline at another disk
+(or a mounted bucket) or another MLflow server without touching asset code.
 """
 
-import os
-from pathlib import Path
+from __future__ import annotations
 
 import dagster as dg
+from pydantic import Field
+
+from seg_pipeline.tracking import TrackingSettings
+from seg_pipeline.workflows.layout import DATA_ROOT_ENV, DataLayout
 
 
 class StorageResource(dg.ConfigurableResource):
-    """Folders of the pipeline, all under one ``data_root``.
+    """Folders of the pipeline, all under one data root."""
 
-    ``data_root`` defaults to ``$SEG_PIPELINE_DATA_ROOT`` or ``./data`` (relative paths are
-    resolved against the working directory of the run: the repo root for ``make run``).
-    """
+    data_root: str = Field(
+        default="",
+        description=f"Data root; empty = ${DATA_ROOT_ENV}, else ./data (relative to the working directory).",
+    )
 
-    data_root: str = os.environ.get("SEG_PIPELINE_DATA_ROOT", "data")
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        """Refuse a run whose config any asset would refuse, before the first step works."""
+        from seg_pipeline.defs.preflight import check_run_config
+
+        if context.run is not None:
+            check_run_config(context.run.run_config)
 
     @property
-    def root(self) -> Path:
-        """Absolute data root."""
-        return Path(self.data_root).expanduser().resolve()
-
-    def raw_dir(self, dataset_id: str) -> Path:
-        """Where the raw tiles of ``dataset_id`` are expected."""
-        return self.root / "raw" / dataset_id
-
-    def processed_dir(self, dataset_id: str) -> Path:
-        """Catalog, split table and shards of ``dataset_id``."""
-        path = self.root / "processed" / dataset_id
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-
-    def stage_dir(self, kind: str, name: str) -> Path:
-        """A folder under ``models/``, ``predictions/`` or ``reports/``."""
-        path = self.root / kind / name
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+    def layout(self) -> DataLayout:
+        """The folders under the data root."""
+        return DataLayout.at(self.data_root or None)
 
 
 class MlflowResource(dg.ConfigurableResource):
-    """Where MLflow runs go.
+    """Where MLflow runs go: ``tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else SQLite under data_root."""
 
-    ``tracking_uri`` empty: ``$MLFLOW_TRACKING_URI`` if set, else the local SQLite store
-    ``<data_root>/mlflow/mlflow.db`` with artefacts in ``<data_root>/mlflow/artifacts``.
-    Set it to ``http://host:5000`` for an MLflow server.
-    """
+    tracking_uri: str = Field(
+        default="", description="MLflow tracking URI, e.g. http://host:5000; empty = local store."
+    )
+    experiment_name: str = Field(default="seg_pipeline", description="MLflow experiment of every run.")
 
-    tracking_uri: str = ""
-    experiment_name: str = "seg_pipeline"
-
-    def settings(self, data_root: Path):  # -> seg_pipeline.tracking.TrackingSettings
-        """Tracking settings for runs of this pipeline (imports MLflow lazily)."""
-        from seg_pipeline.tracking import TrackingSettings
-
-        settings = TrackingSettings.from_data_root(data_root, experiment_name=self.experiment_name)
+    def settings(self, layout: DataLayout) -> TrackingSettings:
+        """Tracking settings for runs of this pipeline."""
         if not self.tracking_uri:
-            return settings
+            return TrackingSettings.from_data_root(layout.root, experiment_name=self.experiment_name)
         local = not self.tracking_uri.startswith(("http://", "https://"))
         return TrackingSettings(
             tracking_uri=self.tracking_uri,
             experiment_name=self.experiment_name,
-            artifact_root=(Path(data_root).resolve() / "mlflow" / "artifacts") if local else None,
+            artifact_root=layout.mlflow_dir / "artifacts" if local else None,
         )

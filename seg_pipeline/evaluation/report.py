@@ -1,6 +1,8 @@
-"""Evaluation reports (F23): single models vs ensemble, per-class deltas, confusion matrix,
-overlays, a markdown report. Also evaluates a prediction folder against a ground-truth folder
-(seed 002's ``model_metrics.py --pred-dir --gt-dir``).
+"""Evaluation reports (F23): scoring prediction folders and writing the report files.
+
+Single models vs ensemble, per-class deltas, confusion matrix, overlays, a markdown report. Also
+evaluates a prediction folder against a ground-truth folder (seed 002's ``model_metrics.py
+--pred-dir --gt-dir``).
 """
 
 from __future__ import annotations

@@ -126,7 +126,7 @@ def export_model(
         CheckpointError: the file is missing, unreadable, or not a training-stage checkpoint.
         ExportParityError: an export disagrees with eager beyond its tolerance (nothing written).
     """
-    from seg_pipeline.training.stages import load_trained_model
+    from seg_pipeline.models.loading import load_trained_model
 
     tolerance_by_format = {**DEFAULT_TOLERANCES, **dict(tolerances or {})}
     chosen = validate_arguments(formats, example_size, opset, tolerance_by_format, lineage)

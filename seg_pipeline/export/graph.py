@@ -43,6 +43,7 @@ class TraceablePaddedNet(nn.Module):
         self.pad_multiple = int(pad_multiple)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pad to the stride inside the graph, run the network, crop back."""
         height, width = x.shape[-2], x.shape[-1]
         pad_bottom = (self.pad_multiple - height % self.pad_multiple) % self.pad_multiple
         pad_right = (self.pad_multiple - width % self.pad_multiple) % self.pad_multiple
@@ -110,7 +111,7 @@ def read_stage_checkpoint(checkpoint: Path) -> StageInfo:
         raise CheckpointError(
             f"checkpoint {checkpoint} is not a training-stage checkpoint: it lacks {missing} "
             f"(top-level keys: {sorted(map(str, state))[:8]}). Export a best.pt/last.pt/final.pt written "
-            "by seg_pipeline.training.stages.run_stage; a bare state_dict has no classes or band statistics."
+            "by a training stage; a bare state_dict has no classes or band statistics."
         )
     normalization = run["normalization"]
     return StageInfo(

@@ -25,8 +25,10 @@ _PARITY_EXTRA_ROWS, _PARITY_EXTRA_COLS = 5, 11
 
 
 def parity_inputs(bands: int, example_size: int) -> list[torch.Tensor]:
-    """Seeded inputs: the trace example shape, then batch 2 at an off-stride size, so the parity
-    check also proves that batch and H/W are dynamic and the in-graph padding is right."""
+    """Seeded inputs: the trace example shape, then batch 2 at an off-stride size.
+
+    So the parity check also proves that batch and H/W are dynamic and the in-graph padding is right.
+    """
     generator = torch.Generator().manual_seed(PARITY_SEED)
     shapes = [
         (1, bands, example_size, example_size),

@@ -1,4 +1,9 @@
-"""``EnsemblePredictor``: several segmentation models plus a TTA config, callable as a ``predict_fn``."""
+"""``EnsemblePredictor``: models plus a TTA config; one set of forward passes serves every output.
+
+:meth:`EnsemblePredictor.predict_sets` runs each model's TTA views once per input and returns each
+model's own probabilities *and* the ensemble's, merged from the same terms. Predicting the single
+models and the ensemble therefore costs the sum of the models' views, not twice that.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from seg_pipeline.inference.tta import TTAConfig, tta_predict
+from seg_pipeline.inference.tta import TTAConfig, member_term, merge_terms, tta_predict
 
-__all__ = ["EnsemblePredictor", "resolve_device"]
+__all__ = ["ENSEMBLE", "EnsemblePredictor", "resolve_device"]
+
+#: The name of the merged output among :meth:`EnsemblePredictor.predict_sets`'s results.
+ENSEMBLE = "ensemble"
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -37,6 +45,10 @@ class EnsemblePredictor:
         models: Modules mapping float (B, C, H, W) to logits (B, K, H, W); all must share K.
         tta: Augmentations and merge mode; default ``TTAConfig()`` (3 scales x none/h/v).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"mps"`` or a ``torch.device``.
+        names: One name per model for :meth:`predict_sets` (default ``model_0``, ``model_1``...).
+        weights: Ensemble weight per model (default: equal).
+        suppressed_class: A class id that is never predicted (a ``ignore_index`` inside the class
+            range means "not labelled": the models never learnt it).
     """
 
     def __init__(
@@ -44,6 +56,10 @@ class EnsemblePredictor:
         models: Sequence[nn.Module],
         tta: TTAConfig | None = None,
         device: str | torch.device = "cpu",
+        *,
+        names: Sequence[str] | None = None,
+        weights: Sequence[float] | None = None,
+        suppressed_class: int | None = None,
     ) -> None:
         models = list(models)
         if not models:
@@ -51,6 +67,13 @@ class EnsemblePredictor:
         for index, model in enumerate(models):
             if not isinstance(model, nn.Module):
                 raise ValueError(f"models[{index}] must be a torch.nn.Module, got {type(model).__name__}.")
+        self.names = list(names) if names is not None else [f"model_{i}" for i in range(len(models))]
+        if len(self.names) != len(models) or len(set(self.names)) != len(models) or ENSEMBLE in self.names:
+            raise ValueError(
+                f"names={self.names} must be {len(models)} distinct names other than {ENSEMBLE!r}."
+            )
+        self.weights = list(weights) if weights is not None else None
+        self.suppressed_class = suppressed_class
         self.tta = tta or TTAConfig()
         self.device = resolve_device(device)
         memory_format = torch.channels_last if self.tta.channels_last else torch.preserve_format
@@ -61,13 +84,37 @@ class EnsemblePredictor:
         """Views averaged per input: models x scales x transforms (18 for the defaults and 2 models)."""
         return len(self.models) * self.tta.views_per_model
 
+    def _suppress(self, probabilities: Tensor) -> Tensor:
+        if self.suppressed_class is None or not 0 <= self.suppressed_class < probabilities.shape[1]:
+            return probabilities
+        probabilities[:, self.suppressed_class] = 0.0
+        return probabilities / probabilities.sum(dim=1, keepdim=True).clamp_min(1e-12)
+
+    def predict_sets(self, x: Tensor) -> dict[str, Tensor]:
+        """Each model's probabilities by name, and the ensemble's under ``"ensemble"`` (one pass)."""
+        x = x.to(self.device, dtype=torch.float32)
+        with torch.inference_mode():
+            terms = [member_term(model, x, self.tta) for model in self.models]
+            outputs = {
+                name: self._suppress(merge_terms([term], self.tta))
+                for name, term in zip(self.names, terms, strict=True)
+            }
+            outputs[ENSEMBLE] = self._suppress(merge_terms(terms, self.tta, self.weights))
+        return outputs
+
     def predict_probabilities(self, x: Tensor) -> Tensor:
-        """Class probabilities (B, K, H, W) float32, on the predictor's device."""
-        return tta_predict(self.models, x.to(self.device, dtype=torch.float32), self.tta)
+        """Ensemble class probabilities (B, K, H, W) float32, on the predictor's device."""
+        x = x.to(self.device, dtype=torch.float32)
+        if self.weights is None:
+            return self._suppress(tta_predict(self.models, x, self.tta))
+        with torch.inference_mode():
+            terms = [member_term(model, x, self.tta) for model in self.models]
+            return self._suppress(merge_terms(terms, self.tta, self.weights))
 
     def predict(self, x: Tensor) -> Tensor:
         """Class indices (B, H, W) int64: the argmax of ``predict_probabilities``."""
         return self.predict_probabilities(x).argmax(dim=1)
 
     def __call__(self, x: Tensor) -> Tensor:
+        """Ensemble probabilities: the ``predict_fn`` contract of ``predict_raster``."""
         return self.predict_probabilities(x)

@@ -1,15 +1,15 @@
-"""Predict folders of rasters with one model or an ensemble (library entry point for inference).
+"""Predict rasters with one model or an ensemble: the library entry point for inference.
 
-Models come from stage checkpoints (which carry their spec) or MLflow model URIs; the
-normalisation used in training travels with the checkpoint's run config, so predictions use
-the same band statistics the model was trained with.
+Models come from stage checkpoints, which carry their spec, classes, ignore value and the band
+normalisation they were trained with, so predictions use exactly the statistics of training. Every
+prediction set (each model on its own, and the ensemble) is written in one pass over the rasters.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +19,15 @@ from torch import nn
 
 from seg_pipeline.data.normalization import BandStats, normalize
 from seg_pipeline.data.raster_io import RASTER_EXTENSIONS, read_array
-from seg_pipeline.inference.ensemble import EnsemblePredictor
-from seg_pipeline.inference.tiling import predict_raster
+from seg_pipeline.inference.ensemble import ENSEMBLE, EnsemblePredictor
+from seg_pipeline.inference.tiling import SetTarget, predict_raster_sets
 from seg_pipeline.inference.tta import TTAConfig
 from seg_pipeline.inference.writers import default_palette, save_color_png
-from seg_pipeline.models.checkpoint import load_checkpoint
+from seg_pipeline.models.loading import checkpoint_info, load_trained_model
 from seg_pipeline.progress import ItemProgress
+from seg_pipeline.settings import PredictSettings
+
+LogFn = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -36,26 +39,19 @@ class LoadedModel:
     class_names: tuple[str, ...]
     normalization: BandStats
     source: str
+    ignore_index: int = 255
 
 
 def load_stage_model(checkpoint: Path | str, name: str | None = None) -> LoadedModel:
     """Load a stage checkpoint: weights (EMA when present), spec, classes and band statistics."""
-    from seg_pipeline.training.stages import load_trained_model
-
-    state = load_checkpoint(checkpoint)
-    run = (state.get("config") or {}).get("run") or {}
-    if "normalization" not in run or "class_names" not in run:
-        raise ValueError(
-            f"checkpoint {checkpoint} lacks class names/normalisation: "
-            "use a checkpoint written by a training stage"
-        )
-    stats = BandStats(tuple(run["normalization"]["mean"]), tuple(run["normalization"]["std"]))
+    info = checkpoint_info(checkpoint)
     return LoadedModel(
         name=name or Path(checkpoint).parent.name,
         model=load_trained_model(checkpoint),
-        class_names=tuple(run["class_names"]),
-        normalization=stats,
+        class_names=info.class_names,
+        normalization=BandStats(info.normalization_mean, info.normalization_std),
         source=str(checkpoint),
+        ignore_index=info.ignore_index,
     )
 
 
@@ -70,28 +66,10 @@ def list_rasters(folder: Path | str) -> list[Path]:
     return files
 
 
-def predict_files(
-    models: Sequence[LoadedModel],
-    inputs: Sequence[tuple[str, Path]],
-    out_dir: Path | str,
-    *,
-    tta: TTAConfig | None = None,
-    window: int = 512,
-    overlap: int = 64,
-    batch_size: int = 4,
-    device: str = "cpu",
-    color_png: bool = True,
-    write_probabilities: bool = False,
-    log_fn: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
-    """Predict every ``(item_id, path)`` with the ensemble of ``models``; GeoTIFF class maps out.
-
-    All models must share class names and normalisation (checked); one model is an ensemble of one.
-    Progress lines per raster (and per window for large rasters) go to ``log_fn`` (default: the
-    ``seg_pipeline`` logger), since TTA ensembles over a whole split take minutes to hours.
-    """
+def check_compatible(models: Sequence[LoadedModel]) -> LoadedModel:
+    """The first model, after checking every model shares its classes and band statistics."""
     if not models:
-        raise ValueError("predict_files needs at least one model")
+        raise ValueError("prediction needs at least one model")
     first = models[0]
     for other in models[1:]:
         if other.class_names != first.class_names:
@@ -102,77 +80,107 @@ def predict_files(
             raise ValueError(
                 f"model {other.name} was trained with different band statistics than {first.name}"
             )
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    predictor = EnsemblePredictor([m.model for m in models], tta or TTAConfig(), device=device)
-    stats = first.normalization
-    palette = default_palette(len(first.class_names))
-    started = time.perf_counter()
-    written = []
-    label = models[0].name if len(models) == 1 else f"ensemble of {len(models)}"
+    return first
+
+
+def build_predictor(
+    models: Sequence[LoadedModel], settings: PredictSettings, weights: Sequence[float] | None = None
+) -> EnsemblePredictor:
+    """The ensemble of ``models`` with the TTA, device and precision of ``settings``."""
+    first = check_compatible(models)
+    tta = TTAConfig.from_settings(settings.tta, amp_dtype=torch.bfloat16 if settings.bf16 else None)
+    suppressed = first.ignore_index if first.ignore_index < len(first.class_names) else None
+    return EnsemblePredictor(
+        [m.model for m in models],
+        tta,
+        device=settings.device,
+        names=[m.name for m in models],
+        weights=weights,
+        suppressed_class=suppressed,
+    )
+
+
+@dataclass
+class PredictionRun:
+    """What one call of :func:`predict_files` wrote, per prediction set."""
+
+    out_dirs: dict[str, Path]
+    views_per_input: int
+    items: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def tiles_per_second(self) -> float:
+        """Rasters predicted per second (all sets together: they share every forward pass)."""
+        count = len(next(iter(self.items.values()), []))
+        return count / max(self.seconds, 1e-9)
+
+
+def _write_preview(summary: Mapping[str, Any], path: Path, class_names: Sequence[str]) -> None:
+    classes = read_array(summary["dst_path"])[0]
+    palette = default_palette(len(class_names))
+    save_color_png(path, classes, palette, class_names, nodata_value=summary["class_nodata"])
+
+
+def predict_files(
+    models: Sequence[LoadedModel],
+    inputs: Sequence[tuple[str, Path]],
+    out_dirs: Mapping[str, Path | str],
+    settings: PredictSettings,
+    *,
+    weights: Sequence[float] | None = None,
+    log_fn: LogFn | None = None,
+) -> PredictionRun:
+    """Predict every ``(item_id, path)`` into each requested prediction set, in one pass.
+
+    ``out_dirs`` maps set names (a model's ``name``, or ``"ensemble"``) to folders that receive
+    ``<item_id>.tif`` class maps (plus ``.png`` previews and ``.probs.tif`` as ``settings`` ask).
+    """
+    first = check_compatible(models)
+    predictor = build_predictor(models, settings, weights)
+    unknown = sorted(set(out_dirs) - {*predictor.names, ENSEMBLE})
+    if unknown:
+        raise ValueError(f"unknown prediction sets {unknown}; choose among {[*predictor.names, ENSEMBLE]}")
+    folders = {name: Path(folder) for name, folder in out_dirs.items()}
+    for folder in folders.values():
+        folder.mkdir(parents=True, exist_ok=True)
+    run = PredictionRun(
+        out_dirs=folders, views_per_input=predictor.forward_views, items={n: [] for n in folders}
+    )
+    label = first.name if len(models) == 1 else f"ensemble of {len(models)}"
     progress = ItemProgress(f"predict {label}", len(inputs), unit="files", log_fn=log_fn)
+    started = time.perf_counter()
+
+    def predict_fn(batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        outputs = predictor.predict_sets(batch)
+        return {name: outputs[name] for name in folders}
+
+    stats = first.normalization
     for item_id, path in inputs:
-        summary = predict_raster(
+        targets = {
+            name: SetTarget(
+                folder / f"{item_id}.tif",
+                folder / f"{item_id}.probs.tif" if settings.write_probabilities else None,
+            )
+            for name, folder in folders.items()
+        }
+        summaries = predict_raster_sets(
             path,
-            out / f"{item_id}.tif",
-            predictor,
+            targets,
+            predict_fn,
             num_classes=len(first.class_names),
-            window=window,
-            overlap=overlap,
-            batch_size=batch_size,
+            window=settings.windows.window,
+            overlap=settings.windows.overlap,
+            batch_size=settings.windows.batch_size,
             normalize=lambda array: np.asarray(normalize(array, stats)),
-            write_probabilities=out / f"{item_id}.probs.tif" if write_probabilities else None,
             log_fn=log_fn,
         )
-        if color_png:
-            classes = read_array(summary["dst_path"])[0]
-            save_color_png(
-                out / f"{item_id}.png",
-                classes,
-                palette,
-                first.class_names,
-                nodata_value=summary["class_nodata"],
-            )
-        written.append({"item_id": item_id, "input": str(path), **summary})
+        for name, summary in summaries.items():
+            if settings.color_png:
+                _write_preview(summary, folders[name] / f"{item_id}.png", first.class_names)
+            run.items[name].append({"item_id": item_id, "input": str(path), **summary})
         progress.advance(detail=item_id)
     views = predictor.forward_views
     progress.done(f"{views} forward view{'s' if views != 1 else ''} per file")
-    seconds = time.perf_counter() - started
-    return {
-        "out_dir": str(out),
-        "models": [m.name for m in models],
-        "views_per_input": predictor.forward_views,
-        "items": written,
-        "seconds": seconds,
-        "tiles_per_second": len(written) / max(seconds, 1e-9),
-    }
-
-
-def ensemble_and_singles(
-    models: Sequence[LoadedModel],
-    inputs: Sequence[tuple[str, Path]],
-    out_root: Path | str,
-    **kwargs: Any,
-) -> dict[str, dict[str, Any]]:
-    """Predictions of each single model and of the ensemble, in ``out_root/<name>/``.
-
-    ``kwargs`` go to :func:`predict_files` (``log_fn`` included), so each prediction set logs progress.
-    """
-    out_root = Path(out_root)
-    results: dict[str, dict[str, Any]] = {}
-    if len(models) > 1:
-        for model in models:
-            results[model.name] = predict_files([model], inputs, out_root / model.name, **kwargs)
-    results["ensemble"] = predict_files(models, inputs, out_root / "ensemble", **kwargs)
-    return results
-
-
-def tta_from_settings(settings: Mapping[str, Any]) -> TTAConfig:
-    """Build a TTA config from plain settings (``bf16: true`` = bf16 autocast)."""
-    return TTAConfig(
-        scales=tuple(settings.get("scales", (0.75, 1.0, 1.25))),
-        flips=tuple(settings.get("flips", ("none", "h", "v"))),
-        merge=settings.get("merge", "mean_prob"),
-        amp_dtype=torch.bfloat16 if settings.get("bf16") else None,
-        channels_last=bool(settings.get("channels_last", False)),
-    )
+    run.seconds = time.perf_counter() - started
+    return run

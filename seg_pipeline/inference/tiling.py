@@ -1,12 +1,12 @@
 """Sliding-window inference over rasters of any size with bounded memory.
 
-The raster is cut into overlapping windows (``window_grid``); the last window of every row and
-column is flush with the raster edge, so every pixel is predicted. Window predictions are blended
-with smooth weights (``blend_weights``) into a running buffer that holds only the rows still being
-touched: windows are processed one horizontal strip (one window row) at a time and finished rows are
-written with windowed writes. Peak memory is about
-``(num_classes + 2) * 4 bytes * (window_height + 256) * raster_width`` plus one batch of windows,
-independent of the raster's height.
+Windows (:mod:`~seg_pipeline.inference.windows`) are read once, predicted once, and blended into a
+running buffer per prediction set that holds only the rows still being touched: windows are
+processed one horizontal strip (one window row) at a time and finished rows are written with
+windowed writes. Several prediction sets (each model of an ensemble and the ensemble itself) share
+every read and every forward pass. Peak memory is about
+``sets * (num_classes + 2) * 4 bytes * (window_height + 256) * raster_width`` plus one batch of
+windows, independent of the raster's height.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,187 +28,261 @@ import torch
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window
 
-from seg_pipeline.inference.writers import class_dtype_for, geotiff_profile, scale_probabilities
+from seg_pipeline.inference.strips import (
+    StripBuffer,
+    band_nodata,
+    check_probabilities,
+    read_window,
+    resolve_class_dtype,
+)
+from seg_pipeline.inference.windows import blend_weights, window_grid
+from seg_pipeline.inference.writers import geotiff_profile, scale_probabilities
 from seg_pipeline.io import atomic_write
 from seg_pipeline.progress import ItemProgress
 
-__all__ = ["blend_weights", "predict_raster", "window_grid"]
+__all__ = ["SetTarget", "blend_weights", "predict_raster", "predict_raster_sets", "window_grid"]
 
 logger = logging.getLogger(__name__)
 
 PredictFn = Callable[[torch.Tensor], torch.Tensor]
+SetsPredictFn = Callable[[torch.Tensor], Mapping[str, torch.Tensor]]
 Normalize = Callable[[np.ndarray], np.ndarray]
 
 
-def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int | np.integer) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, int | np.integer) for v in pair):
-        raise ValueError(f"{name} must be an int or a pair of ints (height, width), got {value!r}.")
-    return int(pair[0]), int(pair[1])
+@dataclass(frozen=True)
+class SetTarget:
+    """Where one prediction set of a raster goes: the class map, and optionally probabilities."""
+
+    class_path: Path
+    probabilities_path: Path | None = None
 
 
-def _axis_starts(size: int, window: int, overlap: int) -> list[int]:
-    """Window starts along one axis: stride ``window - overlap``, last start flush with the edge."""
-    if size <= window:
-        return [0]
-    starts = list(range(0, size - window, window - overlap))
-    starts.append(size - window)
-    return starts
+@dataclass
+class _SetWriter:
+    """One prediction set while a raster is being predicted: its buffer, files and counts."""
+
+    target: SetTarget
+    class_dst: Any
+    prob_dst: Any
+    buffer: StripBuffer
+    counts: np.ndarray
+    nodata_pixels: int = 0
+    probability_dtype: str = "float32"
+
+    def flush(self, bottom: int, width: int, dtype: str, nodata: int) -> None:
+        """Write the finished rows ``buffer.top .. bottom``."""
+        buffer = self.buffer
+        if bottom <= buffer.top:
+            return
+        rows = Window(col_off=0, row_off=buffer.top, width=width, height=bottom - buffer.top)
+        probabilities, valid = buffer.pop(bottom)
+        classes = probabilities.argmax(axis=0).astype(dtype)
+        classes[~valid] = nodata
+        self.counts += np.bincount(classes[valid].ravel(), minlength=len(self.counts))[: len(self.counts)]
+        self.nodata_pixels += int((~valid).sum())
+        self.class_dst.write(classes, 1, window=rows)
+        if self.prob_dst is not None:
+            probabilities[:, ~valid] = np.nan
+            self.prob_dst.write(scale_probabilities(probabilities, self.probability_dtype), window=rows)
 
 
-def window_grid(height: int, width: int, window: int | Sequence[int], overlap: int = 0) -> list[Window]:
-    """Overlapping windows that cover a ``height`` x ``width`` raster, in row-major order.
+@dataclass
+class _Raster:
+    """The open source raster and what every window read needs."""
 
-    Args:
-        height: Raster height in pixels.
-        width: Raster width in pixels.
-        window: Window size, an int or ``(height, width)``.
-        overlap: Pixels shared by neighbouring windows (stride = window - overlap).
-
-    Returns:
-        ``rasterio.windows.Window`` objects. Along an axis the raster is smaller than the window,
-        the single window has the raster's size (the predictor pads it as its model needs).
-    """
-    win_h, win_w = _pair(window, "window")
-    if height < 1 or width < 1:
-        raise ValueError(f"raster size must be positive, got height={height}, width={width}.")
-    if win_h < 1 or win_w < 1:
-        raise ValueError(f"window must be > 0, got {window!r}.")
-    if not isinstance(overlap, int | np.integer) or overlap < 0:
-        raise ValueError(f"overlap must be an int >= 0, got {overlap!r}.")
-    if overlap >= min(win_h, win_w):
-        raise ValueError(f"overlap={overlap} must be smaller than window={window!r}; lower the overlap.")
-    rows = _axis_starts(height, win_h, overlap)
-    cols = _axis_starts(width, win_w, overlap)
-    return [
-        Window(col_off=col, row_off=row, width=min(win_w, width), height=min(win_h, height))
-        for row in rows
-        for col in cols
-    ]
+    src: Any
+    path: Path
+    band_indexes: list[int]
+    nodata_values: list
+    windows: list[Window]
+    weights: np.ndarray
+    georeference: dict[str, Any] = field(default_factory=dict)
 
 
-def _ramp(length: int, overlap: int) -> np.ndarray:
-    """1-D weights: Hann ramp up over ``overlap`` pixels at both ends, 1 in between, never 0."""
-    weights = np.ones(length, dtype=np.float64)
-    if overlap <= 0:
-        return weights
-    steps = np.arange(1, overlap + 1)
-    ramp = 0.5 * (1.0 - np.cos(np.pi * steps / (overlap + 1)))  # in (0, 1)
-    band = min(overlap, length)
-    rising = weights.copy()
-    rising[:band] = ramp[:band]
-    return np.minimum(rising, rising[::-1])
+def _open_writers(
+    outputs: contextlib.ExitStack,
+    raster: _Raster,
+    targets: Mapping[str, SetTarget],
+    num_classes: int,
+    dtype: str,
+    nodata: int,
+    probability_dtype: str,
+) -> dict[str, _SetWriter]:
+    height, width = raster.src.height, raster.src.width
+    class_profile = geotiff_profile(height, width, 1, dtype, nodata=nodata, **raster.georeference)
+    prob_nodata = float("nan") if probability_dtype == "float32" else None
+    prob_profile = geotiff_profile(
+        height, width, num_classes, probability_dtype, nodata=prob_nodata, **raster.georeference
+    )
+    writers = {}
+    for name, target in targets.items():
+        class_dst = outputs.enter_context(
+            rasterio.open(outputs.enter_context(atomic_write(target.class_path)), "w", **class_profile)
+        )
+        prob_dst = None
+        if target.probabilities_path is not None:
+            prob_path = outputs.enter_context(atomic_write(target.probabilities_path))
+            prob_dst = outputs.enter_context(rasterio.open(prob_path, "w", **prob_profile))
+        writers[name] = _SetWriter(
+            target, class_dst, prob_dst, StripBuffer(num_classes, width), np.zeros(num_classes, np.int64),
+            probability_dtype=probability_dtype,
+        )  # fmt: skip
+    return writers
 
 
-def blend_weights(height: int, width: int, overlap: int, kind: str = "cosine") -> np.ndarray:
-    """Per-pixel weights (height, width) float32 for blending overlapping window predictions.
-
-    ``"cosine"`` is the outer product of two 1-D Hann ramps over the ``overlap`` band, so seams fade
-    smoothly where windows overlap; the smallest weight is still > 0, so pixels seen by one window
-    only (raster edges) keep their prediction. ``"uniform"`` weighs every pixel 1.
-    """
-    if height < 1 or width < 1:
-        raise ValueError(f"blend_weights needs a positive size, got height={height}, width={width}.")
-    if overlap < 0:
-        raise ValueError(f"overlap must be >= 0, got {overlap}.")
-    if kind == "uniform":
-        return np.ones((height, width), dtype=np.float32)
-    if kind != "cosine":
-        raise ValueError(f"blend kind must be 'cosine' or 'uniform', got {kind!r}.")
-    return np.outer(_ramp(height, overlap), _ramp(width, overlap)).astype(np.float32)
-
-
-class _StripBuffer:
-    """Weighted probability sums for raster rows ``top .. top + rows`` (full width)."""
-
-    def __init__(self, num_classes: int, width: int) -> None:
-        self.top = 0
-        self.sums = np.zeros((num_classes, 0, width), dtype=np.float32)
-        self.weights = np.zeros((0, width), dtype=np.float32)
-        self.valid = np.zeros((0, width), dtype=bool)
-
-    def extend_to(self, bottom: int) -> None:
-        missing = bottom - (self.top + self.weights.shape[0])
-        if missing > 0:
-            classes, _, width = self.sums.shape
-            self.sums = np.concatenate([self.sums, np.zeros((classes, missing, width), np.float32)], axis=1)
-            self.weights = np.concatenate([self.weights, np.zeros((missing, width), np.float32)], axis=0)
-            self.valid = np.concatenate([self.valid, np.zeros((missing, width), bool)], axis=0)
-
-    def add(self, window: Window, probabilities: np.ndarray, weights: np.ndarray, valid: np.ndarray) -> None:
-        rows = slice(window.row_off - self.top, window.row_off - self.top + window.height)
-        cols = slice(window.col_off, window.col_off + window.width)
-        self.sums[:, rows, cols] += probabilities * weights
-        self.weights[rows, cols] += weights
-        self.valid[rows, cols] |= valid
-
-    def pop(self, bottom: int) -> tuple[np.ndarray, np.ndarray]:
-        """Remove rows ``top .. bottom`` and return their blended probabilities and validity."""
-        count = bottom - self.top
-        probabilities = self.sums[:, :count] / self.weights[:count]
-        valid = self.valid[:count]
-        self.sums = self.sums[:, count:].copy()
-        self.weights = self.weights[count:].copy()
-        self.valid = self.valid[count:].copy()
-        self.top = bottom
-        return probabilities, valid
-
-
-def _band_nodata(src: rasterio.io.DatasetReader, band_indexes: list[int], override: float | None) -> list:
-    if override is not None:
-        return [override] * len(band_indexes)
-    return [src.nodatavals[index - 1] for index in band_indexes]
-
-
-def _read_window(
-    src: rasterio.io.DatasetReader,
-    window: Window,
-    band_indexes: list[int],
-    nodata_values: list,
+def _predict_strips(
+    raster: _Raster,
+    writers: Mapping[str, _SetWriter],
+    predict_fn: SetsPredictFn,
     normalize: Normalize | None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Read one window as float32 (C, h, w) plus a validity mask (h, w).
+    num_classes: int,
+    batch_size: int,
+    dtype: str,
+    nodata: int,
+    progress: ItemProgress,
+) -> None:
+    """Read, predict and blend every window strip by strip; write finished rows as they complete."""
+    height, width = raster.src.height, raster.src.width
+    block_rows = next(iter(writers.values())).class_dst.profile.get("blockysize", 1) or 1
+    strips = [list(group) for _, group in itertools.groupby(raster.windows, key=lambda w: w.row_off)]
+    with torch.inference_mode():
+        for strip_index, strip in enumerate(strips):
+            for writer in writers.values():
+                writer.buffer.extend_to(strip[0].row_off + strip[0].height)
+            for start in range(0, len(strip), batch_size):
+                batch = strip[start : start + batch_size]
+                reads = [
+                    read_window(raster.src, w, raster.band_indexes, raster.nodata_values, normalize)
+                    for w in batch
+                ]
+                inputs = torch.from_numpy(np.stack([data for data, _ in reads]))
+                outputs = predict_fn(inputs)
+                expected = (len(batch), num_classes, *inputs.shape[-2:])
+                for name, writer in writers.items():
+                    probabilities = check_probabilities(name, outputs[name], expected)
+                    for win, probs, (_, valid) in zip(batch, probabilities, reads, strict=True):
+                        writer.buffer.add(win, probs, raster.weights, valid)
+                progress.advance(len(batch), detail=f"strip {strip_index + 1}/{len(strips)}")
+            last = strip_index == len(strips) - 1
+            finished = height if last else strips[strip_index + 1][0].row_off
+            bottom = finished if last else finished - finished % block_rows  # whole GeoTIFF block rows
+            for writer in writers.values():
+                writer.flush(bottom, width, dtype, nodata)
 
-    A pixel is nodata when every band is NaN or equals its band's nodata value. NaNs are set to 0
-    before ``normalize`` and nodata pixels to 0 after it, so they cannot poison the model's input.
+
+def _open_raster(
+    src: Any,
+    path: Path,
+    bands: Sequence[int] | None,
+    input_nodata: float | None,
+    window: int | Sequence[int],
+    overlap: int,
+    blend: str,
+) -> _Raster:
+    band_indexes = list(bands) if bands is not None else list(range(1, src.count + 1))
+    if not band_indexes or any(not 1 <= index <= src.count for index in band_indexes):
+        raise ValueError(f"bands={bands!r} must be 1-based indexes within 1..{src.count} of {path}.")
+    windows = window_grid(src.height, src.width, window, overlap)
+    return _Raster(
+        src=src,
+        path=path,
+        band_indexes=band_indexes,
+        nodata_values=band_nodata(src, band_indexes, input_nodata),
+        windows=windows,
+        weights=blend_weights(windows[0].height, windows[0].width, overlap, blend),
+        georeference={"crs": src.crs, "transform": src.transform},
+    )
+
+
+def _check_targets(src_path: Path, targets: Mapping[str, SetTarget]) -> None:
+    if not src_path.is_file():
+        raise FileNotFoundError(f"src_path {src_path} does not exist.")
+    if not targets:
+        raise ValueError("predict_raster_sets needs at least one target")
+    outputs = [t.class_path for t in targets.values()] + [
+        t.probabilities_path for t in targets.values() if t.probabilities_path
+    ]
+    for path in outputs:
+        if Path(path).resolve() == src_path.resolve():
+            raise ValueError(f"output {path} would overwrite the input raster; choose another path.")
+    if len({Path(p).resolve() for p in outputs}) != len(outputs):
+        raise ValueError(f"two prediction sets of {src_path} would write the same file: {outputs}")
+
+
+def predict_raster_sets(
+    src_path: str | os.PathLike[str],
+    targets: Mapping[str, SetTarget],
+    predict_fn: SetsPredictFn,
+    *,
+    num_classes: int,
+    window: int | Sequence[int] = 512,
+    overlap: int = 64,
+    batch_size: int = 4,
+    bands: Sequence[int] | None = None,
+    normalize: Normalize | None = None,
+    input_nodata: float | None = None,
+    blend: str = "cosine",
+    probability_dtype: str = "float32",
+    class_dtype: str = "auto",
+    class_nodata: int | None = None,
+    log_fn: Callable[[str], None] | None = None,
+    progress_delay_s: float = 5.0,
+) -> dict[str, dict[str, Any]]:
+    """Predict a raster window by window into several prediction sets at once (one read, one forward).
+
+    ``predict_fn`` maps a float32 batch (B, C, h, w) to ``{set name: probabilities (B, K, h, w)}``
+    for every name in ``targets`` (an ``EnsemblePredictor.predict_sets``); each set is blended and
+    written to its own GeoTIFF class map (one band, the source's CRS, transform and size, tiled and
+    deflate-compressed, uint8 up to 255 classes else uint16) and optionally probabilities. See
+    :func:`predict_raster` for the other arguments. Returns one summary per set; outputs appear
+    atomically, and on error nothing is left behind.
     """
-    data = src.read(band_indexes, window=window, out_dtype="float32")
-    missing = np.isnan(data)
-    for band, nodata in enumerate(nodata_values):
-        if nodata is not None and not np.isnan(nodata):
-            missing[band] |= data[band] == np.float32(nodata)
-    valid = ~missing.all(axis=0)
-    data = np.nan_to_num(data, nan=0.0)
-    if normalize is not None:
-        data = np.asarray(normalize(data), dtype=np.float32)
-        if data.shape[1:] != valid.shape:
-            raise ValueError(f"normalize changed the window size from {valid.shape} to {data.shape[1:]}.")
-    data[:, ~valid] = 0.0
-    return data, valid
-
-
-def _check_probabilities(probabilities: torch.Tensor, expected: tuple[int, ...]) -> np.ndarray:
-    if not isinstance(probabilities, torch.Tensor):
-        probabilities = torch.as_tensor(probabilities)
-    if tuple(probabilities.shape) != expected:
-        raise ValueError(
-            f"predict_fn must return probabilities {expected} (B, num_classes, h, w), "
-            f"got {tuple(probabilities.shape)}; check num_classes."
-        )
-    return probabilities.detach().float().cpu().numpy()
-
-
-def _resolve_class_dtype(class_dtype: str, class_nodata: int | None, num_classes: int) -> tuple[str, int]:
-    dtype = class_dtype_for(num_classes)[0] if class_dtype == "auto" else class_dtype
-    if dtype not in ("uint8", "uint16"):
-        raise ValueError(f"class_dtype must be 'auto', 'uint8' or 'uint16', got {class_dtype!r}.")
-    nodata = int(np.iinfo(dtype).max) if class_nodata is None else class_nodata
-    if not num_classes <= nodata <= np.iinfo(dtype).max:
-        raise ValueError(
-            f"class_nodata={nodata} must lie in {num_classes}..{np.iinfo(dtype).max} for "
-            f"{num_classes} classes in {dtype}; pick class_dtype='uint16' or another nodata value."
-        )
-    return dtype, nodata
+    started = time.perf_counter()
+    src_path = Path(src_path)
+    _check_targets(src_path, targets)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if probability_dtype not in ("float32", "uint8"):
+        raise ValueError(f"probability_dtype must be 'float32' or 'uint8', got {probability_dtype!r}.")
+    dtype, nodata = resolve_class_dtype(class_dtype, class_nodata, num_classes)
+    with rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)  # PNG/JPEG inputs are fine without CRS
+        with rasterio.open(src_path) as src, contextlib.ExitStack() as outputs:
+            raster = _open_raster(src, src_path, bands, input_nodata, window, overlap, blend)
+            writers = _open_writers(outputs, raster, targets, num_classes, dtype, nodata, probability_dtype)
+            progress = ItemProgress(
+                f"predict {src_path.name}", len(raster.windows), unit="windows", log_fn=log_fn or logger.info,
+                delay_s=progress_delay_s,
+            )  # fmt: skip
+            _predict_strips(
+                raster, writers, predict_fn, normalize, num_classes, batch_size, dtype, nodata, progress
+            )
+            progress.done()
+    seconds = round(time.perf_counter() - started, 3)
+    common = {
+        "height": raster.src.height,
+        "width": raster.src.width,
+        "num_classes": num_classes,
+        "num_windows": len(raster.windows),
+        "window": [raster.windows[0].height, raster.windows[0].width],
+        "overlap": overlap,
+        "class_dtype": dtype,
+        "class_nodata": nodata,
+        "crs": str(raster.georeference["crs"]) if raster.georeference["crs"] else None,
+        "seconds": seconds,
+    }
+    return {
+        name: {
+            "dst_path": str(writer.target.class_path),
+            "probabilities_path": None
+            if writer.target.probabilities_path is None
+            else str(writer.target.probabilities_path),
+            "nodata_pixels": writer.nodata_pixels,
+            "class_pixel_counts": writer.counts.tolist(),
+            **common,
+        }
+        for name, writer in writers.items()
+    }
 
 
 def predict_raster(
@@ -259,121 +334,23 @@ def predict_raster(
         Summary dict (paths, size, windows, dtype, nodata, per-class pixel counts, seconds), small
         enough for Dagster metadata. Outputs appear atomically; on error nothing is left behind.
     """
-    started = time.perf_counter()
-    src_path, dst_path = Path(src_path), Path(dst_path)
-    if not src_path.is_file():
-        raise FileNotFoundError(f"src_path {src_path} does not exist.")
-    if dst_path.resolve() == src_path.resolve():
-        raise ValueError(f"dst_path {dst_path} would overwrite the input raster; choose another path.")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    if probability_dtype not in ("float32", "uint8"):
-        raise ValueError(f"probability_dtype must be 'float32' or 'uint8', got {probability_dtype!r}.")
-    dtype, nodata = _resolve_class_dtype(class_dtype, class_nodata, num_classes)
-
-    with (
-        rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"),
-        warnings.catch_warnings(),
-    ):
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)  # PNG/JPEG inputs are fine without CRS
-        with rasterio.open(src_path) as src:
-            band_indexes = list(bands) if bands is not None else list(range(1, src.count + 1))
-            if not band_indexes or any(not 1 <= index <= src.count for index in band_indexes):
-                raise ValueError(
-                    f"bands={bands!r} must be 1-based indexes within 1..{src.count} of {src_path}."
-                )
-            height, width = src.height, src.width
-            windows = window_grid(height, width, window, overlap)
-            weights = blend_weights(windows[0].height, windows[0].width, overlap, blend)
-            georeference = {"crs": src.crs, "transform": src.transform}
-            class_profile = geotiff_profile(height, width, 1, dtype, nodata=nodata, **georeference)
-            prob_profile = geotiff_profile(
-                height,
-                width,
-                num_classes,
-                probability_dtype,
-                nodata=float("nan") if probability_dtype == "float32" else None,
-                **georeference,
-            )
-            nodata_values = _band_nodata(src, band_indexes, input_nodata)
-            counts = np.zeros(num_classes, dtype=np.int64)
-            nodata_pixels = 0
-
-            with contextlib.ExitStack() as outputs:
-                class_dst = outputs.enter_context(
-                    rasterio.open(outputs.enter_context(atomic_write(dst_path)), "w", **class_profile)
-                )
-                prob_dst = None
-                if write_probabilities is not None:
-                    prob_dst = outputs.enter_context(
-                        rasterio.open(
-                            outputs.enter_context(atomic_write(write_probabilities)), "w", **prob_profile
-                        )
-                    )
-
-                def flush(buffer: _StripBuffer, bottom: int) -> None:
-                    nonlocal counts, nodata_pixels
-                    if bottom <= buffer.top:
-                        return
-                    rows = Window(col_off=0, row_off=buffer.top, width=width, height=bottom - buffer.top)
-                    probabilities, valid = buffer.pop(bottom)
-                    classes = probabilities.argmax(axis=0).astype(dtype)
-                    classes[~valid] = nodata
-                    counts += np.bincount(classes[valid].ravel(), minlength=num_classes)[:num_classes]
-                    nodata_pixels += int((~valid).sum())
-                    class_dst.write(classes, 1, window=rows)
-                    if prob_dst is not None:
-                        probabilities[:, ~valid] = np.nan
-                        prob_dst.write(scale_probabilities(probabilities, probability_dtype), window=rows)
-
-                buffer = _StripBuffer(num_classes, width)
-                block_rows = class_profile["blockysize"]
-                strips = [list(group) for _, group in itertools.groupby(windows, key=lambda w: w.row_off)]
-                progress = ItemProgress(
-                    f"predict {src_path.name}",
-                    len(windows),
-                    unit="windows",
-                    log_fn=log_fn or logger.info,
-                    delay_s=progress_delay_s,
-                )
-                with torch.inference_mode():
-                    for strip_index, strip in enumerate(strips):
-                        buffer.extend_to(strip[0].row_off + strip[0].height)
-                        for start in range(0, len(strip), batch_size):
-                            batch_windows = strip[start : start + batch_size]
-                            reads = [
-                                _read_window(src, w, band_indexes, nodata_values, normalize)
-                                for w in batch_windows
-                            ]
-                            inputs = torch.from_numpy(np.stack([data for data, _ in reads]))
-                            expected = (len(batch_windows), num_classes, *inputs.shape[-2:])
-                            probabilities = _check_probabilities(predict_fn(inputs), expected)
-                            for win, probs, (_, valid) in zip(
-                                batch_windows, probabilities, reads, strict=True
-                            ):
-                                buffer.add(win, probs, weights, valid)
-                            progress.advance(
-                                len(batch_windows), detail=f"strip {strip_index + 1}/{len(strips)}"
-                            )
-                        last = strip_index == len(strips) - 1
-                        finished = height if last else strips[strip_index + 1][0].row_off
-                        # Write whole GeoTIFF block rows so no compressed tile is written twice.
-                        flush(buffer, finished if last else finished - finished % block_rows)
-                progress.done()
-
-    return {
-        "dst_path": str(dst_path),
-        "probabilities_path": str(write_probabilities) if write_probabilities is not None else None,
-        "height": height,
-        "width": width,
-        "num_classes": num_classes,
-        "num_windows": len(windows),
-        "window": [windows[0].height, windows[0].width],
-        "overlap": overlap,
-        "class_dtype": dtype,
-        "class_nodata": nodata,
-        "nodata_pixels": nodata_pixels,
-        "class_pixel_counts": counts.tolist(),
-        "crs": str(georeference["crs"]) if georeference["crs"] else None,
-        "seconds": round(time.perf_counter() - started, 3),
-    }
+    probabilities = None if write_probabilities is None else Path(write_probabilities)
+    summaries = predict_raster_sets(
+        src_path,
+        {"prediction": SetTarget(Path(dst_path), probabilities)},
+        lambda batch: {"prediction": predict_fn(batch)},
+        num_classes=num_classes,
+        window=window,
+        overlap=overlap,
+        batch_size=batch_size,
+        bands=bands,
+        normalize=normalize,
+        input_nodata=input_nodata,
+        blend=blend,
+        probability_dtype=probability_dtype,
+        class_dtype=class_dtype,
+        class_nodata=class_nodata,
+        log_fn=log_fn,
+        progress_delay_s=progress_delay_s,
+    )
+    return summaries["prediction"]

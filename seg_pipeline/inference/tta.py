@@ -18,11 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from seg_pipeline.settings.inference import TTASettings
+
 __all__ = [
     "DIHEDRAL_TRANSFORMS",
     "TTAConfig",
     "apply_transform",
     "invert_transform",
+    "member_term",
+    "merge_terms",
     "tta_predict",
 ]
 
@@ -41,6 +45,8 @@ DIHEDRAL_TRANSFORMS: tuple[str, ...] = (
 _FLIP_ALIASES: dict[str, tuple[str, ...]] = {"d4": DIHEDRAL_TRANSFORMS, "hv": ("rot180",)}
 
 MergeMode = Literal["mean_prob", "mean_logit"]
+#: The schema's defaults (scales, flips, merge are written once, in ``settings.inference``).
+_DEFAULTS = TTASettings()
 
 
 @dataclass(frozen=True)
@@ -66,9 +72,9 @@ class TTAConfig:
             outputs cropped back; 1 disables padding.
     """
 
-    scales: tuple[float, ...] = (0.75, 1.0, 1.25)
-    flips: tuple[str, ...] = ("none", "h", "v")
-    merge: MergeMode = "mean_prob"
+    scales: tuple[float, ...] = tuple(_DEFAULTS.scales)
+    flips: tuple[str, ...] = tuple(_DEFAULTS.flips)
+    merge: MergeMode = _DEFAULTS.merge
     batch_augmentations: bool = False
     amp_dtype: torch.dtype | None = None
     channels_last: bool = False
@@ -96,6 +102,19 @@ class TTAConfig:
             raise ValueError(f"TTAConfig.amp_dtype must be a torch.dtype or None, got {self.amp_dtype!r}.")
         if not isinstance(self.pad_multiple, int) or self.pad_multiple < 1:
             raise ValueError(f"TTAConfig.pad_multiple must be an int >= 1, got {self.pad_multiple!r}.")
+
+    @classmethod
+    def from_settings(
+        cls, settings: TTASettings, *, amp_dtype: torch.dtype | None = None, channels_last: bool = False
+    ) -> TTAConfig:
+        """The runtime TTA of ``settings`` with the precision chosen for the device."""
+        return cls(
+            scales=tuple(settings.scales),
+            flips=tuple(settings.flips),
+            merge=settings.merge,
+            amp_dtype=amp_dtype,
+            channels_last=channels_last,
+        )
 
     @property
     def transforms(self) -> tuple[str, ...]:
@@ -213,6 +232,50 @@ def _augmented_logits(
     return [(name, outputs[name]) for name in transforms]
 
 
+def member_term(model: nn.Module, x: Tensor, config: TTAConfig) -> Tensor:
+    """One model's mean over its views: of softmax probabilities (``mean_prob``) or of logits.
+
+    Terms of several models merge with :func:`merge_terms`; a single model's probabilities are
+    ``merge_terms([term], config)``. Runs under ``torch.inference_mode``.
+    """
+    height, width = x.shape[-2:]
+    total: Tensor | None = None
+    views = 0
+    with torch.inference_mode():
+        for scale in config.scales:
+            for _name, logits in _augmented_logits(model, x, scale, config):
+                if logits.shape[-2:] != (height, width):
+                    logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+                term = logits.softmax(dim=1) if config.merge == "mean_prob" else logits
+                # clone: the first term may be a view of a model output; never accumulate into it
+                total = term.clone() if total is None else total.add_(term)
+                views += 1
+    if total is None:  # unreachable: config validation guarantees >= 1 scale and transform
+        raise RuntimeError("member_term ran no views.")
+    return total.div_(views)
+
+
+def merge_terms(terms: Sequence[Tensor], config: TTAConfig, weights: Sequence[float] | None = None) -> Tensor:
+    """Probabilities from members' terms: their (weighted) mean, then a softmax for ``mean_logit``."""
+    if not terms:
+        raise ValueError("merge_terms got no terms: pass at least one model's term.")
+    if weights is None:
+        weights = [1.0] * len(terms)
+    if len(weights) != len(terms) or any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(
+            f"weights={list(weights)} must be {len(terms)} non-negative numbers with a positive sum."
+        )
+    total = sum(w / sum(weights) * term for w, term in zip(weights, terms, strict=True))
+    assert isinstance(total, Tensor)
+    return total if config.merge == "mean_prob" else total.softmax(dim=1)
+
+
+def _check_input(x: Tensor) -> None:
+    if not isinstance(x, Tensor) or x.ndim != 4 or not x.is_floating_point():
+        got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"tta_predict needs a float tensor (B,C,H,W), got {got}; cast with x.float().")
+
+
 def tta_predict(models: Sequence[nn.Module], x: Tensor, config: TTAConfig | None = None) -> Tensor:
     """Average class probabilities of every model over every (scale, transform) view.
 
@@ -233,25 +296,6 @@ def tta_predict(models: Sequence[nn.Module], x: Tensor, config: TTAConfig | None
     models = list(models)
     if not models:
         raise ValueError("tta_predict got no models: pass at least one nn.Module.")
-    if not isinstance(x, Tensor) or x.ndim != 4 or not x.is_floating_point():
-        got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"tta_predict needs a float tensor (B,C,H,W), got {got}; cast with x.float().")
-    height, width = x.shape[-2:]
-    total: Tensor | None = None
-    views = 0
+    _check_input(x)
     with torch.inference_mode():
-        for model in models:
-            for scale in config.scales:
-                for _name, logits in _augmented_logits(model, x, scale, config):
-                    if logits.shape[-2:] != (height, width):
-                        logits = F.interpolate(
-                            logits, size=(height, width), mode="bilinear", align_corners=False
-                        )
-                    term = logits.softmax(dim=1) if config.merge == "mean_prob" else logits
-                    # clone: the first term may be a view of a model output; never accumulate into it
-                    total = term.clone() if total is None else total.add_(term)
-                    views += 1
-        if total is None:  # unreachable: config validation guarantees >= 1 scale and transform
-            raise RuntimeError("tta_predict ran no views.")
-        mean = total.div_(views)
-        return mean if config.merge == "mean_prob" else mean.softmax(dim=1)
+        return merge_terms([member_term(model, x, config) for model in models], config)

@@ -151,6 +151,9 @@ def write_probabilities(
     """Write class probabilities (K, H, W) as a K-band GeoTIFF.
 
     Args:
+        path: Output GeoTIFF (written atomically).
+        probabilities: ``(K, H, W)`` float probabilities; NaN marks nodata.
+        profile_like: A rasterio profile (or dataset ``.profile``) whose CRS and transform to copy.
         dtype: ``"float32"`` (NaN marks nodata) or ``"uint8"`` (probabilities scaled to 0..255,
             a quarter of the size; NaN is written as 0).
     """

@@ -1,5 +1,8 @@
-"""Scores of one confusion matrix: per-class and mean IoU/Dice/precision/recall, accuracy, FWIoU, kappa,
-and pooled positive-class scores (the conventions are in the ``seg_pipeline.metrics`` docstring)."""
+"""Scores of one confusion matrix, per class and macro-averaged, plus pooled positive-class scores.
+
+IoU, Dice, precision, recall, accuracy, FWIoU and kappa; the conventions are in the
+``seg_pipeline.metrics`` docstring.
+"""
 
 from __future__ import annotations
 
@@ -42,6 +45,7 @@ class SegmentationMetrics:
 
     @property
     def num_classes(self) -> int:
+        """Number of classes ``K`` of the matrix."""
         return int(self.matrix.shape[0])
 
     @classmethod
@@ -138,6 +142,7 @@ class SegmentationMetrics:
 
 
 def positive_index(positive_classes: Iterable[int], num_classes: int, name: str) -> np.ndarray:
+    """The sorted positive class ids, checked to be non-empty and (with ``num_classes``) in range."""
     classes = np.unique(np.asarray(list(positive_classes), dtype=np.int64))
     if classes.size == 0:
         raise ValueError(f"{name} is empty; name at least one class id, e.g. range(1, num_classes).")

@@ -76,7 +76,7 @@ def save_checkpoint(path: str | Path, state: Mapping[str, Any], check_plain: boo
     """
     target = Path(path)
     payload = to_plain(state) if check_plain else state
-    with atomic_write(target) as tmp, open(tmp, "xb") as handle:
+    with atomic_write(target, keep_suffix=False) as tmp, open(tmp, "xb") as handle:
         torch.save(payload, handle)
         handle.flush()
         os.fsync(handle.fileno())
@@ -90,7 +90,7 @@ def link_or_copy(source: str | Path, target: str | Path) -> Path:
     directory entry), so later saves to ``source`` do not change ``target``.
     """
     source, target = Path(source), Path(target)
-    with atomic_write(target) as tmp:
+    with atomic_write(target, keep_suffix=False) as tmp:
         try:
             os.link(source, tmp)
         except OSError:
@@ -167,6 +167,7 @@ def load_model_weights(
         path: a checkpoint written by the training loop or a ``torch.save(state_dict)`` file.
         prefer_ema: use the EMA weights when the checkpoint has them, because those are the weights
             that were evaluated (and selected ``best.pt``) when EMA was enabled.
+        map_location: where tensors are loaded (``torch.load``'s argument).
 
     Returns:
         The full checkpoint dict (for ``model_spec``, ``metrics``, ...).

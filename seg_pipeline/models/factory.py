@@ -1,8 +1,8 @@
 """SMP model factory and the segmentation wrapper used everywhere else (DESIGN F10).
 
-The factory turns a small, JSON-friendly :class:`ModelSpec` (what gets stored in checkpoints
-and MLflow params) into a :class:`SegmentationModel`: an ``nn.Module`` that wraps a
-segmentation-models-pytorch network, accepts any input height/width, and adds the inference
+The factory turns a small, JSON-friendly :class:`~seg_pipeline.settings.training.ModelSpec` (what
+checkpoints and MLflow params store) into a :class:`SegmentationModel`: an ``nn.Module`` that wraps
+a segmentation-models-pytorch network, accepts any input height/width, and adds the inference
 helpers the pipeline needs (probabilities, class map, and patch-level detection derived from
 the segmentation, as in seed 003: "detection comes from segmentation for free").
 """
@@ -10,36 +10,19 @@ the segmentation, as in seed 003: "detection comes from segmentation for free").
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
-from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from collections.abc import Iterator
 
 import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Name -> SMP class, restricted to the architectures that work with the usual CNN encoders
-# (resnet*, efficientnet-*, mobilenet_v2, ...). SMP 0.6 also ships DPT, which only accepts timm
-# ViT encoders ("tu-vit_*") with a fixed image size, so it is left out on purpose.
+from seg_pipeline.settings.training import SMP_CLASS_NAMES, ModelSpec, check_arch_kwargs
+
+#: Name -> SMP class of every architecture the schema allows (``settings.training.SMP_CLASS_NAMES``).
 ARCHITECTURES: dict[str, type[nn.Module]] = {
-    name: cls
-    for name, cls in {
-        "unet": getattr(smp, "Unet", None),
-        "unetplusplus": getattr(smp, "UnetPlusPlus", None),
-        "deeplabv3": getattr(smp, "DeepLabV3", None),
-        "deeplabv3plus": getattr(smp, "DeepLabV3Plus", None),
-        "fpn": getattr(smp, "FPN", None),
-        "pspnet": getattr(smp, "PSPNet", None),
-        "linknet": getattr(smp, "Linknet", None),
-        "manet": getattr(smp, "MAnet", None),
-        "pan": getattr(smp, "PAN", None),
-        "upernet": getattr(smp, "UPerNet", None),
-        "segformer": getattr(smp, "Segformer", None),
-    }.items()
-    if cls is not None  # older SMP versions lack some (UPerNet/Segformer arrived in 0.4/0.5)
+    name: getattr(smp, cls_name) for name, cls_name in SMP_CLASS_NAMES.items() if hasattr(smp, cls_name)
 }
 
 # Some decoders pool the deepest feature map several more times and break on small inputs.
@@ -48,143 +31,8 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
 _MIN_SIDE_IN_STRIDES: dict[str, int] = {"pan": 8}
 
 
-def _valid_encoder_names() -> list[str]:
-    return sorted(smp.encoders.get_encoder_names())
-
-
-def _is_known_encoder(name: str) -> bool:
-    if name in smp.encoders.get_encoder_names():
-        return True
-    if name.startswith("tu-"):  # any timm backbone through SMP's TimmUniversalEncoder
-        import timm
-
-        return bool(timm.is_model(name.removeprefix("tu-")))
-    return False
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Everything needed to rebuild a model; saved next to the weights in every checkpoint.
-
-    Attributes:
-        architecture: Key of :data:`ARCHITECTURES` (``unet``, ``deeplabv3plus``, ``segformer``, ...).
-        encoder: SMP encoder name (``resnet34``, ``efficientnet-b0``, ``mobilenet_v2``, ``tu-<timm>``).
-        in_channels: Input bands, e.g. 3 for RGB or 7 for Sentinel-2 patches; SMP adapts the
-            first convolution for values other than 3.
-        num_classes: Output classes including background. At least 2: the wrapper uses softmax,
-            so binary segmentation is ``num_classes=2`` (background, foreground).
-        encoder_weights: ``None`` (random init, works offline; the default) or a pretrained
-            weight name such as ``"imagenet"``, which SMP downloads on first use.
-        positive_classes: Classes that count as "positive" for patch-level detection (e.g.
-            fire grades 1..4). ``None`` means every class > 0.
-        arch_kwargs: Extra keyword arguments passed verbatim to the SMP class
-            (``decoder_channels``, ``encoder_depth``, ``encoder_output_stride``, ...). Keep values
-            JSON-friendly (numbers, strings, lists) so the spec round-trips through checkpoints.
-    """
-
-    architecture: str = "unet"
-    encoder: str = "resnet34"
-    in_channels: int = 3
-    num_classes: int = 2
-    encoder_weights: str | None = None
-    positive_classes: tuple[int, ...] | None = None
-    arch_kwargs: dict[str, Any] = field(default_factory=dict, hash=False)
-
-    def __post_init__(self) -> None:
-        architecture = str(self.architecture).strip().lower()
-        if architecture not in ARCHITECTURES:
-            raise ValueError(
-                f"ModelSpec.architecture={self.architecture!r} is unknown; "
-                f"use one of {sorted(ARCHITECTURES)}."
-            )
-        object.__setattr__(self, "architecture", architecture)
-        if not _is_known_encoder(self.encoder):
-            raise ValueError(
-                f"ModelSpec.encoder={self.encoder!r} is unknown to segmentation_models_pytorch "
-                f"{smp.__version__}; use one of {_valid_encoder_names()} or 'tu-<timm model name>'."
-            )
-        if int(self.in_channels) < 1:
-            raise ValueError(f"ModelSpec.in_channels={self.in_channels} must be >= 1 (number of bands).")
-        if int(self.num_classes) < 2:
-            raise ValueError(
-                f"ModelSpec.num_classes={self.num_classes} must be >= 2 (background + at least one "
-                "class); binary segmentation is num_classes=2."
-            )
-        if self.positive_classes is not None:
-            positives = tuple(int(c) for c in self.positive_classes)
-            bad = [c for c in positives if not 0 <= c < self.num_classes]
-            if not positives or bad:
-                raise ValueError(
-                    f"ModelSpec.positive_classes={self.positive_classes!r} must be a non-empty list of "
-                    f"class indices in [0, {self.num_classes - 1}]; out of range: {bad}."
-                )
-            object.__setattr__(self, "positive_classes", positives)
-        if not isinstance(self.arch_kwargs, Mapping):
-            raise ValueError(f"ModelSpec.arch_kwargs must be a dict, got {type(self.arch_kwargs).__name__}.")
-        object.__setattr__(self, "arch_kwargs", dict(self.arch_kwargs))  # no aliasing with the caller
-        self._check_arch_kwargs()
-
-    def _check_arch_kwargs(self) -> None:
-        """Reject keys the SMP class would silently swallow (its ``**kwargs`` go to the encoder)."""
-        owned = {"encoder_name", "encoder_weights", "in_channels", "classes"}
-        # aux_params adds a classification head (forward would return a tuple); activation would
-        # turn logits into probabilities. Both break the wrapper's contract.
-        forbidden = owned | {"aux_params", "activation"}
-        bad = sorted(set(self.arch_kwargs) & forbidden)
-        if bad:
-            raise ValueError(
-                f"ModelSpec.arch_kwargs sets {bad}; set encoder/in_channels/num_classes/encoder_weights "
-                "through the spec's own fields, and leave aux_params/activation unset (logits only)."
-            )
-        if self.encoder.startswith("tu-"):  # extra kwargs are forwarded to timm: let timm judge
-            return
-        signature = inspect.signature(ARCHITECTURES[self.architecture].__init__)
-        accepted = (
-            {
-                name
-                for name, parameter in signature.parameters.items()
-                if parameter.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
-            }
-            - {"self"}
-            - forbidden
-        )
-        unknown = sorted(set(self.arch_kwargs) - accepted)
-        if unknown:
-            raise ValueError(
-                f"ModelSpec.arch_kwargs has keys {unknown} that {self.architecture} does not accept; "
-                f"valid keys are {sorted(accepted)}."
-            )
-
-    @property
-    def resolved_positive_classes(self) -> tuple[int, ...]:
-        """The positive classes, with the default (all classes > 0) filled in."""
-        if self.positive_classes is not None:
-            return self.positive_classes
-        return tuple(range(1, self.num_classes))
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly dict (tuples become lists) for checkpoints and MLflow params."""
-        data = asdict(self)
-        if data["positive_classes"] is not None:
-            data["positive_classes"] = list(data["positive_classes"])
-        return data
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ModelSpec:
-        """Inverse of :meth:`to_dict`; unknown keys raise so typos in configs are not ignored."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(
-                f"ModelSpec.from_dict got unknown keys {unknown}; valid keys are {sorted(known)}."
-            )
-        values = dict(data)
-        if values.get("positive_classes") is not None:
-            values["positive_classes"] = tuple(values["positive_classes"])
-        return cls(**values)
-
-
 def _build_smp_network(spec: ModelSpec) -> nn.Module:
+    check_arch_kwargs(spec)
     arch_class = ARCHITECTURES[spec.architecture]
     try:
         return arch_class(

@@ -54,17 +54,21 @@ class CheckpointManager:
 
     @property
     def last_path(self) -> Path:
+        """``last.pt``: written every epoch (what resume reads)."""
         return self.directory / "last.pt"
 
     @property
     def best_path(self) -> Path:
+        """``best.pt``: the epoch with the best monitored score."""
         return self.directory / "best.pt"
 
     @property
     def final_path(self) -> Path:
+        """``final.pt``: the state at the end of training."""
         return self.directory / "final.pt"
 
     def epoch_path(self, epoch: int) -> Path:
+        """``epoch-NNNN.pt`` of ``epoch``."""
         return self.directory / f"epoch-{epoch:04d}.pt"
 
     def is_improvement(self, score: float) -> bool:
@@ -102,6 +106,7 @@ class CheckpointManager:
         return save_checkpoint(self.final_path, state)
 
     def state_dict(self) -> dict[str, Any]:
+        """What resume needs: best score and epoch, patience counter, monitor."""
         return {
             "best_score": self.best_score,
             "best_epoch": self.best_epoch,

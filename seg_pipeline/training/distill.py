@@ -1,4 +1,4 @@
-"""Stage-2 knowledge distillation objective (F18), pluggable into :func:`training.loop.fit`.
+"""Stage-2 knowledge distillation objective (F18), an objective of the :class:`~.trainer.Trainer`.
 
 ``alpha*CE + (1-alpha)*T^2*KL`` from :class:`~seg_pipeline.training.losses.KnowledgeDistillationLoss`,
 with:
@@ -149,6 +149,7 @@ class DistillationObjective:
     def __call__(
         self, model: nn.Module, batch: Mapping[str, Any], epoch: int
     ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The KD (or, during warmup, CE-only) loss of one batch and its logged parts."""
         kd_enabled = epoch > self.warmup_epochs
         image, mask = batch["image"], batch["mask"]
         total = image.new_zeros((), dtype=torch.float32)

@@ -33,6 +33,7 @@ class DistributedInfo:
 
     @property
     def is_distributed(self) -> bool:
+        """Whether more than one rank trains."""
         return self.world_size > 1
 
 

@@ -76,6 +76,7 @@ class CrossEntropyTerm(nn.Module):
         self.register_buffer("class_weights", class_weights)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy over the valid pixels (zero, still in the graph, when none is valid)."""
         if not (target != self.ignore_index).any():
             return _zero_like_graph(logits)
         return F.cross_entropy(
@@ -101,6 +102,7 @@ class SoftmaxFocalTerm(nn.Module):
         self.register_buffer("class_weights", class_weights)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Softmax focal loss over the valid pixels."""
         valid = target != self.ignore_index
         if not valid.any():
             return _zero_like_graph(logits)
@@ -132,6 +134,7 @@ class OneHotBceTerm(nn.Module):
         self.register_buffer("class_weights", class_weights)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean BCE over classes and valid pixels of one-hot targets."""
         valid = target != self.ignore_index
         if not valid.any():
             return _zero_like_graph(logits)
@@ -156,6 +159,7 @@ class SmpTerm(nn.Module):
         self.ignore_index = ignore_index
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The SMP loss, or a graph-connected zero when every pixel is ignored."""
         if not (target != self.ignore_index).any():
             return _zero_like_graph(logits)
         return self.smp_loss(logits, target)

@@ -185,10 +185,16 @@ def build_scheduler(
         name: ``cosine`` (linear warmup + cosine to ``min_lr``), ``step`` (warmup, then multiply by
             ``gamma`` every ``step_size`` epochs), ``plateau`` (``ReduceLROnPlateau`` on the monitored
             metric) or ``none``.
-        epochs, steps_per_epoch: optimizer steps per epoch (after gradient accumulation), see
-            ``loop.optimizer_steps_per_epoch``.
+        epochs: length of the run in epochs.
+        steps_per_epoch: optimizer steps per epoch (after gradient accumulation), see
+            ``training.steps.optimizer_steps_per_epoch``.
         warmup_epochs: linear warmup length, may be fractional; not supported with ``plateau``.
         min_lr: floor for the *base* LR; groups with multipliers keep the same ratio.
+        step_size: ``step``: epochs between LR drops.
+        gamma: ``step``: LR factor at each drop.
+        plateau_factor: ``plateau``: LR factor when the monitored metric stalls.
+        plateau_patience: ``plateau``: epochs without improvement before a drop.
+        plateau_mode: ``plateau``: ``max`` or ``min`` for the monitored metric.
     """
     key = name.lower()
     if key not in SCHEDULER_NAMES:

@@ -10,7 +10,6 @@ import torch
 import torchvision.transforms.functional as TF
 
 from seg_pipeline.data.augment import (
-    AugmentConfig,
     Augmenter,
     TwoViews,
     color_transform,
@@ -19,8 +18,16 @@ from seg_pipeline.data.augment import (
     swap_hw,
 )
 from seg_pipeline.data.normalization import BandStats, normalize
+from seg_pipeline.settings import AugmentSettings
 
 IGNORE = 255
+
+
+def _plain(**fields: object) -> AugmentSettings:
+    """Augmentation with only the ops named (the settings' defaults are a light colour recipe)."""
+    return AugmentSettings(**{**dict(brightness=0.0, contrast=0.0, saturation=0.0, noise_std=0.0), **fields})
+
+
 GEOMETRIC_ONLY = dict(brightness=0.0, contrast=0.0, saturation=0.0, noise_std=0.0)
 NO_GEOMETRY = dict(hflip_p=0.0, vflip_p=0.0, rot90=False)
 
@@ -60,12 +67,12 @@ def test_swap_hw_on_odd_sizes() -> None:
 @pytest.mark.parametrize(
     "config",
     [
-        AugmentConfig(hflip_p=0.5, vflip_p=0.5, rot90=True, **GEOMETRIC_ONLY),
-        AugmentConfig(crop_size=16, **GEOMETRIC_ONLY),
+        _plain(hflip_p=0.5, vflip_p=0.5, rot90=True, **GEOMETRIC_ONLY),
+        _plain(crop_size=16, **GEOMETRIC_ONLY),
     ],
     ids=["d4", "crop"],
 )
-def test_geometric_ops_keep_image_and_mask_aligned(config: AugmentConfig) -> None:
+def test_geometric_ops_keep_image_and_mask_aligned(config: AugmentSettings) -> None:
     rng = np.random.default_rng(1)
     image, mask = _image_like_mask(rng)
     augmenter = Augmenter(config, seed=0)
@@ -81,7 +88,7 @@ def test_geometric_ops_keep_image_and_mask_aligned(config: AugmentConfig) -> Non
 def test_scale_crop_resamples_mask_nearest_and_stays_aligned() -> None:
     blocks = np.kron(np.arange(16, dtype=np.uint8).reshape(4, 4) % 6, np.ones((8, 8), dtype=np.uint8))
     image = np.stack([blocks, blocks, blocks]).astype(np.uint8)
-    config = AugmentConfig(scale_range=(0.6, 1.6), crop_size=24, **GEOMETRIC_ONLY)
+    config = _plain(scale_range=(0.6, 1.6), crop_size=24, **GEOMETRIC_ONLY)
     augmenter = Augmenter(config, seed=3)
     for _ in range(10):
         out_image, out_mask = augmenter(image, blocks, stats=_identity_stats())
@@ -102,7 +109,7 @@ def test_scale_crop_resamples_mask_nearest_and_stays_aligned() -> None:
 def test_photometric_ops_never_touch_the_mask() -> None:
     rng = np.random.default_rng(2)
     image, mask = _image_like_mask(rng)
-    config = AugmentConfig(
+    config = _plain(
         brightness=0.5, contrast=0.5, saturation=0.5, noise_std=0.5, noise_p=1.0, **NO_GEOMETRY
     )
     augmenter = Augmenter(config, seed=0)
@@ -118,7 +125,7 @@ def test_disabled_is_identity() -> None:
     rng = np.random.default_rng(3)
     image, mask = _image_like_mask(rng)
     stats = BandStats((100.0, 90.0, 80.0), (50.0, 40.0, 30.0))
-    out_image, out_mask = Augmenter(AugmentConfig.disabled(), seed=4)(image, mask, stats=stats)
+    out_image, out_mask = Augmenter(AugmentSettings.off(), seed=4)(image, mask, stats=stats)
     expected = (image - np.array(stats.mean)[:, None, None]) / np.array(stats.std)[:, None, None]
     np.testing.assert_allclose(out_image.numpy(), expected, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(out_mask.numpy(), mask)
@@ -127,7 +134,7 @@ def test_disabled_is_identity() -> None:
 def test_same_seed_same_output_different_seed_differs() -> None:
     rng = np.random.default_rng(4)
     image, mask = _image_like_mask(rng)
-    config = AugmentConfig.light(noise_p=1.0)
+    config = AugmentSettings(noise_p=1.0)
 
     def run(seed: int) -> list[torch.Tensor]:
         augmenter = Augmenter(config, seed=seed)
@@ -147,7 +154,7 @@ def test_same_seed_same_output_different_seed_differs() -> None:
 def test_augmenter_survives_pickling_with_its_stream() -> None:
     import pickle
 
-    augmenter = Augmenter(AugmentConfig.light(noise_p=1.0), seed=7)
+    augmenter = Augmenter(AugmentSettings(noise_p=1.0), seed=7)
     image, mask = _image_like_mask(np.random.default_rng(5))
     augmenter(image, mask)
     clone = pickle.loads(pickle.dumps(augmenter))
@@ -157,7 +164,7 @@ def test_augmenter_survives_pickling_with_its_stream() -> None:
 def test_saturation_matches_torchvision() -> None:
     rng = np.random.default_rng(6)
     image = rng.integers(0, 256, size=(3, 16, 16), dtype=np.uint8)
-    augmenter = Augmenter(AugmentConfig(saturation=0.4, **NO_GEOMETRY), seed=0)
+    augmenter = Augmenter(_plain(saturation=0.4, **NO_GEOMETRY), seed=0)
     for key in range(6):
         augmenter.reseed(key)
         factor = augmenter.sample_params(3, 16, 16).saturation
@@ -172,7 +179,7 @@ def test_colour_matrix_equals_fused_path() -> None:
     rng = np.random.default_rng(7)
     image = rng.integers(0, 256, size=(3, 8, 8), dtype=np.uint8)
     stats = BandStats((100.0, 90.0, 80.0), (50.0, 40.0, 30.0))
-    augmenter = Augmenter(AugmentConfig(brightness=0.3, contrast=0.3, saturation=0.3, **NO_GEOMETRY), seed=1)
+    augmenter = Augmenter(_plain(brightness=0.3, contrast=0.3, saturation=0.3, **NO_GEOMETRY), seed=1)
     augmenter.reseed(0)
     params = augmenter.sample_params(3, 8, 8)
     augmenter.reseed(0)
@@ -192,16 +199,16 @@ def test_colour_matrix_equals_fused_path() -> None:
 
 def test_multiband_photometric_is_per_band_without_saturation() -> None:
     image = np.full((7, 8, 8), 100, dtype=np.uint16)
-    augmenter = Augmenter(AugmentConfig(brightness=0.5, **NO_GEOMETRY), seed=0)
+    augmenter = Augmenter(_plain(brightness=0.5, **NO_GEOMETRY), seed=0)
     out, _ = augmenter(image, None, stats=_identity_stats(7))
     per_band = out[:, 0, 0]
     assert len(set(per_band.tolist())) == 7  # one brightness factor per band
     assert torch.equal(out, per_band[:, None, None].expand(7, 8, 8))
-    rgb, _ = Augmenter(AugmentConfig(brightness=0.5, **NO_GEOMETRY), seed=0)(
+    rgb, _ = Augmenter(_plain(brightness=0.5, **NO_GEOMETRY), seed=0)(
         np.full((3, 8, 8), 100, np.uint8), None, stats=_identity_stats(3)
     )
     assert len(set(rgb[:, 0, 0].tolist())) == 1  # RGB shares one factor
-    saturation_only = Augmenter(AugmentConfig(saturation=0.9, **NO_GEOMETRY), seed=0)
+    saturation_only = Augmenter(_plain(saturation=0.9, **NO_GEOMETRY), seed=0)
     varied = np.random.default_rng(0).integers(0, 1000, size=(7, 8, 8)).astype(np.uint16)
     out, _ = saturation_only(varied, None, stats=_identity_stats(7))
     np.testing.assert_allclose(out.numpy(), varied.astype(np.float32))
@@ -211,7 +218,7 @@ def test_multiband_photometric_is_per_band_without_saturation() -> None:
 def test_noise_is_zero_mean_with_drawn_sigma(bank: int) -> None:
     image = np.full((3, 64, 64), 10, dtype=np.uint8)
     augmenter = Augmenter(
-        AugmentConfig(noise_std=0.5, noise_p=1.0, noise_bank_size=bank, **NO_GEOMETRY), seed=0
+        _plain(noise_std=0.5, noise_p=1.0, noise_bank_size=bank, **NO_GEOMETRY), seed=0
     )
     augmenter.reseed(1)
     sigma = augmenter.sample_params(3, 64, 64).noise_sigma[0]
@@ -227,7 +234,7 @@ def test_nodata_follows_the_geometry() -> None:
     image, mask = _image_like_mask(rng)
     invalid = np.zeros(mask.shape, dtype=bool)
     invalid[:, :5] = True
-    augmenter = Augmenter(AugmentConfig(**GEOMETRIC_ONLY), seed=2)
+    augmenter = Augmenter(_plain(**GEOMETRIC_ONLY), seed=2)
     for _ in range(8):
         out_image, out_mask = augmenter(image, mask, stats=_identity_stats(), invalid=invalid)
         ignored = out_mask == IGNORE
@@ -239,7 +246,7 @@ def test_nodata_follows_the_geometry() -> None:
 def test_two_views_differ_and_each_is_aligned() -> None:
     rng = np.random.default_rng(9)
     image, mask = _image_like_mask(rng)
-    views = TwoViews(Augmenter(AugmentConfig(**GEOMETRIC_ONLY), seed=1))
+    views = TwoViews(Augmenter(_plain(**GEOMETRIC_ONLY), seed=1))
     differ = False
     for _ in range(4):
         out = views(image, mask, stats=_identity_stats())
@@ -267,7 +274,7 @@ def test_derive_seed_is_stable() -> None:
 )
 def test_bad_config_names_the_field(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
-        AugmentConfig(**kwargs)
+        _plain(**kwargs)
 
 
 def test_band_mismatch_is_rejected() -> None:

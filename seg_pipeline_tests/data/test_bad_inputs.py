@@ -17,10 +17,11 @@ import pandas as pd
 import pytest
 from rasterio.transform import Affine
 
+from seg_pipeline.settings import SettingsError, ShardSettings, SplitSettings
 from seg_pipeline.data.headers import STATUS_OK, STATUS_QUARANTINED, HeaderResult, build_headers
-from seg_pipeline.data.shards import ShardConfig, ShardError, read_shard_index, write_shards
+from seg_pipeline.data.shards import ShardError, read_shard_index, write_shards
 from seg_pipeline.data.spec import DatasetSpec, DatasetSpecError
-from seg_pipeline.data.splits import SplitConfig, SplitError, assign_splits
+from seg_pipeline.data.splits import SplitError, assign_splits
 
 MakeDataset = Callable[..., Path]
 WriteRaster = Callable[..., Path]
@@ -36,7 +37,7 @@ class Dataset:
     def __init__(self, root: Path, write_tif: WriteRaster) -> None:
         self.root = root
         self.write_tif = write_tif
-        self.clean = build_headers(DatasetSpec("d", root)).catalog
+        self.clean = build_headers(DatasetSpec(dataset_id="d", root=root)).catalog
         assert self.clean["item_id"].tolist() == GOOD_IDS and (self.clean["status"] == STATUS_OK).all()
 
     def image(self, name: str, array: np.ndarray | None = None, **kwargs: object) -> Path:
@@ -48,7 +49,7 @@ class Dataset:
         return self.write_tif(self.root / "masks" / f"{name}.tif", labels, **kwargs)
 
     def build(self, **spec_fields: object) -> HeaderResult:
-        return build_headers(DatasetSpec("d", self.root, **spec_fields))  # type: ignore[arg-type]
+        return build_headers(DatasetSpec(dataset_id="d", root=self.root, **spec_fields))  # type: ignore[arg-type]
 
     def assert_good_tiles_unaffected(self, result: HeaderResult, bad_id: str) -> None:
         others = result.catalog[result.catalog["item_id"] != bad_id].reset_index(drop=True)
@@ -304,7 +305,7 @@ def test_empty_dataset_folder(tmp_path: Path) -> None:
     for sub in ("images", "masks"):
         (tmp_path / "empty" / sub).mkdir(parents=True)
     with pytest.raises(DatasetSpecError, match="no raster tiles found") as caught:
-        build_headers(DatasetSpec("d", tmp_path / "empty"))
+        build_headers(DatasetSpec(dataset_id="d", root=tmp_path / "empty"))
     assert str(tmp_path / "empty") in str(caught.value)
 
 
@@ -313,9 +314,9 @@ def test_no_labeled_tiles_for_a_policy_that_needs_them(
     tmp_path: Path, make_dataset: MakeDataset, policy: str
 ) -> None:
     root = make_dataset(tmp_path / "d", rows=1, cols=3, labeled_fraction=0.0)
-    catalog = build_headers(DatasetSpec("d", root)).catalog
+    catalog = build_headers(DatasetSpec(dataset_id="d", root=root)).catalog
     with pytest.raises(SplitError, match=f"policy '{policy}' needs labeled tiles"):
-        assign_splits(catalog, SplitConfig(policy=policy))
+        assign_splits(catalog, SplitSettings(policy=policy))
 
 
 def test_fixed_policy_with_a_tile_outside_the_split_folders(tmp_path: Path, write_tif: WriteRaster) -> None:
@@ -323,9 +324,9 @@ def test_fixed_policy_with_a_tile_outside_the_split_folders(tmp_path: Path, writ
     write_tif(tmp_path / "train" / "images" / "a.tif", pixels)
     write_tif(tmp_path / "val" / "images" / "b.tif", pixels)
     stray = write_tif(tmp_path / "images" / "stray.tif", pixels)
-    catalog = build_headers(DatasetSpec("d", tmp_path)).catalog
+    catalog = build_headers(DatasetSpec(dataset_id="d", root=tmp_path)).catalog
     with pytest.raises(SplitError, match="policy 'fixed' but tile stray") as caught:
-        assign_splits(catalog, SplitConfig(policy="fixed"))
+        assign_splits(catalog, SplitSettings(policy="fixed"))
     assert str(stray) in str(caught.value)
 
 
@@ -392,36 +393,30 @@ def test_a_valid_index_row_is_accepted(shard: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("config", "field"),
+    ("fields", "message"),
     [
-        (ShardConfig(max_items_per_shard=-1), "max_items_per_shard=-1"),
-        (ShardConfig(max_items_per_shard=0), "max_items_per_shard=0"),
-        (ShardConfig(max_shard_bytes=0), "max_shard_bytes=0"),
-        (ShardConfig(tile_format="zarr"), "tile_format='zarr'"),
+        ({"max_items_per_shard": -1}, "max_items_per_shard=-1"),
+        ({"max_items_per_shard": 0}, "max_items_per_shard=0"),
+        ({"max_shard_bytes": 0}, "max_shard_bytes=0"),
+        ({"tile_format": "zarr"}, "tile_format='zarr'"),
     ],
 )
-def test_bad_shard_config(tmp_path: Path, config: ShardConfig, field: str) -> None:
-    catalog = pd.DataFrame({"item_id": ["a"], "status": [STATUS_OK]})
-    with pytest.raises(ValueError, match=field):
-        write_shards(catalog, pd.DataFrame({"item_id": ["a"], "split": ["train"]}), tmp_path / "out", config)
-    assert not (tmp_path / "out").exists()
+def test_bad_shard_settings_name_the_field(fields: dict, message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        ShardSettings.parse(fields)
 
 
 @pytest.mark.parametrize(
-    ("config", "field"),
+    ("fields", "message"),
     [
-        (SplitConfig(policy="random"), "policy='random'"),
-        (SplitConfig(metrics_fraction=1.5), "metrics_fraction=1.5"),
-        (SplitConfig(metrics_fraction=-0.1), "metrics_fraction=-0.1"),
-        (
-            SplitConfig(train_fraction=0.5, val_fraction=0.3, test_fraction=0.1),
-            r"fractions.*sum to 1.*0\.900",
-        ),
-        (SplitConfig(train_fraction=1.2, val_fraction=-0.2, test_fraction=0.0), "fractions.*>= 0"),
-        (SplitConfig(group_block_size=0.0), "group_block_size=0.0"),
+        ({"policy": "random"}, "policy='random'"),
+        ({"metrics_fraction": 1.5}, "metrics_fraction=1.5"),
+        ({"metrics_fraction": -0.1}, "metrics_fraction=-0.1"),
+        ({"train_fraction": 0.5, "val_fraction": 0.3, "test_fraction": 0.1}, r"fractions.*sum to 1.*0\.900"),
+        ({"train_fraction": 1.2, "val_fraction": -0.2, "test_fraction": 0.0}, "train_fraction=1.2"),
+        ({"group_block_size": 0.0}, "group_block_size=0.0"),
     ],
 )
-def test_bad_split_config(config: SplitConfig, field: str) -> None:
-    catalog = pd.DataFrame({"item_id": ["a"], "status": [STATUS_OK], "has_label": [True]})
-    with pytest.raises(SplitError, match=field):
-        assign_splits(catalog, config)
+def test_bad_split_settings_name_the_field(fields: dict, message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        SplitSettings.parse(fields)

@@ -41,7 +41,7 @@ def _read(path: Path | str) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def demo_headers(demo_dataset: Path) -> HeaderResult:
-    return build_headers(DatasetSpec("demo", demo_dataset), workers=2)
+    return build_headers(DatasetSpec(dataset_id="demo", root=demo_dataset), workers=2)
 
 
 @pytest.fixture
@@ -114,7 +114,7 @@ def test_nodata_fraction_band_stats_and_ignored_pixels(
     hand_made: tuple[Path, np.ndarray, np.ndarray],
 ) -> None:
     root, image, _mask = hand_made
-    row = build_headers(DatasetSpec("d", root)).catalog.iloc[0]
+    row = build_headers(DatasetSpec(dataset_id="d", root=root)).catalog.iloc[0]
 
     assert row["status"] == STATUS_OK
     assert row["nodata"] == 0
@@ -131,7 +131,7 @@ def test_nodata_fraction_band_stats_and_ignored_pixels(
 def test_mask_of_only_ignore_pixels_is_unlabeled(tmp_path: Path, write_tif: WriteRaster) -> None:
     write_tif(tmp_path / "images" / "a.tif", np.ones((1, 16, 16), np.uint8))
     write_tif(tmp_path / "masks" / "a.tif", np.full((16, 16), 255, np.uint8))
-    row = build_headers(DatasetSpec("d", tmp_path, class_names=("bg", "fg"))).catalog.iloc[0]
+    row = build_headers(DatasetSpec(dataset_id="d", root=tmp_path, class_names=("bg", "fg"))).catalog.iloc[0]
     assert row["status"] == STATUS_OK
     assert not row["has_label"]
     assert list(row["class_counts"]) == [0, 0]
@@ -140,7 +140,7 @@ def test_mask_of_only_ignore_pixels_is_unlabeled(tmp_path: Path, write_tif: Writ
 def test_without_class_names_the_class_set_is_inferred(tmp_path: Path, make_dataset: MakeDataset) -> None:
     root = make_dataset(tmp_path / "d", rows=1, cols=2)
     (root / "classes.txt").unlink()
-    result = build_headers(DatasetSpec("d", root))
+    result = build_headers(DatasetSpec(dataset_id="d", root=root))
     top = max(int(_read(p).max()) for p in (root / "masks").glob("*.tif"))
     assert result.class_names == tuple(f"class_{i}" for i in range(top + 1))
     assert any("no class names" in w for w in result.warnings)
@@ -155,7 +155,7 @@ def test_catalog_parquet_round_trip(demo_headers: HeaderResult, tmp_path: Path) 
 
 
 def test_same_input_gives_same_content_hash_and_identical_parquet(demo_dataset: Path, tmp_path: Path) -> None:
-    spec = DatasetSpec("demo", demo_dataset)
+    spec = DatasetSpec(dataset_id="demo", root=demo_dataset)
     first, second = build_headers(spec, workers=1), build_headers(spec, workers=2)
     assert first.content_hash() == second.content_hash()
     a = write_catalog(first.catalog, tmp_path / "a.parquet", first.class_names)
@@ -197,7 +197,7 @@ def read_spy(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 def _build(root: Path, catalog_path: Path, **spec_fields: object) -> HeaderResult:
     previous = catalog_path if catalog_path.exists() else None
-    result = build_headers(DatasetSpec("d", root, **spec_fields), previous_catalog=previous)  # type: ignore[arg-type]
+    result = build_headers(DatasetSpec(dataset_id="d", root=root, **spec_fields), previous_catalog=previous)  # type: ignore[arg-type]
     write_catalog(result.catalog, catalog_path, result.class_names)
     return result
 

@@ -1,4 +1,4 @@
-"""LoaderConfig validation and DataLoader construction (knobs, worker seeding, cache wiring)."""
+"""LoaderSettings validation and DataLoader construction (knobs, worker seeding, cache wiring)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,16 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from seg_pipeline.data.augment import AugmentConfig, Augmenter
+from seg_pipeline.settings import LoaderSettings
+from seg_pipeline.data.augment import Augmenter
+from seg_pipeline.settings import AugmentSettings
 from seg_pipeline.data.datasets import (
     GeoPatchDataset,
     PatchSizeBatchSampler,
     ShardIterableDataset,
     ShardMapDataset,
 )
-from seg_pipeline.data.loaders import LoaderConfig, build_eval_loader, build_train_loader, seed_worker
+from seg_pipeline.data.loaders import build_eval_loader, build_train_loader, seed_worker
 from seg_pipeline.data.raster_io import write_geotiff
 from seg_pipeline_tests.data.test_shard_datasets import build_sharded_dataset
 
@@ -37,11 +39,11 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict:
 )
 def test_bad_config_names_the_field(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
-        LoaderConfig(**kwargs)
+        LoaderSettings(**kwargs)
 
 
 def test_defaults_follow_seed_000() -> None:
-    assert LoaderConfig().to_dict() == {
+    assert LoaderSettings().model_dump() == {
         "num_workers": 0,
         "prefetch_factor": 2,
         "persistent_workers": False,
@@ -54,17 +56,17 @@ def test_defaults_follow_seed_000() -> None:
 
 def test_worker_knobs_only_with_workers(data: dict) -> None:
     dataset = ShardMapDataset(data["dirs"][("npy", 3)], "train", stats=data["stats"])
-    main = build_eval_loader(dataset, LoaderConfig(num_workers=0, prefetch_factor=4, persistent_workers=True))
+    main = build_eval_loader(dataset, LoaderSettings(num_workers=0, prefetch_factor=4, persistent_workers=True))
     assert main.prefetch_factor is None and main.persistent_workers is False
     workers = build_eval_loader(
-        dataset, LoaderConfig(num_workers=2, prefetch_factor=4, persistent_workers=True)
+        dataset, LoaderSettings(num_workers=2, prefetch_factor=4, persistent_workers=True)
     )
     assert (workers.num_workers, workers.prefetch_factor, workers.persistent_workers) == (2, 4, True)
 
 
 def test_eval_loader_keeps_order_and_completeness(data: dict) -> None:
     dataset = ShardMapDataset(data["dirs"][("npy", 3)], "train", stats=data["stats"])
-    loader = build_eval_loader(dataset, LoaderConfig(num_workers=2, batch_size=5))
+    loader = build_eval_loader(dataset, LoaderSettings(num_workers=2, batch_size=5))
     assert [i for batch in loader for i in batch["item_id"]] == dataset.item_ids
     batch = next(iter(loader))
     assert batch["image"].shape == (5, 3, 32, 32) and batch["mask"].dtype == torch.int64
@@ -74,7 +76,7 @@ def test_train_loader_shuffles_map_dataset_reproducibly(data: dict) -> None:
     dataset = ShardMapDataset(data["dirs"][("npy", 3)], "train", stats=data["stats"])
 
     def order(seed: int) -> list[str]:
-        loader = build_train_loader(dataset, LoaderConfig(batch_size=4), seed=seed)
+        loader = build_train_loader(dataset, LoaderSettings(batch_size=4), seed=seed)
         return [i for batch in loader for i in batch["item_id"]]
 
     assert order(1) == order(1) != order(2)
@@ -98,7 +100,7 @@ class _Draws(Dataset):
 
 def test_workers_seeded_distinctly_and_reproducibly() -> None:
     def draws(seed: int) -> dict[int, tuple[int, int]]:
-        loader = build_eval_loader(_Draws(), LoaderConfig(num_workers=2, batch_size=1), seed=seed)
+        loader = build_eval_loader(_Draws(), LoaderSettings(num_workers=2, batch_size=1), seed=seed)
         out = {}
         for batch in loader:
             out.setdefault(int(batch["worker"]), (int(batch["np"]), int(batch["torch"])))
@@ -119,15 +121,15 @@ def test_seed_worker_differs_by_rank() -> None:
 
 def test_cache_knobs_reach_the_dataset(data: dict) -> None:
     dataset = ShardIterableDataset(data["dirs"][("npy", 3)], "train", stats=data["stats"])
-    build_train_loader(dataset, LoaderConfig(cache_mode="lru", cache_max_items=3))
+    build_train_loader(dataset, LoaderSettings(cache_mode="lru", cache_max_items=3))
     assert dataset.cache is not None and dataset.cache.max_items == 3
     with pytest.warns(UserWarning, match="persistent_workers"):
-        build_train_loader(dataset, LoaderConfig(num_workers=2, cache_mode="lru"))
+        build_train_loader(dataset, LoaderSettings(num_workers=2, cache_mode="lru"))
 
 
 def test_lru_loader_reads_each_tile_once_across_epochs(data: dict) -> None:
     dataset = ShardIterableDataset(data["dirs"][("npy", 1)], "train", stats=data["stats"])
-    loader = build_train_loader(dataset, LoaderConfig(batch_size=4, cache_mode="lru"))
+    loader = build_train_loader(dataset, LoaderSettings(batch_size=4, cache_mode="lru"))
     for epoch in range(3):
         dataset.set_epoch(epoch)
         assert sorted(i for batch in loader for i in batch["item_id"]) == data["ids"]
@@ -137,10 +139,10 @@ def test_lru_loader_reads_each_tile_once_across_epochs(data: dict) -> None:
 @pytest.mark.parametrize("workers", [0, 2])
 def test_batch_mode_equals_per_sample_path(data: dict, workers: int) -> None:
     """Raw batches finished in the main process equal samples augmented one by one in workers."""
-    kwargs = dict(stats=data["stats"], augmenter=Augmenter(AugmentConfig.light(noise_p=1.0)), shuffle=False)
+    kwargs = dict(stats=data["stats"], augmenter=Augmenter(AugmentSettings(noise_p=1.0)), shuffle=False)
     batched = ShardIterableDataset(data["dirs"][("npy", 3)], "train", batch_size=4, **kwargs)
     plain = ShardIterableDataset(data["dirs"][("npy", 3)], "train", **kwargs)
-    config = LoaderConfig(batch_size=4, num_workers=workers)
+    config = LoaderSettings(batch_size=4, num_workers=workers)
 
     def by_item(loader) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         out = {}
@@ -155,7 +157,7 @@ def test_batch_mode_equals_per_sample_path(data: dict, workers: int) -> None:
     for item_id in a:
         assert torch.equal(a[item_id][0], b[item_id][0]) and torch.equal(a[item_id][1], b[item_id][1])
     with pytest.raises(ValueError, match="batch_size"):
-        build_train_loader(batched, LoaderConfig(batch_size=8))
+        build_train_loader(batched, LoaderSettings(batch_size=8))
 
 
 def test_batch_mode_two_views(data: dict) -> None:
@@ -163,11 +165,11 @@ def test_batch_mode_two_views(data: dict) -> None:
         data["dirs"][("npy", 3)],
         "train",
         stats=data["stats"],
-        augmenter=Augmenter(AugmentConfig.light()),
+        augmenter=Augmenter(AugmentSettings()),
         two_views=True,
         batch_size=4,
     )
-    batch = next(iter(build_train_loader(dataset, LoaderConfig(batch_size=4))))
+    batch = next(iter(build_train_loader(dataset, LoaderSettings(batch_size=4))))
     assert batch["image_view1"].shape == batch["image_view2"].shape == (4, 3, 32, 32)
     assert batch["image"] is batch["image_view1"]
     assert not torch.equal(batch["image_view1"], batch["image_view2"])
@@ -183,8 +185,8 @@ def test_train_loader_with_patch_size_batch_sampler(tmp_path) -> None:
     dataset = GeoPatchDataset([path], patch_sizes=(16, 32), samples_per_epoch=12)
     sampler = dataset.batch_sampler(3)
     assert isinstance(sampler, PatchSizeBatchSampler) and len(sampler) == 4
-    loader = build_train_loader(dataset, LoaderConfig(num_workers=2), batch_sampler=sampler)
+    loader = build_train_loader(dataset, LoaderSettings(num_workers=2), batch_sampler=sampler)
     shapes = [tuple(batch["image"].shape) for batch in loader]
     assert shapes == [(3, 3, s, s) for s in sampler.batch_sizes()]
     with pytest.raises(ValueError, match="cache_mode"):
-        build_train_loader(dataset, LoaderConfig(cache_mode="lru"), batch_sampler=sampler)
+        build_train_loader(dataset, LoaderSettings(cache_mode="lru"), batch_sampler=sampler)

@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from seg_pipeline.data.augment import AugmentConfig, Augmenter
+from seg_pipeline.data.augment import Augmenter
+from seg_pipeline.settings import AugmentSettings
 from seg_pipeline.data.patches import GeoPatchDataset, PatchSizeBatchSampler
 from seg_pipeline.data.raster_io import write_geotiff
 
@@ -78,7 +79,7 @@ def test_patch_size_constant_per_batch_and_varies(rasters: dict) -> None:
         patch_sizes=(32, 48, 64),
         samples_per_epoch=48,
         seed=2,
-        augmenter=Augmenter(AugmentConfig.light()),
+        augmenter=Augmenter(AugmentSettings()),
     )
     sampler = PatchSizeBatchSampler(len(dataset), 4, dataset.patch_sizes, seed=3)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=2)

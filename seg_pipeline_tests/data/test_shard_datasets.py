@@ -13,12 +13,14 @@ import rasterio
 import torch
 from torch.utils.data import DataLoader
 
-from seg_pipeline.data.augment import AugmentConfig, Augmenter
+from seg_pipeline.settings import ShardSettings
+from seg_pipeline.data.augment import Augmenter
+from seg_pipeline.settings import AugmentSettings
 from seg_pipeline.data.headers import STATUS_OK, build_headers
 from seg_pipeline.data.normalization import BandStats, band_stats_from_catalog
 from seg_pipeline.data.raster_io import write_geotiff
 from seg_pipeline.data.shard_datasets import ShardIterableDataset, ShardMapDataset
-from seg_pipeline.data.shards import ShardConfig, read_shard_index, shard_dirs, write_shards
+from seg_pipeline.data.shards import read_shard_index, shard_dirs, write_shards
 from seg_pipeline.data.spec import DatasetSpec
 from seg_pipeline.data.synthetic import SyntheticSpec, write_synthetic_dataset
 
@@ -41,7 +43,7 @@ def build_sharded_dataset(root: Path, *, rows: int = 4, cols: int = 4, tile_size
     for fmt in ("npy", "tif"):
         for per_shard in (1, 3, 16):
             out = root / f"{fmt}_{per_shard}"
-            write_shards(catalog, splits, out, ShardConfig(tile_format=fmt, max_items_per_shard=per_shard))
+            write_shards(catalog, splits, out, ShardSettings(tile_format=fmt, max_items_per_shard=per_shard))
             dirs[(fmt, per_shard)] = out
     return {
         "catalog": catalog,
@@ -161,7 +163,7 @@ def test_nan_pixels_are_ignored(tmp_path: Path) -> None:
     write_geotiff(raw / "masks" / "a.tif", np.ones((16, 16), np.uint8), **geo)
     catalog = build_headers(DatasetSpec(dataset_id="n", root=raw)).catalog
     splits = pd.DataFrame({"item_id": ["a"], "split": "train"})
-    write_shards(catalog, splits, tmp_path / "s", ShardConfig(tile_format="npy"))
+    write_shards(catalog, splits, tmp_path / "s", ShardSettings(tile_format="npy"))
     sample = ShardMapDataset(tmp_path / "s", "train", stats=BandStats((0.5, 0.5), (0.25, 0.25)))[0]
     ignored = sorted(map(tuple, np.argwhere(sample["mask"].numpy() == IGNORE)))
     assert ignored == [(3, 4), (5, 6)]
@@ -171,7 +173,7 @@ def test_nan_pixels_are_ignored(tmp_path: Path) -> None:
 
 
 def test_npy_and_tif_shards_give_identical_tensors(data: dict) -> None:
-    kwargs = dict(stats=data["stats"], augmenter=Augmenter(AugmentConfig.light(), seed=2), seed=9)
+    kwargs = dict(stats=data["stats"], augmenter=Augmenter(AugmentSettings(), seed=2), seed=9)
     npy = ShardMapDataset(data["dirs"][("npy", 3)], "train", **kwargs)
     tif = ShardMapDataset(data["dirs"][("tif", 3)], "train", **kwargs)
     assert npy.item_ids == tif.item_ids
@@ -188,7 +190,7 @@ def test_augmentation_depends_on_item_not_worker(data: dict) -> None:
             data["dirs"][("npy", per_shard)],
             "train",
             stats=data["stats"],
-            augmenter=Augmenter(AugmentConfig.light()),
+            augmenter=Augmenter(AugmentSettings()),
         )
         loader = DataLoader(dataset, batch_size=None, num_workers=workers)
         return {s["item_id"]: s["image"] for s in loader}
@@ -203,7 +205,7 @@ def test_two_views_and_drop_unlabeled(data: dict) -> None:
         data["dirs"][("npy", 3)],
         "train",
         stats=data["stats"],
-        augmenter=Augmenter(AugmentConfig.light()),
+        augmenter=Augmenter(AugmentSettings()),
         two_views=True,
         drop_unlabeled=True,
     )

@@ -16,10 +16,11 @@ import pandas as pd
 import pytest
 import rasterio
 
+from seg_pipeline.settings import SplitSettings
 from seg_pipeline.data.headers import HeaderResult, build_headers
 from seg_pipeline.data.shards import (
     MANIFEST_NAME,
-    ShardConfig,
+    ShardSettings,
     ShardError,
     read_manifest,
     read_shard_index,
@@ -27,7 +28,7 @@ from seg_pipeline.data.shards import (
     write_shards,
 )
 from seg_pipeline.data.spec import DatasetSpec
-from seg_pipeline.data.splits import SplitConfig, assign_splits
+from seg_pipeline.data.splits import assign_splits
 from seg_pipeline.io import is_temp
 
 MakeDataset = Callable[..., Path]
@@ -58,8 +59,8 @@ def _one_split(headers: HeaderResult, split: str = "train") -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def demo(demo_dataset: Path) -> tuple[HeaderResult, pd.DataFrame]:
-    result = build_headers(DatasetSpec("demo", demo_dataset))
-    return result, assign_splits(result.catalog, SplitConfig(policy="v0", seed=DEMO_SPLIT_SEED))
+    result = build_headers(DatasetSpec(dataset_id="demo", root=demo_dataset))
+    return result, assign_splits(result.catalog, SplitSettings(policy="v0", seed=DEMO_SPLIT_SEED))
 
 
 def test_layout_and_manifest(demo: tuple[HeaderResult, pd.DataFrame], tmp_path: Path) -> None:
@@ -121,7 +122,7 @@ def test_max_items_per_shard_bounds_shard_sizes(
 ) -> None:
     headers, _ = demo
     manifest = write_shards(
-        headers.catalog, _one_split(headers), tmp_path / "d", ShardConfig(max_items_per_shard=5)
+        headers.catalog, _one_split(headers), tmp_path / "d", ShardSettings(max_items_per_shard=5)
     )
     assert [s["items"] for s in manifest["splits"]["train"]] == [5, 5, 2]
     dirs = shard_dirs(tmp_path / "d", "train")
@@ -133,7 +134,7 @@ def test_max_items_per_shard_bounds_shard_sizes(
 def test_max_shard_bytes_bounds_shard_sizes(demo: tuple[HeaderResult, pd.DataFrame], tmp_path: Path) -> None:
     headers, _ = demo
     smallest_tile = int(headers.catalog["image_size"].min())
-    config = ShardConfig(max_shard_bytes=smallest_tile)  # each tile exceeds it with its mask: one per shard
+    config = ShardSettings(max_shard_bytes=smallest_tile)  # each tile exceeds it with its mask: one per shard
     manifest = write_shards(headers.catalog, _one_split(headers), tmp_path / "d", config)
     assert [s["items"] for s in manifest["splits"]["train"]] == [1] * 12
 
@@ -142,12 +143,12 @@ def test_same_input_gives_a_byte_identical_manifest(
     demo: tuple[HeaderResult, pd.DataFrame], tmp_path: Path
 ) -> None:
     headers, splits = demo
-    again = assign_splits(headers.catalog, SplitConfig(policy="v0", seed=DEMO_SPLIT_SEED))
+    again = assign_splits(headers.catalog, SplitSettings(policy="v0", seed=DEMO_SPLIT_SEED))
     write_shards(headers.catalog, splits, tmp_path / "first" / "demo")
     write_shards(headers.catalog, again, tmp_path / "second" / "demo")
     first = (tmp_path / "first" / "demo" / MANIFEST_NAME).read_bytes()
     assert first == (tmp_path / "second" / "demo" / MANIFEST_NAME).read_bytes()
-    other_seed = assign_splits(headers.catalog, SplitConfig(policy="v0", seed=DEMO_SPLIT_SEED + 1))
+    other_seed = assign_splits(headers.catalog, SplitSettings(policy="v0", seed=DEMO_SPLIT_SEED + 1))
     write_shards(headers.catalog, other_seed, tmp_path / "third" / "demo")
     assert (tmp_path / "third" / "demo" / MANIFEST_NAME).read_bytes() != first
 
@@ -156,7 +157,7 @@ def test_rerun_rewrites_nothing_and_keeps_the_data_version(
     demo: tuple[HeaderResult, pd.DataFrame], tmp_path: Path
 ) -> None:
     headers, splits = demo
-    config = ShardConfig(max_items_per_shard=3)
+    config = ShardSettings(max_items_per_shard=3)
     first = write_shards(headers.catalog, splits, tmp_path / "d", config)
     n_shards = sum(len(s) for s in first["splits"].values())
     assert first["stats"] == {"shards_written": n_shards, "shards_reused": 0}
@@ -172,8 +173,8 @@ def test_rerun_rewrites_nothing_and_keeps_the_data_version(
 
 
 def _pipeline(root: Path, out: Path, previous: Path | None = None, **shard_fields: object) -> dict:
-    headers = build_headers(DatasetSpec("d", root), previous_catalog=previous)
-    return write_shards(headers.catalog, _one_split(headers), out, ShardConfig(**shard_fields))  # type: ignore[arg-type]
+    headers = build_headers(DatasetSpec(dataset_id="d", root=root), previous_catalog=previous)
+    return write_shards(headers.catalog, _one_split(headers), out, ShardSettings(**shard_fields))  # type: ignore[arg-type]
 
 
 def test_changing_one_tile_rewrites_only_its_shard(
@@ -207,12 +208,12 @@ def test_changing_one_tile_rewrites_only_its_shard(
 def test_stale_shards_and_splits_are_removed(demo: tuple[HeaderResult, pd.DataFrame], tmp_path: Path) -> None:
     headers, splits = demo
     out = tmp_path / "d"
-    write_shards(headers.catalog, splits, out, ShardConfig(max_items_per_shard=2))
+    write_shards(headers.catalog, splits, out, ShardSettings(max_items_per_shard=2))
     assert (out / "val" / "shard-00002").is_dir()
     assert (out / "metrics_train").is_dir()
-    supervised = assign_splits(headers.catalog, SplitConfig(policy="supervised"))
+    supervised = assign_splits(headers.catalog, SplitSettings(policy="supervised"))
 
-    manifest = write_shards(headers.catalog, supervised, out, ShardConfig(max_items_per_shard=100))
+    manifest = write_shards(headers.catalog, supervised, out, ShardSettings(max_items_per_shard=100))
 
     assert not (out / "metrics_train").exists()  # a split the new policy does not have
     on_disk = sorted(str(p.relative_to(out)) for p in out.glob("*/shard-*"))
@@ -225,7 +226,7 @@ def test_npy_tiles_hold_the_same_arrays_as_the_geotiffs(
     demo: tuple[HeaderResult, pd.DataFrame], tmp_path: Path
 ) -> None:
     headers, splits = demo
-    manifest = write_shards(headers.catalog, splits, tmp_path / "npy", ShardConfig(tile_format="npy"))
+    manifest = write_shards(headers.catalog, splits, tmp_path / "npy", ShardSettings(tile_format="npy"))
     assert manifest["tile_format"] == "npy"
     catalog = headers.catalog.set_index("item_id")
     n_checked = 0
@@ -260,7 +261,7 @@ def test_failed_write_leaves_the_previous_shard_intact(
 ) -> None:
     root = make_dataset(tmp_path / "src", rows=2, cols=3)
     out = tmp_path / "out"
-    first = build_headers(DatasetSpec("d", root))
+    first = build_headers(DatasetSpec(dataset_id="d", root=root))
     write_shards(first.catalog, _one_split(first), out)
     before = _snapshot(out)
     # The shard must be rebuilt (its first tile changed), then a later tile of it vanishes mid-way.
@@ -268,7 +269,7 @@ def test_failed_write_leaves_the_previous_shard_intact(
     with rasterio.open(changed) as src:
         transform = src.transform
     write_tif(changed, np.full((32, 32), 2, np.uint8), transform=transform)
-    second = build_headers(DatasetSpec("d", root))
+    second = build_headers(DatasetSpec(dataset_id="d", root=root))
     (root / "images" / "tile_001_002.tif").unlink()  # deleted after the headers were built
 
     with pytest.raises(OSError, match="tile_001_002"):
@@ -306,7 +307,7 @@ def test_process_killed_during_shard_writing_leaves_no_half_shard(
 
     root = make_dataset(tmp_path / "src", rows=1, cols=3)
     out = tmp_path / "out"
-    headers = build_headers(DatasetSpec("d", root))
+    headers = build_headers(DatasetSpec(dataset_id="d", root=root))
     write_shards(headers.catalog, _one_split(headers), out)
     before = _snapshot(out)
     changed = headers.catalog.copy()
@@ -357,7 +358,7 @@ from seg_pipeline.data.headers import read_catalog
 
 catalog = read_catalog(sys.argv[1])
 splits = pd.DataFrame({"item_id": sorted(catalog["item_id"]), "split": "train"})
-config = shards.ShardConfig(max_items_per_shard=8, tile_format="npy")
+config = shards.ShardSettings(max_items_per_shard=8, tile_format="npy")
 print("START", flush=True)
 shards.write_shards(catalog, splits, sys.argv[2], config, log_fn=lambda line: print(line, flush=True))
 print("DONE", flush=True)
@@ -391,11 +392,11 @@ def test_five_kills_during_shard_writing_never_show_a_half_shard_and_the_rerun_c
     from seg_pipeline.data.headers import write_catalog
 
     root = make_dataset(tmp_path / "src", rows=8, cols=8)
-    headers = build_headers(DatasetSpec("d", root))
+    headers = build_headers(DatasetSpec(dataset_id="d", root=root))
     new_catalog = headers.catalog
     old_catalog = new_catalog.copy()
     old_catalog["image_sha256"] = "0" * 64  # every old shard index differs: the writer replaces them all
-    config = ShardConfig(max_items_per_shard=8, tile_format="npy")
+    config = ShardSettings(max_items_per_shard=8, tile_format="npy")
     write_catalog(new_catalog, tmp_path / "catalog.parquet", headers.class_names)
     splits = _one_split(headers)
     write_shards(old_catalog, splits, tmp_path / "old", config)

@@ -13,7 +13,7 @@ import pytest
 from seg_pipeline.data.headers import STATUS_OK, STATUS_QUARANTINED, build_headers
 from seg_pipeline.data.spec import DatasetSpec
 from seg_pipeline.data.splits import (
-    SplitConfig,
+    SplitSettings,
     SplitError,
     assign_splits,
     duplicated_items,
@@ -62,9 +62,9 @@ def _within_3_sd(count: int, n: int, p: float) -> bool:
 
 def test_same_seed_gives_a_byte_identical_split_file(tmp_path: Path) -> None:
     catalog = _catalog(300, 50)
-    first = write_split_table(assign_splits(catalog, SplitConfig(seed=5)), tmp_path / "a.parquet")
+    first = write_split_table(assign_splits(catalog, SplitSettings(seed=5)), tmp_path / "a.parquet")
     shuffled = catalog.sample(frac=1.0, random_state=1)  # row order must not matter
-    second = write_split_table(assign_splits(shuffled, SplitConfig(seed=5)), tmp_path / "b.parquet")
+    second = write_split_table(assign_splits(shuffled, SplitSettings(seed=5)), tmp_path / "b.parquet")
     assert first.read_bytes() == second.read_bytes()
     table = read_split_table(first)
     assert list(table.columns) == ["item_id", "split", "group", "has_label", "hash_u"]
@@ -73,8 +73,8 @@ def test_same_seed_gives_a_byte_identical_split_file(tmp_path: Path) -> None:
 
 def test_different_seed_gives_a_different_assignment() -> None:
     catalog = _catalog(400)
-    first = _assignment(assign_splits(catalog, SplitConfig(seed=0)))
-    second = _assignment(assign_splits(catalog, SplitConfig(seed=1)))
+    first = _assignment(assign_splits(catalog, SplitSettings(policy="v0", seed=0)))
+    second = _assignment(assign_splits(catalog, SplitSettings(policy="v0", seed=1)))
     moved = sum(first[k] != second[k] for k in first)
     # Two independent 25/75 draws disagree with probability 2 * 0.25 * 0.75 = 0.375.
     assert _within_3_sd(moved, 400, 0.375)
@@ -83,7 +83,7 @@ def test_different_seed_gives_a_different_assignment() -> None:
 @pytest.mark.parametrize("policy", ["v0", "supervised"])
 @pytest.mark.parametrize("block", [None, 64.0])
 def test_adding_and_removing_tiles_moves_no_other_tile(policy: str, block: float | None) -> None:
-    config = SplitConfig(policy=policy, seed=3, group_block_size=block)
+    config = SplitSettings(policy=policy, seed=3, group_block_size=block)
     base = _catalog(200, 40)
     before = _assignment(assign_splits(base, config))
 
@@ -99,21 +99,21 @@ def test_adding_and_removing_tiles_moves_no_other_tile(policy: str, block: float
 
 def test_adding_ten_real_tiles_moves_none_of_the_old_ones(tmp_path: Path, make_dataset: MakeDataset) -> None:
     root = make_dataset(tmp_path / "d", rows=3, cols=4, labeled_fraction=0.75, seed=2)
-    config = SplitConfig(policy="supervised", seed=0)
-    before = _assignment(assign_splits(build_headers(DatasetSpec("d", root)).catalog, config))
+    config = SplitSettings(policy="supervised", seed=0)
+    before = _assignment(assign_splits(build_headers(DatasetSpec(dataset_id="d", root=root)).catalog, config))
     extra = make_dataset(tmp_path / "extra", rows=2, cols=5, seed=3, item_prefix="new")
     for sub in ("images", "masks"):
         for path in (extra / sub).glob("*.tif"):
             shutil.move(path, root / sub / path.name)
 
-    after = _assignment(assign_splits(build_headers(DatasetSpec("d", root)).catalog, config))
+    after = _assignment(assign_splits(build_headers(DatasetSpec(dataset_id="d", root=root)).catalog, config))
 
     assert len(before) == 12 and len(after) == 22
     assert {k: after[k] for k in before} == before
 
 
 def test_v0_policy_statistics_over_2000_labeled_tiles() -> None:
-    table = assign_splits(_catalog(2000, 500), SplitConfig(policy="v0", seed=0))
+    table = assign_splits(_catalog(2000, 500), SplitSettings(policy="v0", seed=0))
     labeled, unlabeled = table[table["has_label"]], table[~table["has_label"]]
     assert set(labeled["split"]) == {"metrics_train", "val"}
     assert _within_3_sd(int((labeled["split"] == "metrics_train").sum()), 2000, 0.25)
@@ -123,12 +123,12 @@ def test_v0_policy_statistics_over_2000_labeled_tiles() -> None:
 
 
 def test_v0_metrics_fraction_is_configurable() -> None:
-    table = assign_splits(_catalog(2000), SplitConfig(policy="v0", metrics_fraction=0.6))
+    table = assign_splits(_catalog(2000), SplitSettings(policy="v0", metrics_fraction=0.6))
     assert _within_3_sd(int((table["split"] == "metrics_train").sum()), 2000, 0.6)
 
 
 def test_supervised_policy_statistics_over_2000_labeled_tiles() -> None:
-    config = SplitConfig(policy="supervised", train_fraction=0.6, val_fraction=0.25, test_fraction=0.15)
+    config = SplitSettings(policy="supervised", train_fraction=0.6, val_fraction=0.25, test_fraction=0.15)
     table = assign_splits(_catalog(2000, 300), config)
     counts = split_counts(table)
     assert set(counts) == {"train", "val", "test", "unlabeled"}
@@ -142,14 +142,14 @@ def test_fixed_policy_uses_the_folder_split() -> None:
     catalog = _catalog(6)
     catalog["fixed_split"] = ["train", "train", "val", "test", "val", "train"]
     catalog.loc[5, "has_label"] = False
-    table = assign_splits(catalog, SplitConfig(policy="fixed"))
+    table = assign_splits(catalog, SplitSettings(policy="fixed"))
     assert table["split"].tolist() == ["train", "train", "val", "test", "val", "train"]
 
 
 def test_quarantined_tiles_get_no_split() -> None:
     catalog = _catalog(10)
     catalog.loc[[2, 7], "status"] = STATUS_QUARANTINED
-    table = assign_splits(catalog, SplitConfig())
+    table = assign_splits(catalog, SplitSettings())
     assert sorted(table["item_id"]) == sorted(catalog["item_id"].drop(index=[2, 7]))
 
 
@@ -157,13 +157,13 @@ def test_no_valid_tile_is_an_error() -> None:
     catalog = _catalog(3)
     catalog["status"] = STATUS_QUARANTINED
     with pytest.raises(SplitError, match="no valid tile"):
-        assign_splits(catalog, SplitConfig())
+        assign_splits(catalog, SplitSettings())
 
 
 def test_spatial_grouping_keeps_each_block_in_one_split() -> None:
     # 16 x 16 tiles of 16 m; 32 m blocks hold 2 x 2 tiles, so there are 64 groups of 4.
     catalog = _catalog(256, grid_cols=16)
-    table = assign_splits(catalog, SplitConfig(policy="supervised", group_block_size=32.0, seed=1))
+    table = assign_splits(catalog, SplitSettings(policy="supervised", group_block_size=32.0, seed=1))
     merged = table.merge(catalog, on="item_id")
     block_of = (
         ((merged["minx"] + 8) // 32).astype(int).astype(str)
@@ -180,7 +180,7 @@ def test_spatial_grouping_keeps_each_block_in_one_split() -> None:
 
 
 def test_without_grouping_every_tile_is_its_own_group() -> None:
-    table = assign_splits(_catalog(20), SplitConfig(group_block_size=None))
+    table = assign_splits(_catalog(20), SplitSettings(group_block_size=None))
     assert table["group"].tolist() == table["item_id"].tolist()
 
 
@@ -188,7 +188,7 @@ def test_non_georeferenced_tiles_are_grouped_by_item_id() -> None:
     catalog = _catalog(8)
     catalog["georeferenced"] = False
     catalog["crs"] = None
-    table = assign_splits(catalog, SplitConfig(group_block_size=1000.0))
+    table = assign_splits(catalog, SplitSettings(group_block_size=1000.0))
     assert table["group"].tolist() == table["item_id"].tolist()
 
 

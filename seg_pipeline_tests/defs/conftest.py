@@ -20,14 +20,22 @@ from seg_pipeline_tests.defs.cli_helpers import (
 
 @pytest.fixture(scope="session")
 def materialized_pipeline(tmp_path_factory: pytest.TempPathFactory) -> MaterializedPipeline:
-    """`dagster job execute -m seg_pipeline -j full_pipeline_job -c configs/ci.yaml`, run once."""
+    """`dagster job execute -m seg_pipeline.definitions -j full_pipeline_job -c configs/ci.yaml`, run once."""
     root = tmp_path_factory.mktemp("pipeline")
     home = new_dagster_home(root / "dagster_home")
     data_root = root / "data"
     write_demo_data(data_root)
     env = {**os.environ, "DAGSTER_HOME": str(home), "SEG_PIPELINE_DATA_ROOT": str(data_root)}
     run = dagster_cli(
-        "job", "execute", "-m", "seg_pipeline", "-j", "full_pipeline_job", "-c", "configs/ci.yaml", env=env
+        "job",
+        "execute",
+        "-m",
+        "seg_pipeline.definitions",
+        "-j",
+        "full_pipeline_job",
+        "-c",
+        "configs/ci.yaml",
+        env=env,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return MaterializedPipeline(home, data_root, run)

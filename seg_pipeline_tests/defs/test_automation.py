@@ -8,8 +8,8 @@ import dagster as dg
 import pytest
 
 from seg_pipeline.data.synthetic import SyntheticSpec, write_synthetic_dataset
-from seg_pipeline.defs import sensors
 from seg_pipeline.defs.definitions import defs
+from seg_pipeline.defs.pipeline import automation as sensors
 from seg_pipeline.defs.resources import StorageResource
 from seg_pipeline_tests.defs.cli_helpers import PIPELINE_ASSETS
 

@@ -31,7 +31,7 @@ def test_three_concurrent_runs_share_one_instance(tmp_path: Path) -> None:
         }
         procs.append(
             subprocess.Popen(
-                [str(DAGSTER), "job", "execute", "-m", "seg_pipeline", "-j", "ingest_job"],
+                [str(DAGSTER), "job", "execute", "-m", "seg_pipeline.definitions", "-j", "ingest_job"],
                 cwd=REPO,
                 env=env,
                 stdout=subprocess.PIPE,

@@ -7,22 +7,36 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from seg_pipeline.contracts import AuxiliarySet, ShardSet
 from seg_pipeline.data.synthetic import SyntheticSpec, write_synthetic_dataset
-from seg_pipeline.defs.assets.ingest import auxiliary_sources, dataset_splits, tile_headers, tile_shards
-from seg_pipeline.defs.checks import INGEST_CHECKS
+from seg_pipeline.defs.io_manager import ContractIOManager
+from seg_pipeline.defs.pipeline import ingest
 from seg_pipeline.defs.resources import StorageResource
 
-ASSETS = [tile_headers, dataset_splits, tile_shards, auxiliary_sources]
+ASSETS = [ingest.tile_headers, ingest.dataset_splits, ingest.tile_shards, ingest.auxiliary_sources]
+CHECKS = [
+    ingest.quarantine_below_threshold,
+    ingest.splits_leakage_free,
+    ingest.shards_match_headers,
+    ingest.auxiliary_quarantine_below_threshold,
+]
 
 
 def _materialize(
     data_root: Path, headers: dict | None = None, splits: dict | None = None
 ) -> dg.ExecuteInProcessResult:
     return dg.materialize(
-        [*ASSETS, *INGEST_CHECKS],
-        resources={"storage": StorageResource(data_root=str(data_root))},
+        [*ASSETS, *CHECKS],
+        resources={
+            "storage": StorageResource(data_root=str(data_root)),
+            "io_manager": ContractIOManager(base_dir=str(data_root / "storage")),
+        },
         run_config=dg.RunConfig(
-            ops={"tile_headers": {"config": headers or {}}, "dataset_splits": {"config": splits or {}}}
+            ops={
+                "tile_headers": {"config": headers or {}},
+                "dataset_splits": {"config": splits or {}},
+                "auxiliary_sources": {"config": {"datasets": [{"dataset_id": "demo_aux"}]}},
+            }
         ),
         raise_on_error=False,
     )
@@ -54,10 +68,12 @@ def test_ingest_materializes_catalog_splits_shards_and_checks_pass(data_root: Pa
         assert (processed / name).exists(), name
     checks = result.get_asset_check_evaluations()
     assert len(checks) == 4 and all(c.passed for c in checks)
-    aux = result.output_for_node("auxiliary_sources")["sources"]["demo_aux"]
-    assert aux["class_names"][0] == "unknown" and sum(aux["items"].values()) == 4
+    auxiliary = result.output_for_node("auxiliary_sources")
+    assert isinstance(auxiliary, AuxiliarySet) and [s.dataset_id for s in auxiliary.sources] == ["demo_aux"]
+    aux = auxiliary.sources[0]
+    assert aux.catalog.class_names[0] == "unknown" and sum(aux.items.values()) == 4
     shards = result.output_for_node("tile_shards")
-    assert sum(shards["items"].values()) == 12
+    assert isinstance(shards, ShardSet) and sum(shards.items.values()) == 12
     meta = result.asset_materializations_for_node("tile_headers")[0].metadata
     assert meta["tiles"].value == 12 and meta["tiles_quarantined"].value == 0
     assert "class_histogram" in meta
@@ -84,10 +100,18 @@ def test_too_many_quarantined_tiles_fail_the_blocking_check_and_stop_downstream(
     assert "not a readable raster" in reasons
 
 
-def test_bad_split_config_fails_with_the_field_name(data_root: Path) -> None:
-    result = _materialize(data_root, splits={"policy": "random"})
+def test_a_choice_outside_the_schema_is_refused_at_launch_with_the_choices(data_root: Path) -> None:
+    with pytest.raises(dg.DagsterInvalidConfigError, match="random") as caught:
+        _materialize(data_root, splits={"policy": "random"})
+    assert "supervised" in str(caught.value) and not (data_root / "processed").exists()
+
+
+def test_a_bound_violation_fails_the_run_before_any_step(data_root: Path) -> None:
+    result = _materialize(data_root, splits={"metrics_fraction": 1.5})
     assert not result.success
-    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
-    assert (
-        "policy='random': choose one of v0, supervised, fixed" in failure.step_failure_data.error.to_string()
+    assert not [e for e in result.all_events if e.event_type_value == "STEP_START"]  # nothing ran
+    failure = next(e for e in result.all_events if e.is_failure)
+    assert "dataset_splits.metrics_fraction=1.5: Input should be less than or equal to 1" in str(
+        failure.event_specific_data
     )
+    assert not (data_root / "processed").exists()

@@ -1,4 +1,4 @@
-"""`dagster job execute -m seg_pipeline -j ...` as a user runs it, against a temp DAGSTER_HOME."""
+"""`dagster job execute -m seg_pipeline.definitions -j ...` as a user runs it, against a temp DAGSTER_HOME."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from seg_pipeline_tests.defs.cli_helpers import (
 
 def _execute(job: str, home: Path, data_root: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "DAGSTER_HOME": str(home), "SEG_PIPELINE_DATA_ROOT": str(data_root)}
-    return dagster_cli("job", "execute", "-m", "seg_pipeline", "-j", job, env=env, timeout=300)
+    return dagster_cli("job", "execute", "-m", "seg_pipeline.definitions", "-j", job, env=env, timeout=300)
 
 
 def _latest_data_versions(home: Path) -> dict[str, str]:
@@ -57,7 +57,7 @@ def test_ingest_job_cli_twice_reports_same_data_versions(tmp_path: Path) -> None
 
 @pytest.mark.slow
 def test_full_pipeline_job_cli_with_the_ci_config(materialized_pipeline: MaterializedPipeline) -> None:
-    """What CI users run: `dagster job execute -m seg_pipeline -j full_pipeline_job -c configs/ci.yaml`."""
+    """What CI users run: `dagster job execute -m seg_pipeline.definitions -j full_pipeline_job -c ...`."""
     data_root = materialized_pipeline.data_root
     reports = list((data_root / "reports").glob("*/report.md"))
     assert len(reports) == 1 and "ensemble" in reports[0].read_text()

@@ -45,7 +45,7 @@ def test_queue_runs_one_gpu_tagged_run_at_a_time(tmp_path: Path) -> None:
         write_demo_data(data_root, rows=2, cols=2)
         run_config = {"resources": {"storage": {"config": {"data_root": str(data_root)}}}}
         launched = dagster_cli(
-            "job", "launch", "-m", "seg_pipeline", "-j", "ingest_job",
+            "job", "launch", "-m", "seg_pipeline.definitions", "-j", "ingest_job",
             "--config-json", json.dumps(run_config), "--tags", json.dumps(tags),
             env=env, timeout=120,
         )  # fmt: skip
@@ -54,7 +54,11 @@ def test_queue_runs_one_gpu_tagged_run_at_a_time(tmp_path: Path) -> None:
     instance = dg.DagsterInstance.from_config(str(home))
     log = (tmp_path / "daemon.log").open("w")
     daemon = subprocess.Popen(
-        [str(DAEMON), "run", "-m", "seg_pipeline"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+        [str(DAEMON), "run", "-m", "seg_pipeline.definitions"],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         assert {r.status for r in instance.get_runs()} == {dg.DagsterRunStatus.QUEUED}

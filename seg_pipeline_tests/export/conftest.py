@@ -11,15 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from seg_pipeline.data.headers import build_headers, write_catalog
-from seg_pipeline.data.shards import write_shards
-from seg_pipeline.data.spec import DatasetSpec
-from seg_pipeline.data.splits import SplitConfig, assign_splits
-from seg_pipeline.data.synthetic import TARGET_CLASSES, SyntheticSpec, write_synthetic_dataset
+from seg_pipeline.contracts import AuxiliarySet
+from seg_pipeline.data.synthetic import SyntheticSpec
 from seg_pipeline.export import ExportResult, export_model
-from seg_pipeline.models import ModelSpec
-from seg_pipeline.training.loop import TrainConfig
-from seg_pipeline.training.stages import SourceSpec, StageConfig, load_trained_model, run_stage
+from seg_pipeline.models.loading import load_trained_model
+from seg_pipeline.settings import PretrainSettings, SplitSettings
+from seg_pipeline.workflows.train import pretrain
+from seg_pipeline_tests.conftest import ingest_synthetic, tiny_stage
 from seg_pipeline_tests.export.helpers import EXAMPLE_SIZE, LINEAGE
 
 
@@ -27,27 +25,12 @@ from seg_pipeline_tests.export.helpers import EXAMPLE_SIZE, LINEAGE
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """best.pt of a one-step UNet-resnet18 stage on 32x32 synthetic shards."""
     root = tmp_path_factory.mktemp("export_stage")
-    raw = write_synthetic_dataset(
-        root / "raw" / "demo", SyntheticSpec(grid_rows=2, grid_cols=3, tile_size=32), seed=3
+    split = SplitSettings(policy="supervised", train_fraction=0.5, val_fraction=0.5, test_fraction=0.0)
+    target = ingest_synthetic(
+        root, "demo", SyntheticSpec(grid_rows=2, grid_cols=3, tile_size=32), seed=3, split=split
     )
-    headers = build_headers(DatasetSpec("demo", raw))
-    processed = root / "processed" / "demo"
-    write_catalog(headers.catalog, processed / "headers.parquet", headers.class_names)
-    splits = assign_splits(
-        headers.catalog,
-        SplitConfig(policy="supervised", train_fraction=0.5, val_fraction=0.5, test_fraction=0.0),
-    )
-    write_shards(headers.catalog, splits, processed)
-    target = SourceSpec("demo", processed, processed / "headers.parquet", TARGET_CLASSES)
-    config = StageConfig(
-        model=ModelSpec(
-            architecture="unet", encoder="resnet18", in_channels=3, num_classes=len(TARGET_CLASSES)
-        ),
-        train=TrainConfig(epochs=1, max_steps_per_epoch=1, ema_decay=None, log_every_n_steps=0),
-        warmup_epochs=0.0,
-    )
-    result = run_stage("pretrain", config, [target], target, root / "ckpt")
-    return result.best_checkpoint
+    settings = PretrainSettings.parse(tiny_stage(loop={"max_steps_per_epoch": 1}))
+    return Path(pretrain(settings, target, AuxiliarySet(data_version="none"), root / "ckpt").checkpoint)
 
 
 @pytest.fixture(scope="package")

@@ -361,16 +361,16 @@ def test_predict_raster_memory_is_bounded_by_window_rows(
 ) -> None:
     # The running buffer may hold at most one window height plus one GeoTIFF block row (256),
     # never the whole 1200-row raster.
-    from seg_pipeline.inference import tiling
+    from seg_pipeline.inference import strips
 
     buffered_rows: list[int] = []
-    original_extend = tiling._StripBuffer.extend_to
+    original_extend = strips.StripBuffer.extend_to
 
-    def recording_extend(self: tiling._StripBuffer, bottom: int) -> None:
+    def recording_extend(self: strips.StripBuffer, bottom: int) -> None:
         original_extend(self, bottom)
         buffered_rows.append(self.weights.shape[0])
 
-    monkeypatch.setattr(tiling._StripBuffer, "extend_to", recording_extend)
+    monkeypatch.setattr(strips.StripBuffer, "extend_to", recording_extend)
     image = random_image(height=1200, width=40, seed=6)
     src = write_raster(tmp_path / "tall.tif", image)
     model = pointwise_conv(classes=3)

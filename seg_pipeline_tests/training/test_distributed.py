@@ -15,8 +15,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
+from seg_pipeline.settings import LoopSettings
 from seg_pipeline.training import distributed
-from seg_pipeline.training.loop import TrainConfig, fit
+from seg_pipeline.training.trainer import fit
 
 SAMPLES = 24
 WORLD = 2
@@ -85,7 +86,7 @@ def _rank_main(rank: int, port: int, out_dir: str, uneven: bool = False) -> None
 
         lines: list[str] = []
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        config = TrainConfig(
+        config = LoopSettings(
             epochs=EPOCHS, device="cpu", amp=False, grad_accum_steps=2, ema_decay=0.9, log_every_n_steps=1
         )
         result = fit(

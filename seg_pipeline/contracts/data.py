@@ -1,0 +1,82 @@
+"""What the ingest steps hand on: the catalog of a dataset, its split table, its shards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from seg_pipeline.contracts.base import Contract
+
+
+class BandStatistics(Contract):
+    """Per-band mean and standard deviation of the valid pixels: the normalisation a model trains with."""
+
+    mean: list[float]
+    std: list[float]
+
+
+class Catalog(Contract):
+    """A dataset's header catalog and what every later step must know about its tiles.
+
+    ``class_names``, ``ignore_index``, ``bands`` and ``normalization`` are set once, at ingest, and
+    reach training, prediction and evaluation through this value, never re-typed.
+    """
+
+    dataset_id: str
+    raw_dir: str
+    catalog_path: str
+    quarantine_path: str
+    class_names: list[str]
+    ignore_index: int
+    bands: int | None = Field(description="Band count of the valid tiles (None when none is valid).")
+    normalization: BandStatistics | None
+    n_tiles: int
+    n_ok: int
+    n_labeled: int
+    n_quarantined: int
+    quarantine_limit: float = Field(description="Largest quarantined share the blocking check accepts.")
+    content_hash: str
+    warnings: list[str] = Field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (model outputs)."""
+        return len(self.class_names)
+
+
+class SplitTable(Contract):
+    """The split table of one dataset: where it is and how many tiles each split holds."""
+
+    dataset_id: str
+    splits_path: str
+    counts: dict[str, int]
+    policy: str
+    seed: int
+    grouped: bool
+    content_hash: str
+
+
+class ShardSet(Contract):
+    """Training-ready shards of one dataset, with the catalog and split table they were cut from."""
+
+    dataset_id: str
+    dataset_dir: str
+    manifest_path: str
+    catalog: Catalog
+    splits: SplitTable
+    items: dict[str, int] = Field(description="Tiles per split in the shards.")
+    tile_format: str
+    data_version: str
+
+    @property
+    def path(self) -> Path:
+        """``<processed>/<dataset>``: the folder holding the manifest and the split folders."""
+        return Path(self.dataset_dir)
+
+
+class AuxiliarySet(Contract):
+    """The auxiliary sources of stage 1, each sharded like the target; may be empty."""
+
+    sources: list[ShardSet] = Field(default_factory=list)
+    data_version: str

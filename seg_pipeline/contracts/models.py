@@ -1,0 +1,59 @@
+"""What a training stage hands on: the trained model, where its weights are, how it was tracked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from seg_pipeline.contracts.base import Contract
+from seg_pipeline.contracts.data import BandStatistics
+from seg_pipeline.settings.training import ModelSpec
+
+
+class TrackingRecord(Contract):
+    """The MLflow run of a step and, for training, the logged and registered model."""
+
+    run_id: str
+    run_url: str
+    model_uri: str | None = None
+    registered_model: str | None = None
+    registered_version: str | None = None
+
+
+class TrainedModel(Contract):
+    """A trained stage: its best checkpoint and everything inference needs to use it correctly."""
+
+    stage: str
+    checkpoint: str = Field(description="best.pt (or the last checkpoint when nothing was monitored).")
+    last_checkpoint: str | None
+    checkpoint_dir: str
+    spec: ModelSpec
+    class_names: list[str]
+    ignore_index: int
+    normalization: BandStatistics
+    monitor: str
+    best_score: float | None
+    best_epoch: int | None
+    epochs_run: int
+    stopped_early: bool
+    resumed_from_epoch: int
+    per_class_iou: dict[str, float]
+    history: list[dict[str, float]]
+    wall_time_s: float
+    images_per_s: float
+    device: str
+    precision: str
+    world_size: int = 1
+    curve_path: str | None = None
+    tracking: TrackingRecord | None = None
+
+    @property
+    def checkpoint_path(self) -> Path:
+        """The best checkpoint as a path."""
+        return Path(self.checkpoint)
+
+    @property
+    def last_epoch_logs(self) -> dict[str, float]:
+        """The logs of the last epoch that ran (empty when none did)."""
+        return dict(self.history[-1]) if self.history else {}

@@ -1,0 +1,115 @@
+"""What inference and evaluation hand on: prediction sets, the evaluation report, the champion decision."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from seg_pipeline.contracts.base import Contract
+from seg_pipeline.settings.inference import PredictSettings
+
+
+class PredictionItem(Contract):
+    """One predicted tile: its id, the image that was predicted and its ground truth (if any)."""
+
+    item_id: str
+    input: str
+    target: str | None = None
+
+
+class EnsembleMember(Contract):
+    """One model of the ensemble, and its registry entry when it has one."""
+
+    name: str
+    checkpoint: str
+    registered_model: str | None = None
+    registered_version: str | None = None
+
+
+class PredictionSet(Contract):
+    """Class maps of one split by each single model (``sets[name]``) and by the ensemble."""
+
+    split: str
+    out_root: str
+    sets: dict[str, str] = Field(description="Prediction set name -> folder of <item_id>.tif class maps.")
+    items: list[PredictionItem]
+    members: list[EnsembleMember]
+    candidate: str = Field(description="The member the champion gate may promote.")
+    class_names: list[str]
+    ignore_index: int
+    views_per_input: int
+    settings: PredictSettings
+    seconds: dict[str, float] = Field(default_factory=dict)
+
+    def member(self, name: str) -> EnsembleMember:
+        """The member called ``name``."""
+        for member in self.members:
+            if member.name == name:
+                return member
+        raise KeyError(f"no ensemble member {name!r}; members are {[m.name for m in self.members]}")
+
+    def folder(self, name: str) -> Path:
+        """The folder of prediction set ``name``."""
+        return Path(self.sets[name])
+
+
+class ModelScores(Contract):
+    """The scores of one prediction set against the ground truth (macro means skip NaN classes)."""
+
+    name: str
+    miou: float
+    mdice: float
+    mprecision: float
+    mrecall: float
+    pixel_accuracy: float
+    fwiou: float
+    kappa: float
+    iou: dict[str, float] = Field(description="Per-class IoU by class name (NaN: class absent from both).")
+
+
+class ClassDelta(Contract):
+    """Per-class IoU of the ensemble against the best single model."""
+
+    class_name: str
+    best_single: float
+    ensemble: float
+    delta: float
+
+
+class EvaluationReport(Contract):
+    """Every prediction set scored on one split, and where the report files are."""
+
+    split: str
+    report_dir: str
+    markdown: str
+    scores: list[ModelScores]
+    deltas: list[ClassDelta]
+    best_single: str
+    confusion_png: str
+    overlays: list[str]
+    run_id: str | None = None
+    run_url: str | None = None
+    miou_floor: float
+    ensemble_tolerance: float
+
+    def score(self, name: str) -> ModelScores:
+        """The scores of prediction set ``name``."""
+        for scores in self.scores:
+            if scores.name == name:
+                return scores
+        raise KeyError(f"no scores for {name!r}; scored sets are {[s.name for s in self.scores]}")
+
+
+class ChampionDecision(Contract):
+    """What the champion gate decided, and why."""
+
+    promoted: bool
+    reason: str
+    model_name: str
+    alias: str
+    candidate_version: str
+    previous_version: str | None
+    candidate_score: float
+    champion_score: float | None
+    margin: float

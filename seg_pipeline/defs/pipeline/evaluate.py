@@ -1,0 +1,203 @@
+"""Inference and evaluation assets: ensemble TTA predictions, the evaluation report, the champion gate.
+
+No ``from __future__ import annotations``: Dagster reads Config annotations at runtime.
+"""
+
+from pathlib import Path
+
+import dagster as dg
+
+from seg_pipeline.contracts import ChampionDecision, EvaluationReport, PredictionSet, ShardSet, TrainedModel
+from seg_pipeline.defs.config import dagster_config, to_settings
+from seg_pipeline.defs.failures import no_retry_for_bad_input
+from seg_pipeline.defs.metadata import link, picture, rounded, table, without_none
+from seg_pipeline.defs.resources import MlflowResource, StorageResource
+from seg_pipeline.defs.versions import code_version
+from seg_pipeline.inference.ensemble import ENSEMBLE
+from seg_pipeline.settings import ChampionSettings, EvaluationSettings, PredictSettings
+from seg_pipeline.tracking import build_run_tags
+from seg_pipeline.workflows import champion, predict, report
+
+INFERENCE_GROUP = "inference"
+EVALUATION_GROUP = "evaluation"
+REPO_DIR = Path(__file__).resolve().parents[3]
+#: The member the champion gate may promote: the KD student (a registered single model).
+CANDIDATE = "kd_student"
+
+PredictionConfig = dagster_config(PredictSettings, name="PredictionConfig")
+EvaluationConfig = dagster_config(EvaluationSettings, name="EvaluationConfig")
+ChampionConfig = dagster_config(ChampionSettings, name="ChampionConfig")
+
+
+def _run_family(context: dg.AssetExecutionContext) -> str:
+    return context.run.root_run_id or context.run.run_id
+
+
+@dg.asset(
+    group_name=INFERENCE_GROUP,
+    code_version=code_version(predict.predict_split),
+    kinds={"pytorch", "geotiff"},
+    description="Georeferenced class maps of the evaluation split by every single model and by the "
+    "ensemble (models x scales x flips, sliding windows), from one set of forward passes.",
+)
+def ensemble_predictions(
+    context: dg.AssetExecutionContext,
+    config: PredictionConfig,
+    tile_shards: ShardSet,
+    pretrained_model: TrainedModel,
+    kd_student_model: TrainedModel,
+    storage: StorageResource,
+    mlflow: MlflowResource,
+) -> dg.Output[PredictionSet]:
+    """Predict the evaluation split with each model and the TTA ensemble."""
+    with no_retry_for_bad_input():
+        value = predict.predict_split(
+            to_settings(config, PredictSettings, "ensemble_predictions"),
+            tile_shards,
+            [("pretrained", pretrained_model), (CANDIDATE, kd_student_model)],
+            CANDIDATE,
+            storage.layout.predictions_dir(_run_family(context)),
+            tracking=mlflow.settings(storage.layout),
+            log_fn=context.log.info,
+        )
+    metadata = {
+        "split": value.split,
+        "tiles": len(value.items),
+        "models": ", ".join(m.name for m in value.members),
+        "views_per_input": value.views_per_input,
+        "seconds": round(value.seconds.get("predict", 0.0), 1),
+        "predictions": dg.MetadataValue.path(value.out_root),
+    }
+    return dg.Output(value, metadata=metadata)
+
+
+def _report_metadata(value: EvaluationReport) -> dict:
+    columns = ("miou", "mdice", "pixel_accuracy", "fwiou", "kappa")
+    rows = [{"model": s.name, **{c: getattr(s, c) for c in columns}} for s in value.scores]
+    deltas = [
+        {"class": d.class_name, value.best_single: d.best_single, ENSEMBLE: d.ensemble, "delta": d.delta}
+        for d in value.deltas
+    ]
+    return without_none(
+        {
+            "report": dg.MetadataValue.path(value.markdown),
+            "comparison": table(rows),
+            "per_class_delta": table(deltas),
+            "ensemble_miou": rounded(value.score(ENSEMBLE).miou),
+            "best_single": value.best_single,
+            "best_single_miou": rounded(value.score(value.best_single).miou),
+            "mlflow_run": link(value.run_url),
+            "mlflow_run_id": value.run_id,
+            "confusion_matrix": picture(value.confusion_png),
+            "overlay": picture(value.overlays[0]) if value.overlays else None,
+        }
+    )
+
+
+@dg.asset(
+    group_name=EVALUATION_GROUP,
+    code_version=code_version(report.build_report),
+    kinds={"python", "mlflow"},
+    description="Single models vs ensemble: confusion matrix, per-class and mean IoU/Dice/precision/recall, "
+    "pixel accuracy, FWIoU, kappa; markdown report in data/reports/ and an MLflow run.",
+)
+def evaluation_report(
+    context: dg.AssetExecutionContext,
+    config: EvaluationConfig,
+    ensemble_predictions: PredictionSet,
+    storage: StorageResource,
+    mlflow: MlflowResource,
+) -> dg.Output[EvaluationReport]:
+    """Score every prediction set against the ground truth and write the report."""
+    key = context.asset_key.to_user_string()
+    tags = build_run_tags(
+        stage="evaluation",
+        pipeline_run_id=context.run.run_id,
+        asset_key=key,
+        code_version=context.assets_def.code_versions_by_key.get(context.asset_key) or "",
+        repo_dir=REPO_DIR,
+    )
+    with no_retry_for_bad_input():
+        value = report.build_report(
+            to_settings(config, EvaluationSettings, "evaluation_report"),
+            ensemble_predictions,
+            storage.layout.reports_dir(_run_family(context)),
+            tracking=mlflow.settings(storage.layout),
+            run_tags=tags,
+            log_fn=context.log.info,
+        )
+    context.log.info(
+        f"report: {value.markdown} | " + ", ".join(f"{s.name} mIoU {s.miou:.4f}" for s in value.scores)
+    )
+    return dg.Output(value, metadata=_report_metadata(value))
+
+
+@dg.asset_check(
+    asset=evaluation_report, blocking=True, description="Ensemble mIoU reaches the configured floor."
+)
+def metrics_above_floor(evaluation_report: EvaluationReport) -> dg.AssetCheckResult:
+    """A model that cannot beat the floor must not move on to the champion gate."""
+    miou = evaluation_report.score(ENSEMBLE).miou
+    return dg.AssetCheckResult(
+        passed=bool(miou >= evaluation_report.miou_floor),
+        metadata={"ensemble_miou": rounded(miou) or 0.0, "floor": evaluation_report.miou_floor},
+    )
+
+
+@dg.asset_check(
+    asset=evaluation_report,
+    blocking=True,
+    description="The ensemble is not worse than the best single model.",
+)
+def ensemble_not_worse_than_best_single(evaluation_report: EvaluationReport) -> dg.AssetCheckResult:
+    """Ensembling must pay for itself (within a tolerance)."""
+    best = evaluation_report.best_single
+    gap = evaluation_report.score(ENSEMBLE).miou - evaluation_report.score(best).miou
+    return dg.AssetCheckResult(
+        passed=bool(gap >= -evaluation_report.ensemble_tolerance),
+        metadata={
+            "ensemble_minus_best_single": rounded(gap) or 0.0,
+            "best_single": best,
+            "tolerance": evaluation_report.ensemble_tolerance,
+        },
+    )
+
+
+@dg.asset(
+    group_name=EVALUATION_GROUP,
+    code_version=code_version(champion.champion_gate),
+    kinds={"mlflow"},
+    description="Moves the MLflow 'champion' alias to the new KD student only when it beats the current "
+    "champion on the same evaluation split by the configured margin.",
+)
+def champion_model(
+    context: dg.AssetExecutionContext,
+    config: ChampionConfig,
+    ensemble_predictions: PredictionSet,
+    evaluation_report: EvaluationReport,
+    storage: StorageResource,
+    mlflow: MlflowResource,
+) -> dg.Output[ChampionDecision]:
+    """Compare candidate and champion on the fixed split; promote or keep."""
+    with no_retry_for_bad_input():
+        decision = champion.champion_gate(
+            to_settings(config, ChampionSettings, "champion_model"),
+            ensemble_predictions,
+            evaluation_report,
+            storage.layout.reports_dir(_run_family(context)) / "champion",
+            mlflow.settings(storage.layout),
+            log_fn=context.log.info,
+        )
+    context.log.info(decision.reason)
+    metadata = without_none(
+        {
+            "promoted": decision.promoted,
+            "candidate_score": rounded(decision.candidate_score),
+            "champion_score": rounded(decision.champion_score),
+            "margin": decision.margin,
+            "reason": decision.reason,
+            "model": f"{decision.model_name} v{decision.candidate_version}",
+            "previous_champion_version": decision.previous_version or "none",
+        }
+    )
+    return dg.Output(decision, metadata=metadata)

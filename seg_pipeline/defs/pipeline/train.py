@@ -1,0 +1,165 @@
+"""Training assets: stage 1 pretraining on combined sources, stage 2 KD finetuning.
+
+No ``from __future__ import annotations``: Dagster reads Config annotations at runtime.
+Each materialization is one MLflow run. The asset value is a :class:`~seg_pipeline.contracts.TrainedModel`
+(best checkpoint, MLflow run, registered version): downstream assets use that value, never "the newest
+checkpoint on disk". A retried or re-executed run resumes from the ``last.pt`` of its own run family
+(``models/<stage>/<root run id>/``).
+"""
+
+from pathlib import Path
+
+import dagster as dg
+from pydantic import Field
+
+from seg_pipeline.contracts import AuxiliarySet, ShardSet, TrainedModel
+from seg_pipeline.defs.config import dagster_config, to_settings
+from seg_pipeline.defs.failures import no_retry_for_bad_input
+from seg_pipeline.defs.metadata import link, picture, rounded, table, without_none
+from seg_pipeline.defs.resources import MlflowResource, StorageResource
+from seg_pipeline.defs.versions import code_version
+from seg_pipeline.settings import KDStageSettings, PretrainSettings
+from seg_pipeline.tracking import build_run_tags
+from seg_pipeline.workflows import train
+
+GROUP = "train"
+GPU_TAGS = {"seg_pipeline/gpu": "true"}
+REPO_DIR = Path(__file__).resolve().parents[3]
+
+
+def _dagster_only(register_as: str) -> dict:
+    """The knobs that exist only in the Dagster layer: where ranks run and the registry name."""
+    return {
+        "nproc_per_node": (
+            int,
+            Field(
+                default=1,
+                ge=1,
+                description="DDP ranks on this machine (one per GPU), started with torchrun from this step; "
+                "1 trains in the step's own process.",
+            ),
+        ),
+        "register_as": (str, Field(default=register_as, description="Registered model name in MLflow.")),
+    }
+
+
+PretrainConfig = dagster_config(
+    PretrainSettings, name="PretrainConfig", extra=_dagster_only("seg_pipeline_pretrained")
+)
+KDConfig = dagster_config(KDStageSettings, name="KDConfig", extra=_dagster_only("seg_pipeline_student"))
+
+
+def _checkpoint_dir(context: dg.AssetExecutionContext, storage: StorageResource, stage: str) -> Path:
+    """Stable across retries and re-executions of one run family, fresh for a new run."""
+    return storage.layout.models_dir(stage, context.run.root_run_id or context.run.run_id)
+
+
+def _tags(context: dg.AssetExecutionContext, data_version: str) -> dict[str, str]:
+    key = context.asset_key.to_user_string()
+    return build_run_tags(
+        stage=key,
+        pipeline_run_id=context.run.run_id,
+        asset_key=key,
+        code_version=context.assets_def.code_versions_by_key.get(context.asset_key) or "",
+        data_version=data_version,
+        repo_dir=REPO_DIR,
+    )
+
+
+def _metadata(model: TrainedModel) -> dict:
+    tracking = model.tracking
+    last = model.last_epoch_logs
+    return without_none(
+        {
+            "best_val_miou": rounded(model.best_score),
+            "best_epoch": model.best_epoch,
+            "epochs_run": model.epochs_run,
+            "resumed_from_epoch": model.resumed_from_epoch,
+            "stopped_early": model.stopped_early,
+            "wall_time_s": round(model.wall_time_s, 1),
+            "images_per_s": round(model.images_per_s, 1),
+            "device": f"{model.device} ({model.precision})",
+            "ddp_ranks": model.world_size,
+            "checkpoint": dg.MetadataValue.path(model.checkpoint),
+            "per_class_iou": table(
+                [{"class": name, "iou": iou} for name, iou in model.per_class_iou.items()]
+            ),
+            "mlflow_run": link(tracking.run_url) if tracking else None,
+            "mlflow_run_id": tracking.run_id if tracking else None,
+            "model_uri": tracking.model_uri if tracking else None,
+            "registered_version": f"{tracking.registered_model} v{tracking.registered_version}"
+            if tracking and tracking.registered_model
+            else None,
+            "ignored_fraction_last_epoch": rounded(last.get("train/ignored_fraction")),
+            "kd_share_last_epoch": rounded(last.get("train/kd")),
+            "training_curves": picture(model.curve_path),
+        }
+    )
+
+
+@dg.asset(
+    group_name=GROUP,
+    code_version=code_version(train.pretrain),
+    kinds={"pytorch", "mlflow"},
+    tags=GPU_TAGS,
+    retry_policy=dg.RetryPolicy(max_retries=1, delay=5),
+    description="Stage 1: supervised SMP model trained on the target train split plus auxiliary sources "
+    "(class-remapped), validated on the target val split; one MLflow run, registered model version.",
+)
+def pretrained_model(
+    context: dg.AssetExecutionContext,
+    config: PretrainConfig,
+    tile_shards: ShardSet,
+    auxiliary_sources: AuxiliarySet,
+    storage: StorageResource,
+    mlflow: MlflowResource,
+) -> dg.Output[TrainedModel]:
+    """Pretrain on combined sources and track it in MLflow."""
+    with no_retry_for_bad_input():
+        model = train.pretrain(
+            to_settings(config, PretrainSettings, "pretrained_model"),
+            tile_shards,
+            auxiliary_sources,
+            _checkpoint_dir(context, storage, "pretrain"),
+            tracking=mlflow.settings(storage.layout),
+            run_tags=_tags(context, tile_shards.data_version),
+            register_as=config.register_as,
+            nproc_per_node=config.nproc_per_node,
+            log_fn=context.log.info,
+        )
+    return dg.Output(model, metadata=_metadata(model))
+
+
+@dg.asset(
+    group_name=GROUP,
+    code_version=code_version(train.distill),
+    kinds={"pytorch", "mlflow"},
+    tags=GPU_TAGS,
+    retry_policy=dg.RetryPolicy(max_retries=1, delay=5),
+    description="Stage 2: KD finetune on the target from stage 1: alpha*CE + (1-alpha)*T^2*KL with teacher "
+    "confidence masking and CE-only warmup; one MLflow run, registered model version.",
+)
+def kd_student_model(
+    context: dg.AssetExecutionContext,
+    config: KDConfig,
+    tile_shards: ShardSet,
+    pretrained_model: TrainedModel,
+    storage: StorageResource,
+    mlflow: MlflowResource,
+) -> dg.Output[TrainedModel]:
+    """Distil stage 1 (plus any extra teachers) into the student on target data."""
+    with no_retry_for_bad_input():
+        model = train.distill(
+            to_settings(config, KDStageSettings, "kd_student_model"),
+            tile_shards,
+            pretrained_model,
+            _checkpoint_dir(context, storage, "kd"),
+            tracking=mlflow.settings(storage.layout),
+            run_tags=_tags(context, tile_shards.data_version),
+            register_as=config.register_as,
+            nproc_per_node=config.nproc_per_node,
+            log_fn=context.log.info,
+        )
+    metadata = _metadata(model)
+    metadata["teacher_best_val_miou"] = rounded(pretrained_model.best_score) or 0.0
+    return dg.Output(model, metadata=metadata)

@@ -1,0 +1,32 @@
+"""Settings of evaluation: how predictions are scored, the report, and the gates that use the scores."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from seg_pipeline.settings.base import Settings
+
+
+class EvaluationSettings(Settings):
+    """Scoring every prediction set against the ground truth, and the report's quality gates."""
+
+    ignore_nonpositive: bool = Field(default=False, description="Seed-000 rule: labels <= 0 are not scored.")
+    overlays: int = Field(default=3, ge=0, description="Tiles drawn as image | truth | prediction | errors.")
+    miou_floor: float = Field(
+        default=0.05, ge=0.0, le=1.0, description="Check: the ensemble mIoU must reach this."
+    )
+    ensemble_tolerance: float = Field(
+        default=0.02,
+        ge=0.0,
+        le=1.0,
+        description="Check: the ensemble may trail the best single model by this much.",
+    )
+
+
+class ChampionSettings(Settings):
+    """The gate that moves the registry alias to a new model only when it beats the current holder."""
+
+    alias: str = Field(default="champion", min_length=1, description="Registry alias the gate moves.")
+    margin: float = Field(
+        default=0.0, ge=0.0, description="Promote only when better than the champion by this mIoU."
+    )

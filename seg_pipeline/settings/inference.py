@@ -1,0 +1,76 @@
+"""Settings of prediction: test-time augmentation, sliding windows, devices and what gets written."""
+
+from __future__ import annotations
+
+from typing import Literal, Self
+
+from pydantic import Field, field_validator, model_validator
+
+from seg_pipeline.settings.base import Settings
+
+#: Names ``flips`` accepts: dihedral transforms plus ``d4`` (all 8) and ``hv`` (= rot180).
+FLIP_NAMES = ("none", "h", "v", "rot90", "rot180", "rot270", "transpose", "antitranspose", "d4", "hv")
+
+
+class TTASettings(Settings):
+    """Test-time augmentation: every model sees every scale x flip; outputs are merged."""
+
+    scales: list[float] = Field(default=[0.75, 1.0, 1.25], min_length=1, description="Resize factors.")
+    flips: list[str] = Field(
+        default=["none", "h", "v"],
+        min_length=1,
+        description="Dihedral views: none, h, v, rot90, rot180, rot270, transpose, antitranspose, d4.",
+    )
+    merge: Literal["mean_prob", "mean_logit"] = Field(
+        default="mean_prob", description="Average softmax probabilities, or average logits then softmax."
+    )
+
+    @field_validator("scales")
+    @classmethod
+    def _positive_scales(cls, value: list[float]) -> list[float]:
+        if any(not 0 < scale < float("inf") for scale in value):
+            raise ValueError("scales must be finite and > 0")
+        return value
+
+    @field_validator("flips")
+    @classmethod
+    def _known_flips(cls, value: list[str]) -> list[str]:
+        unknown = [name for name in value if name not in FLIP_NAMES]
+        if unknown:
+            raise ValueError(f"unknown transform(s) {unknown}; use any of {list(FLIP_NAMES)}")
+        return value
+
+
+class WindowSettings(Settings):
+    """Sliding windows over rasters of any size; memory depends on the window, not the raster."""
+
+    window: int = Field(default=512, ge=16, description="Window side in pixels.")
+    overlap: int = Field(
+        default=64, ge=0, description="Pixels shared by neighbouring windows (must be < window)."
+    )
+    batch_size: int = Field(default=4, ge=1, description="Windows per forward pass.")
+
+    @model_validator(mode="after")
+    def _overlap_below_window(self) -> Self:
+        if self.overlap >= self.window:
+            raise ValueError(f"overlap={self.overlap} must be smaller than window={self.window}")
+        return self
+
+
+class PredictSettings(Settings):
+    """Predicting a split (or a folder) with single models and their TTA ensemble."""
+
+    split: str = Field(default="test", description="Split to predict; falls back to 'val' when it is empty.")
+    tta: TTASettings = Field(default_factory=TTASettings, description="Test-time augmentation.")
+    windows: WindowSettings = Field(default_factory=WindowSettings, description="Sliding windows.")
+    device: Literal["auto", "cuda", "mps", "cpu"] = Field(
+        default="auto", description="Where to run the models."
+    )
+    bf16: bool = Field(default=False, description="bf16 autocast for the forward passes.")
+    extra_checkpoints: list[str] = Field(
+        default=[], description="More ensemble members: stage checkpoints or MLflow model URIs."
+    )
+    write_probabilities: bool = Field(default=False, description="Also write per-class probability GeoTIFFs.")
+    color_png: bool = Field(
+        default=True, description="Also write a colourised PNG quick-look per prediction."
+    )

@@ -1,0 +1,215 @@
+"""The evaluation report as a library call: score every prediction set, compare, write, track.
+
+Every prediction set of a :class:`~seg_pipeline.contracts.PredictionSet` (each single model and the
+ensemble) is scored against the ground truth with one confusion matrix, the ensemble is compared
+with the best single model class by class, and the report (markdown, CSVs, PNGs, metrics.json)
+goes to ``report_dir`` and, with tracking, into one MLflow run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from seg_pipeline.contracts import ClassDelta, EvaluationReport, ModelScores, PredictionSet
+from seg_pipeline.data.raster_io import read_array
+from seg_pipeline.evaluation.plots import plot_confusion_matrix, plot_overlay
+from seg_pipeline.evaluation.report import (
+    FolderEvaluation,
+    comparison_rows,
+    evaluate_pairs,
+    per_class_deltas,
+    write_confusion_csv,
+    write_json,
+    write_markdown_report,
+)
+from seg_pipeline.inference.ensemble import ENSEMBLE
+from seg_pipeline.inference.writers import default_palette
+from seg_pipeline.metrics import SegmentationMetrics
+from seg_pipeline.progress import ItemProgress
+from seg_pipeline.settings import EvaluationSettings
+from seg_pipeline.tracking import TrackingSettings, start_run
+
+LogFn = Callable[[str], None]
+
+
+def prediction_pairs(folder: Path, predictions: PredictionSet) -> list[tuple[Path, Path]]:
+    """``(class map, ground truth)`` of every predicted item, the class map taken from ``folder``."""
+    return [(folder / f"{item.item_id}.tif", Path(item.target or "")) for item in predictions.items]
+
+
+def score_sets(
+    predictions: PredictionSet, ignore_nonpositive: bool, log_fn: LogFn | None = None
+) -> dict[str, FolderEvaluation]:
+    """One confusion matrix per prediction set, with progress over all files of all sets."""
+    progress = ItemProgress(
+        f"evaluate {predictions.split}",
+        len(predictions.items) * len(predictions.sets),
+        unit="files",
+        log_fn=log_fn,
+    )
+    evaluations = {
+        name: evaluate_pairs(
+            prediction_pairs(Path(folder), predictions),
+            len(predictions.class_names),
+            predictions.ignore_index,
+            ignore_nonpositive,
+            progress=progress,
+        )
+        for name, folder in predictions.sets.items()
+    }
+    progress.done(f"{len(evaluations)} prediction sets")
+    return evaluations
+
+
+def model_scores(name: str, metrics: SegmentationMetrics, class_names: Sequence[str]) -> ModelScores:
+    """The contract form of one set's metrics."""
+    return ModelScores(
+        name=name,
+        miou=float(metrics.miou),
+        mdice=float(metrics.mdice),
+        mprecision=float(metrics.mprecision),
+        mrecall=float(metrics.mrecall),
+        pixel_accuracy=float(metrics.pixel_accuracy),
+        fwiou=float(metrics.fwiou),
+        kappa=float(metrics.kappa),
+        iou={c: float(v) for c, v in zip(class_names, metrics.iou, strict=True)},
+    )
+
+
+def _overlays(predictions: PredictionSet, report_dir: Path, count: int) -> list[Path]:
+    palette = default_palette(len(predictions.class_names))
+    paths = []
+    for item in predictions.items[:count]:
+        prediction = read_array(predictions.folder(ENSEMBLE) / f"{item.item_id}.tif")[0]
+        paths.append(
+            plot_overlay(
+                report_dir / f"overlay_{item.item_id}.png",
+                read_array(item.input),
+                read_array(item.target or "")[0],
+                prediction,
+                palette,
+                predictions.class_names,
+                f"{item.item_id} (ensemble)",
+                ignore_index=predictions.ignore_index,
+            )
+        )
+    return paths
+
+
+def _write_files(
+    predictions: PredictionSet,
+    evaluations: Mapping[str, FolderEvaluation],
+    best_single: str,
+    settings: EvaluationSettings,
+    report_dir: Path,
+) -> tuple[Path, Path, list[Path]]:
+    """CSV per set, the ensemble's confusion PNG, overlays, report.md and metrics.json."""
+    class_names = predictions.class_names
+    results = {name: ev.metrics for name, ev in evaluations.items()}
+    rows = comparison_rows(results, class_names)
+    deltas = per_class_deltas(results, class_names, ENSEMBLE, best_single)
+    for name, ev in evaluations.items():
+        write_confusion_csv(report_dir / f"confusion_{name}.csv", ev.matrix.matrix, class_names)
+    confusion_png = plot_confusion_matrix(
+        report_dir / "confusion_ensemble.png",
+        evaluations[ENSEMBLE].matrix.matrix,
+        class_names,
+        f"ensemble ({predictions.split} split, recall-normalised)",
+    )
+    overlays = _overlays(predictions, report_dir, settings.overlays)
+    best, ensemble = results[best_single], results[ENSEMBLE]
+    notes = [
+        f"split `{predictions.split}`: {len(predictions.items)} labeled tiles; models: "
+        f"{', '.join(m.name for m in predictions.members)}; "
+        f"{predictions.views_per_input} forward views per tile in the ensemble",
+        f"best single model: `{best_single}` (mIoU {best.miou:.4f}); ensemble mIoU {ensemble.miou:.4f}",
+        "macro means skip classes absent from both truth and prediction (NaN); "
+        f"{evaluations[ENSEMBLE].unpredicted_pixels} input-nodata pixels have no prediction "
+        "and are not scored",
+    ]
+    images = {"Confusion matrix (ensemble)": confusion_png.name}
+    images.update({f"Overlay {p.stem.removeprefix('overlay_')}": p.name for p in overlays})
+    markdown = write_markdown_report(
+        report_dir / "report.md",
+        title="Evaluation report",
+        rows=rows,
+        deltas=deltas,
+        class_names=class_names,
+        images=images,
+        notes=notes,
+    )
+    scores = {name: {"miou": float(m.miou), "mdice": float(m.mdice)} for name, m in results.items()}
+    write_json(
+        report_dir / "metrics.json",
+        {"scores": scores, "rows": rows, "deltas": deltas, "best_single": best_single},
+    )
+    return markdown, confusion_png, overlays
+
+
+def _track(
+    tracking: TrackingSettings, run_tags: Mapping[str, str], predictions: PredictionSet,
+    settings: EvaluationSettings, scores: Sequence[ModelScores], report_dir: Path,
+) -> tuple[str, str]:  # fmt: skip
+    with start_run(
+        tracking, run_name="evaluation", tags={**run_tags, "seg_pipeline.stage": "evaluation"}
+    ) as run:
+        run.log_params(
+            {
+                "split": predictions.split,
+                "models": [m.name for m in predictions.members],
+                "views_per_input": predictions.views_per_input,
+                "ignore_nonpositive": settings.ignore_nonpositive,
+            }
+        )
+        metrics = {}
+        for s in scores:
+            values = s.model_dump(exclude={"name", "iou"})
+            metrics.update({f"{s.name}/{key}": value for key, value in values.items()})
+            metrics.update({f"{s.name}/iou/{cls}": value for cls, value in s.iou.items()})
+        run.log_metrics({k: v for k, v in metrics.items() if np.isfinite(v)}, step=0)
+        run.log_artifact(report_dir, artifact_path="report")
+        return run.run_id, run.url
+
+
+def build_report(
+    settings: EvaluationSettings,
+    predictions: PredictionSet,
+    report_dir: Path,
+    *,
+    tracking: TrackingSettings | None = None,
+    run_tags: Mapping[str, str] | None = None,
+    log_fn: LogFn | None = None,
+) -> EvaluationReport:
+    """Score each prediction set (single models and ``ensemble``) and write the report."""
+    report_dir.mkdir(parents=True, exist_ok=True)
+    evaluations = score_sets(predictions, settings.ignore_nonpositive, log_fn)
+    singles = [name for name in evaluations if name != ENSEMBLE] or [ENSEMBLE]
+    best_single = max(singles, key=lambda name: np.nan_to_num(evaluations[name].metrics.miou, nan=-1.0))
+    markdown, confusion_png, overlays = _write_files(
+        predictions, evaluations, best_single, settings, report_dir
+    )
+    scores = [model_scores(name, ev.metrics, predictions.class_names) for name, ev in evaluations.items()]
+    run_id = run_url = None
+    if tracking is not None:
+        run_id, run_url = _track(tracking, run_tags or {}, predictions, settings, scores, report_dir)
+    best, ensemble = evaluations[best_single].metrics, evaluations[ENSEMBLE].metrics
+    return EvaluationReport(
+        split=predictions.split,
+        report_dir=str(report_dir),
+        markdown=str(markdown),
+        scores=scores,
+        deltas=[
+            ClassDelta(class_name=c, best_single=float(b), ensemble=float(e), delta=float(e - b))
+            for c, e, b in zip(predictions.class_names, ensemble.iou, best.iou, strict=True)
+        ],
+        best_single=best_single,
+        confusion_png=str(confusion_png),
+        overlays=[str(p) for p in overlays],
+        run_id=run_id,
+        run_url=run_url,
+        miou_floor=settings.miou_floor,
+        ensemble_tolerance=settings.ensemble_tolerance,
+    )

@@ -1,0 +1,338 @@
+"""One training stage as a library call, in named steps: model, data, objective, optimiser, fit, track.
+
+:class:`StageJob` holds everything a stage needs (settings, data contracts, teachers, checkpoint
+folder, tracking), is plain JSON (torchrun ranks receive it as a file) and is run by
+:func:`run_stage`. Stage 1 and stage 2 differ only in the job they build (``workflows.train``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import ConfigDict, Field
+
+from seg_pipeline.contracts import BandStatistics, ShardSet, TrackingRecord, TrainedModel
+from seg_pipeline.contracts.base import Contract
+from seg_pipeline.data.combined import InterleavedSources
+from seg_pipeline.data.loaders import build_eval_loader, build_train_loader
+from seg_pipeline.models import SegmentationModel, build_model
+from seg_pipeline.models.checkpoint import load_model_weights
+from seg_pipeline.models.loading import load_trained_model
+from seg_pipeline.progress import default_log_fn
+from seg_pipeline.settings import KDStageSettings, PretrainSettings
+from seg_pipeline.settings.training import ModelSpec
+from seg_pipeline.tracking import TrackedRun, TrackingSettings, check_tracking_uri, log_environment, start_run
+from seg_pipeline.training.distill import DistillationObjective
+from seg_pipeline.training.distributed import init_distributed, is_initialized, is_main_process, world_size
+from seg_pipeline.training.losses import KnowledgeDistillationLoss, build_loss, inverse_frequency_weights
+from seg_pipeline.training.objectives import Objective, SupervisedObjective
+from seg_pipeline.training.optim import build_optimizer, build_scheduler
+from seg_pipeline.training.plots import plot_training_curves
+from seg_pipeline.training.sources import (
+    TrainingSource,
+    band_stats,
+    build_training_data,
+    build_validation_data,
+    class_pixel_totals,
+)
+from seg_pipeline.training.steps import optimizer_steps_per_epoch
+from seg_pipeline.training.trainer import EvaluateFn, FitResult, Trainer, precision_policy
+from seg_pipeline.training.validation import make_evaluate_fn
+
+LogFn = Callable[[str], None]
+
+
+class StageJob(Contract):
+    """Everything one training stage needs besides the process it runs in."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+
+    stage: str
+    settings: KDStageSettings | PretrainSettings
+    target: ShardSet
+    sources: list[TrainingSource]
+    checkpoint_dir: str
+    spec: ModelSpec
+    init_checkpoint: str | None = None
+    teachers: list[str] = Field(default_factory=list)
+    tracking: TrackingSettings | None = None
+    run_tags: dict[str, str] = Field(default_factory=dict)
+    register_as: str | None = None
+    resume: bool = True
+
+    @property
+    def is_kd(self) -> bool:
+        """Whether this is a distillation stage (it has teachers and KD settings)."""
+        return isinstance(self.settings, KDStageSettings)
+
+
+def _prepare_process(job: StageJob) -> TrackingSettings | None:
+    """Join torchrun's process group when launched by it; rank 0 alone talks to MLflow."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_initialized():
+        init_distributed()  # NCCL on GPU, gloo on CPU
+    tracking = job.tracking if is_main_process() else None
+    if tracking is not None:
+        check_tracking_uri(tracking)  # fail before any training work
+    return tracking
+
+
+def _build_model(job: StageJob, log: LogFn) -> SegmentationModel:
+    torch.manual_seed(job.settings.loop.seed)
+    model = build_model(job.spec)
+    resuming = job.resume and (Path(job.checkpoint_dir) / "last.pt").exists()
+    if job.init_checkpoint is not None and not resuming:
+        load_model_weights(model, job.init_checkpoint, prefer_ema=True)
+        log(f"{job.stage}: initialised from {job.init_checkpoint}")
+    return model
+
+
+def _objective(job: StageJob, class_weights: torch.Tensor | None) -> Objective:
+    catalog = job.target.catalog
+    settings = job.settings
+    if not isinstance(settings, KDStageSettings):
+        loss = build_loss(
+            settings.loss.name,
+            catalog.num_classes,
+            ignore_index=catalog.ignore_index,
+            class_weights=class_weights,
+            weights=settings.loss.term_weights or None,
+            focal_gamma=settings.loss.focal_gamma,
+            label_smoothing=settings.loss.label_smoothing,
+        )
+        return SupervisedObjective(loss)
+    kd = settings.kd
+    kd_loss = KnowledgeDistillationLoss(
+        alpha=kd.alpha,
+        temperature=kd.temperature,
+        confidence_threshold=kd.confidence_threshold,
+        ignore_index=catalog.ignore_index,
+        ce_weight=class_weights,
+    )
+    objective = DistillationObjective(
+        [load_trained_model(path) for path in job.teachers],
+        kd_loss,
+        warmup_epochs=kd.warmup_epochs,
+        patch_sizes=kd.patch_sizes or None,
+        multi_scale_mode=kd.multi_scale_mode,
+        seed=settings.loop.seed,
+    )
+    return objective.to(precision_policy(settings.loop).device)
+
+
+def _train_data(job: StageJob) -> InterleavedSources:
+    catalog, settings = job.target.catalog, job.settings
+    transfer = settings.kd.transfer_split if isinstance(settings, KDStageSettings) else None
+    data = build_training_data(
+        job.sources,
+        catalog.class_names,
+        catalog.ignore_index,
+        settings,
+        include_unlabeled=transfer is not None,
+    )
+    if transfer:
+        extra = build_training_data(
+            [TrainingSource(shards=job.target, splits=[transfer])],
+            catalog.class_names,
+            catalog.ignore_index,
+            settings,
+            include_unlabeled=True,
+        )
+        data = InterleavedSources([*data.sources, *extra.sources], seed=settings.loop.seed)
+    return data
+
+
+def run_config(job: StageJob, normalization: BandStatistics) -> dict[str, Any]:
+    """The resolved run config: logged to MLflow and stored in every checkpoint (inference reads it)."""
+    catalog = job.target.catalog
+    return {
+        "stage": job.stage,
+        "config": job.settings.model_dump(),
+        "sources": [
+            {"name": s.name, "splits": list(s.splits), "class_remap": dict(s.class_remap or {})}
+            for s in job.sources
+        ],
+        "class_names": list(catalog.class_names),
+        "normalization": {"mean": list(normalization.mean), "std": list(normalization.std)},
+        "ignore_index": catalog.ignore_index,
+        "teachers": list(job.teachers),
+        "init_checkpoint": job.init_checkpoint,
+    }
+
+
+def _trainer(
+    job: StageJob, model: SegmentationModel, objective: Objective, num_samples: int, log: LogFn
+) -> Trainer:
+    settings = job.settings
+    optimizer = build_optimizer(
+        model,
+        settings.optimizer.name,
+        lr=settings.optimizer.lr,
+        weight_decay=settings.optimizer.weight_decay,
+        encoder_lr_mult=settings.optimizer.encoder_lr_mult,
+        decoder_lr_mult=settings.optimizer.decoder_lr_mult,
+    )
+    num_batches = -(-num_samples // settings.loader.batch_size)
+    steps = optimizer_steps_per_epoch(
+        num_batches, settings.loop.grad_accum_steps, settings.loop.max_steps_per_epoch
+    )
+    scheduler = build_scheduler(
+        optimizer,
+        settings.scheduler.name,
+        epochs=settings.loop.epochs,
+        steps_per_epoch=steps,
+        warmup_epochs=settings.scheduler.warmup_epochs,
+        min_lr=settings.scheduler.min_lr,
+        step_size=settings.scheduler.step_size,
+        gamma=settings.scheduler.gamma,
+        plateau_factor=settings.scheduler.plateau_factor,
+        plateau_patience=settings.scheduler.plateau_patience,
+        plateau_mode=settings.loop.mode,
+    )
+    normalization = job.target.catalog.normalization
+    assert normalization is not None  # band_stats() refused a catalog without statistics before
+    return Trainer(
+        model,
+        objective,
+        optimizer,
+        scheduler,
+        settings.loop,
+        job.checkpoint_dir,
+        model_spec=job.spec.model_dump(),
+        run_config=run_config(job, normalization),
+        log_fn=log,
+    )
+
+
+@dataclass
+class PreparedStage:
+    """A stage ready to fit: the trainer and the data it runs on."""
+
+    trainer: Trainer
+    train_loader: Any
+    val_loader: Any
+    evaluate_fn: EvaluateFn
+
+
+def prepare_stage(job: StageJob, log: LogFn) -> PreparedStage:
+    """Build model, data, objective and optimiser of ``job``; nothing has trained yet."""
+    catalog = job.target.catalog
+    normalization = band_stats(catalog.normalization, job.target.dataset_id)
+    model = _build_model(job, log)
+    train_data = _train_data(job)
+    val_data = build_validation_data(job.target, job.settings.val_split, normalization)
+    loader_settings = job.settings.loader
+    weights = None
+    if job.settings.loss.class_weighting:
+        totals = class_pixel_totals(job.sources, catalog.class_names, catalog.ignore_index)
+        weights = inverse_frequency_weights(totals, power=0.5)
+    return PreparedStage(
+        trainer=_trainer(job, model, _objective(job, weights), len(train_data), log),
+        train_loader=build_train_loader(train_data, loader_settings, seed=job.settings.loop.seed),
+        val_loader=build_eval_loader(val_data, loader_settings.replace(cache_mode="none")),
+        evaluate_fn=make_evaluate_fn(catalog.num_classes, catalog.ignore_index, catalog.class_names),
+    )
+
+
+def _result(job: StageJob, fit: FitResult, started: float, tracking: TrackingRecord | None) -> TrainedModel:
+    best = fit.best_checkpoint or fit.final_checkpoint or fit.last_checkpoint
+    if best is None:
+        raise RuntimeError(f"{job.stage}: training wrote no checkpoint in {job.checkpoint_dir}")
+    best_logs = next(
+        (h for h in fit.history if fit.best_epoch is not None and h.get("epoch") == fit.best_epoch),
+        fit.history[-1] if fit.history else {},
+    )
+    catalog = job.target.catalog
+    per_class = {
+        name: float(best_logs[f"val/iou/{name}"])
+        for name in catalog.class_names
+        if f"val/iou/{name}" in best_logs
+    }
+    curve = plot_training_curves(
+        fit.history, Path(job.checkpoint_dir) / "training_curves.png", job.settings.loop.monitor_key
+    )
+    assert catalog.normalization is not None
+    return TrainedModel(
+        stage=job.stage,
+        checkpoint=str(best),
+        last_checkpoint=None if fit.last_checkpoint is None else str(fit.last_checkpoint),
+        checkpoint_dir=job.checkpoint_dir,
+        spec=job.spec,
+        class_names=list(catalog.class_names),
+        ignore_index=catalog.ignore_index,
+        normalization=catalog.normalization,
+        monitor=job.settings.loop.monitor_key,
+        best_score=fit.best_score,
+        best_epoch=fit.best_epoch,
+        epochs_run=fit.epochs_run,
+        stopped_early=fit.stopped_early,
+        resumed_from_epoch=fit.start_epoch - 1,
+        per_class_iou=per_class,
+        history=fit.history,
+        wall_time_s=time.perf_counter() - started,
+        images_per_s=fit.images_per_s,
+        device=fit.device,
+        precision=fit.precision,
+        world_size=world_size(),
+        curve_path=None if curve is None else str(curve),
+        tracking=tracking,
+    )
+
+
+def _log_outputs(
+    run: TrackedRun, job: StageJob, model: TrainedModel, config: Mapping[str, Any]
+) -> TrackingRecord:
+    """Resolved config, best checkpoint, curves and the registered model of a finished stage."""
+    run.log_dict(dict(config), "resolved_config.json")
+    run.log_artifact(model.checkpoint, artifact_path="checkpoints")
+    if model.curve_path is not None:
+        run.log_artifact(model.curve_path, artifact_path="plots")
+    logged = run.log_model(
+        load_trained_model(model.checkpoint), artifact_path="model", registered_model_name=job.register_as
+    )
+    run.set_tags({"seg_pipeline.best_checkpoint": model.checkpoint})
+    return TrackingRecord(
+        run_id=run.run_id,
+        run_url=run.url,
+        model_uri=logged.model_uri,
+        registered_model=logged.registered_model_name,
+        registered_version=logged.registered_version,
+    )
+
+
+def run_stage(job: StageJob, log_fn: LogFn | None = None) -> TrainedModel:
+    """Train one stage in this process (a torchrun rank or the Dagster step) and track it in MLflow."""
+    log = log_fn or default_log_fn()
+    if job.is_kd and not job.teachers:
+        raise ValueError("a KD stage needs teachers (the stage-1 model or a list of models)")
+    tracking = _prepare_process(job)
+    prepared = prepare_stage(job, log)
+    trainer = prepared.trainer
+    started = time.perf_counter()
+
+    def fit() -> FitResult:
+        return trainer.fit(
+            prepared.train_loader, prepared.val_loader, prepared.evaluate_fn, resume=job.resume
+        )
+
+    if tracking is None:
+        return _result(job, fit(), started, None)
+    with start_run(
+        tracking, run_name=job.stage, tags={**job.run_tags, "seg_pipeline.stage": job.stage}
+    ) as run:
+        run.log_params({"stage": job.stage, **trainer.run_config})
+        log_environment(run)
+
+        def log_epoch(epoch: int, logs: dict[str, float]) -> None:
+            run.log_metrics({k: v for k, v in logs.items() if np.isfinite(v)}, step=epoch)
+
+        trainer.on_epoch_end = log_epoch
+        model = _result(job, fit(), started, None)
+        record = _log_outputs(run, job, model, trainer.run_config)
+    return model.model_copy(update={"tracking": record})

@@ -1,0 +1,128 @@
+"""The two training stages as library calls: stage 1 on target + auxiliary data, stage 2 KD from it.
+
+Each builds a :class:`~seg_pipeline.workflows.stage.StageJob` from settings and upstream contracts
+and launches it (in this process, or on torchrun ranks). The stage-specific rules live here: which
+sources and class remaps stage 1 trains on; that the KD student starts from the teacher's weights
+when it has the teacher's architecture, and which teachers it learns from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from seg_pipeline.contracts import AuxiliarySet, ShardSet, TrainedModel
+from seg_pipeline.settings import KDStageSettings, ModelSettings, PretrainSettings
+from seg_pipeline.settings.training import ModelSpec
+from seg_pipeline.tracking import TrackingSettings
+from seg_pipeline.training.sources import TrainingSource
+from seg_pipeline.workflows.launch import launch_stage
+from seg_pipeline.workflows.resolve import resolve_model_checkpoint
+from seg_pipeline.workflows.stage import StageJob
+
+LogFn = Callable[[str], None]
+
+
+def _spec(model: ModelSettings, target: ShardSet) -> ModelSpec:
+    catalog = target.catalog
+    if catalog.bands is None:
+        raise ValueError(
+            f"{target.dataset_id}: no valid tile, so the band count is unknown; fix the data first"
+        )
+    if catalog.num_classes < 2:
+        raise ValueError(
+            f"{target.dataset_id}: {catalog.num_classes} class ({catalog.class_names}); segmentation needs "
+            "at least 2 (background and a class): list them in classes.txt or set class_names"
+        )
+    return ModelSpec.from_settings(model, in_channels=catalog.bands, num_classes=catalog.num_classes)
+
+
+def pretraining_sources(
+    settings: PretrainSettings, target: ShardSet, auxiliary: AuxiliarySet
+) -> list[TrainingSource]:
+    """The target's train split, plus each auxiliary source's train split with its class remap."""
+    sources = [TrainingSource(shards=target, splits=["train"])]
+    if settings.use_auxiliary:
+        for aux in auxiliary.sources:
+            remap: Mapping[str, str] = settings.aux_class_remaps.get(aux.dataset_id, {})
+            sources.append(
+                TrainingSource(
+                    shards=aux, splits=["train"], class_remap={k: v or None for k, v in remap.items()}
+                )
+            )
+    return sources
+
+
+def pretrain(
+    settings: PretrainSettings,
+    target: ShardSet,
+    auxiliary: AuxiliarySet,
+    checkpoint_dir: Path,
+    *,
+    tracking: TrackingSettings | None = None,
+    run_tags: Mapping[str, str] | None = None,
+    register_as: str | None = None,
+    nproc_per_node: int = 1,
+    log_fn: LogFn | None = None,
+) -> TrainedModel:
+    """Stage 1: supervised training on the target's train split plus the auxiliary sources."""
+    job = StageJob(
+        stage="pretrain",
+        settings=settings,
+        target=target,
+        sources=pretraining_sources(settings, target, auxiliary),
+        checkpoint_dir=str(checkpoint_dir),
+        spec=_spec(settings.model, target),
+        tracking=tracking,
+        run_tags=dict(run_tags or {}),
+        register_as=register_as,
+    )
+    return launch_stage(job, nproc_per_node, log_fn)
+
+
+def student_settings(settings: KDStageSettings, teacher: TrainedModel) -> ModelSettings:
+    """The student's architecture: ``student_model`` when given, else the teacher's own."""
+    if settings.student_model is not None:
+        return settings.student_model
+    return ModelSettings(**{name: getattr(teacher.spec, name) for name in ModelSettings.model_fields})
+
+
+def distill(
+    settings: KDStageSettings,
+    target: ShardSet,
+    teacher: TrainedModel,
+    checkpoint_dir: Path,
+    *,
+    tracking: TrackingSettings | None = None,
+    run_tags: Mapping[str, str] | None = None,
+    register_as: str | None = None,
+    nproc_per_node: int = 1,
+    log_fn: LogFn | None = None,
+) -> TrainedModel:
+    """Stage 2: KD finetuning on the target, from the stage-1 teacher plus any extra teachers.
+
+    The student starts from the teacher's weights when both have the same architecture and encoder
+    (warm start); a different student (``student_model``) starts from its own initialisation.
+    """
+    student = student_settings(settings, teacher)
+    spec = _spec(student, target)
+    warm_start = (spec.architecture, spec.encoder) == (teacher.spec.architecture, teacher.spec.encoder)
+    extra = (
+        [str(resolve_model_checkpoint(ref, tracking)) for ref in settings.kd.extra_teachers]
+        if tracking
+        else [str(Path(ref)) for ref in settings.kd.extra_teachers]
+    )
+    job = StageJob(
+        stage="kd",
+        settings=settings.replace(model=student),
+        target=target,
+        sources=[TrainingSource(shards=target, splits=["train"])],
+        checkpoint_dir=str(checkpoint_dir),
+        spec=spec,
+        init_checkpoint=teacher.checkpoint if warm_start else None,
+        teachers=[teacher.checkpoint, *extra],
+        tracking=tracking,
+        run_tags=dict(run_tags or {}),
+        register_as=register_as,
+    )
+    return launch_stage(job, nproc_per_node, log_fn)
