@@ -72,7 +72,8 @@ def _common_kwargs(config: LoaderSettings, seed: int) -> dict[str, Any]:
 
 class FinishingDataLoader(DataLoader):
     """A DataLoader over a dataset in batch mode: workers yield raw batches, and iteration hands
-    out finished ones (``dataset.finish_batch``, in the main process, optionally pinned)."""
+    out finished ones (``dataset.finish_batch``, in the main process, optionally pinned).
+    """
 
     def __init__(self, dataset: Dataset, *, finish_pin_memory: bool = False, **kwargs: Any) -> None:
         if not hasattr(dataset, "finish_batch"):

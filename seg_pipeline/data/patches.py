@@ -264,6 +264,7 @@ class PatchSizeBatchSampler(Sampler[list[tuple[int, int]]]):
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
+        """Draw the patch sizes of ``epoch`` (the trainer calls this before each epoch)."""
         self.epoch = int(epoch)
 
     def __len__(self) -> int:

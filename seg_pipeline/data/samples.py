@@ -19,16 +19,10 @@ from typing import Any
 import torch
 from torch.utils.data import get_worker_info
 
-from seg_pipeline.data.augment import (
-    IDENTITY,
-    Augmenter,
-    AugmentParams,
-    geometric_stage,
-    photometric_batch,
-    write_sample,
-)
+from seg_pipeline.data.augment import IDENTITY, Augmenter, AugmentParams
 from seg_pipeline.data.normalization import BandStats
 from seg_pipeline.data.tiles import CACHE_MODES, RawTile
+from seg_pipeline.data.transforms import geometric_stage, photometric_batch, write_sample
 
 
 class _EpochState:
@@ -50,7 +44,8 @@ class _EpochState:
 
 def _buffer(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Tensor:
     """An output tensor; in a worker, ``shared`` puts it in shared memory (as ``default_collate``
-    does for its stacked batch), so the batch reaches the main process without another copy."""
+    does for its stacked batch), so the batch reaches the main process without another copy.
+    """
     if not shared or get_worker_info() is None:
         return torch.empty(shape, dtype=dtype)
     storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
@@ -188,7 +183,8 @@ def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 def _share_maps(maps: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
     """Per-sample nodata maps, each moved to shared memory; most tiles have none, so a batch-wide
-    buffer would mostly carry zeros."""
+    buffer would mostly carry zeros.
+    """
     shared: list[torch.Tensor | None] = []
     for invalid in maps:
         if invalid is None:

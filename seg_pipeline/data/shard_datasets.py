@@ -181,7 +181,8 @@ class ShardIterableDataset(_ShardDatasetBase, IterableDataset):
 
     def __len__(self) -> int:
         """Items of the split per rank (rounded up); batches in batch mode. Approximate per worker:
-        a worker yields only its part, and in batch mode each worker may end on a partial batch."""
+        a worker yields only its part, and in batch mode each worker may end on a partial batch.
+        """
         total = math.ceil(sum(len(shard) for shard in self.shards) / _distributed_position(self._position)[1])
         return total if self.batch_size is None else math.ceil(total / self.batch_size)
 

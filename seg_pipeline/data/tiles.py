@@ -123,4 +123,5 @@ class TileCache:
             self._items.popitem(last=False)
 
     def clear(self) -> None:
+        """Drop every cached tile."""
         self._items.clear()

@@ -165,6 +165,30 @@ def cosine_warmup_factor(step: int, total_steps: int, warmup_steps: int, min_rat
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def _plateau(
+    optimizer: torch.optim.Optimizer,
+    warmup_epochs: float,
+    min_lr: float,
+    factor: float,
+    patience: int,
+    mode: str,
+) -> ReduceLROnPlateau:
+    """``ReduceLROnPlateau`` on the monitored metric, stepped once per epoch."""
+    if warmup_epochs:
+        raise ValueError(f"warmup_epochs={warmup_epochs} is not supported with the plateau scheduler; use 0.")
+    if mode not in ("min", "max"):
+        raise ValueError(f"plateau_mode={mode!r} must be 'min' or 'max' (match the monitor mode).")
+    if not 0.0 < factor < 1.0:
+        raise ValueError(f"plateau_factor={factor!r} must be in (0, 1).")
+    if patience < 0:
+        raise ValueError(f"plateau_patience={patience!r} must be >= 0.")
+    scheduler = ReduceLROnPlateau(
+        optimizer, mode="min" if mode == "min" else "max", factor=factor, patience=patience, min_lr=min_lr
+    )
+    scheduler.step_interval = "epoch"  # type: ignore[attr-defined]
+    return scheduler
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer,
     name: str = "cosine",
@@ -209,23 +233,7 @@ def build_scheduler(
     if warmup_epochs >= epochs and key != "plateau":
         raise ValueError(f"warmup_epochs={warmup_epochs} must be smaller than epochs={epochs}.")
     if key == "plateau":
-        if warmup_epochs:
-            raise ValueError(
-                f"warmup_epochs={warmup_epochs} is not supported with the plateau scheduler; use 0."
-            )
-        if plateau_mode not in ("min", "max"):
-            raise ValueError(
-                f"plateau_mode={plateau_mode!r} must be 'min' or 'max' (match the monitor mode)."
-            )
-        if not 0.0 < plateau_factor < 1.0:
-            raise ValueError(f"plateau_factor={plateau_factor!r} must be in (0, 1).")
-        if plateau_patience < 0:
-            raise ValueError(f"plateau_patience={plateau_patience!r} must be >= 0.")
-        scheduler: LRScheduler | ReduceLROnPlateau = ReduceLROnPlateau(
-            optimizer, mode=plateau_mode, factor=plateau_factor, patience=plateau_patience, min_lr=min_lr
-        )
-        scheduler.step_interval = "epoch"  # type: ignore[attr-defined]
-        return scheduler
+        return _plateau(optimizer, warmup_epochs, min_lr, plateau_factor, plateau_patience, plateau_mode)
 
     base_lr = max(
         group.get("initial_lr", group["lr"]) / group.get("lr_mult", 1.0) for group in optimizer.param_groups

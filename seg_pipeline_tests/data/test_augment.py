@@ -9,14 +9,8 @@ import pytest
 import torch
 import torchvision.transforms.functional as TF
 
-from seg_pipeline.data.augment import (
-    Augmenter,
-    TwoViews,
-    color_transform,
-    d4,
-    derive_seed,
-    swap_hw,
-)
+from seg_pipeline.data.augment import Augmenter, TwoViews, derive_seed
+from seg_pipeline.data.transforms import color_transform, d4, swap_hw
 from seg_pipeline.data.normalization import BandStats, normalize
 from seg_pipeline.settings import AugmentSettings
 

@@ -1,0 +1,149 @@
+"""The header catalog: its parquet schema, one row per tile with a status, and reading/writing it.
+
+The catalog holds, per tile, the paths, geometry, bands, dtype, CRS, transform, bounds, nodata
+share, band statistics, label counts and checksums, plus ``status`` ``ok`` or ``quarantined`` with
+the reason. Its parquet metadata names the classes and the dataset settings that made it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from seg_pipeline.io import atomic_write
+
+STATUS_OK = "ok"
+STATUS_QUARANTINED = "quarantined"
+#: Pixels per read block: bounds memory for big rasters (about 16 M values at a time).
+
+CATALOG_SCHEMA = pa.schema(
+    [
+        ("item_id", pa.string()),
+        ("status", pa.string()),
+        ("reason", pa.string()),
+        ("fixed_split", pa.string()),
+        ("image_path", pa.string()),
+        ("mask_path", pa.string()),
+        ("driver", pa.string()),
+        ("width", pa.int64()),
+        ("height", pa.int64()),
+        ("bands", pa.int64()),
+        ("dtype", pa.string()),
+        ("crs", pa.string()),
+        ("transform", pa.list_(pa.float64())),
+        ("minx", pa.float64()),
+        ("miny", pa.float64()),
+        ("maxx", pa.float64()),
+        ("maxy", pa.float64()),
+        ("georeferenced", pa.bool_()),
+        ("nodata", pa.float64()),
+        ("nodata_fraction", pa.float64()),
+        ("band_mean", pa.list_(pa.float64())),
+        ("band_std", pa.list_(pa.float64())),
+        ("has_label", pa.bool_()),
+        ("labeled_fraction", pa.float64()),
+        ("class_counts", pa.list_(pa.int64())),
+        ("image_sha256", pa.string()),
+        ("mask_sha256", pa.string()),
+        ("image_size", pa.int64()),
+        ("image_mtime_ns", pa.int64()),
+        ("mask_size", pa.int64()),
+        ("mask_mtime_ns", pa.int64()),
+        ("settings_key", pa.string()),
+    ]
+)
+COLUMNS: tuple[str, ...] = tuple(CATALOG_SCHEMA.names)
+
+
+@dataclass
+class HeaderResult:
+    """The catalog plus what the build did (for metadata and logs)."""
+
+    catalog: pd.DataFrame
+    class_names: tuple[str, ...]
+    n_read: int = 0
+    n_reused: int = 0
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> pd.DataFrame:
+        """Rows that passed validation."""
+        return self.catalog[self.catalog["status"] == STATUS_OK]
+
+    @property
+    def quarantined(self) -> pd.DataFrame:
+        """Rows that failed validation, with their reasons."""
+        return self.catalog[self.catalog["status"] == STATUS_QUARANTINED]
+
+    def content_hash(self) -> str:
+        """Hash of what downstream steps depend on: used as the Dagster data version."""
+        return catalog_content_hash(self.catalog, self.class_names)
+
+    def class_histogram(self) -> dict[str, int]:
+        """Total labelled pixels per class over the OK tiles."""
+        totals = np.zeros(len(self.class_names), dtype=np.int64)
+        for counts in self.ok["class_counts"]:
+            if counts is not None and len(counts):
+                totals[: len(counts)] += np.asarray(counts, dtype=np.int64)[: len(totals)]
+        return {name: int(n) for name, n in zip(self.class_names, totals, strict=True)}
+
+
+def catalog_content_hash(catalog: pd.DataFrame, class_names: Iterable[str]) -> str:
+    """Order-independent hash of item ids, checksums, statuses and class names."""
+    digest = hashlib.sha256(json.dumps(list(class_names)).encode())
+    cols = ["item_id", "status", "image_sha256", "mask_sha256", "fixed_split"]
+    for row in catalog.sort_values("item_id")[cols].itertuples(index=False):
+        digest.update(json.dumps([None if pd.isna(v) else v for v in row]).encode())
+    return digest.hexdigest()
+
+
+def to_frame(table: pa.Table) -> pd.DataFrame:
+    """Arrow -> pandas keeping 64-bit ints exact (nullable), so mtimes in ns survive a round trip."""
+    return table.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
+
+
+def read_catalog(path: Path | str) -> pd.DataFrame:
+    """Load a catalog written by :func:`write_catalog`."""
+    return to_frame(pq.read_table(path))
+
+
+def write_catalog(
+    catalog: pd.DataFrame,
+    path: Path | str,
+    class_names: Iterable[str],
+    settings: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write the catalog as parquet atomically, with class names (and the dataset settings that
+    made it, so the catalog describes itself) in the file metadata.
+    """
+    path = Path(path)
+    table = pa.Table.from_pandas(catalog[list(COLUMNS)], schema=CATALOG_SCHEMA, preserve_index=False)
+    metadata = {"class_names": json.dumps(list(class_names))}
+    if settings is not None:
+        metadata["dataset_settings"] = json.dumps(dict(settings), sort_keys=True)
+    table = table.replace_schema_metadata(metadata)
+    with atomic_write(path) as tmp:
+        pq.write_table(table, tmp)
+    return path
+
+
+def read_catalog_settings(path: Path | str) -> dict[str, Any]:
+    """The dataset settings stored in a catalog's parquet metadata (empty for older catalogs)."""
+    meta = pq.read_schema(path).metadata or {}
+    return dict(json.loads(meta.get(b"dataset_settings", b"{}")))
+
+
+def read_catalog_class_names(path: Path | str) -> tuple[str, ...]:
+    """Class names stored in a catalog's parquet metadata."""
+    meta = pq.read_schema(path).metadata or {}
+    return tuple(json.loads(meta.get(b"class_names", b"[]")))
