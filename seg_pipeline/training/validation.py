@@ -18,8 +18,10 @@ def make_evaluate_fn(
     """An ``evaluate_fn`` for the trainer; keys are ``val/miou``, ``val/iou/<class>``, ...
 
     Prefixed here so per-class keys (which hold a ``/`` already) land under ``val/`` like the scalars.
-    Pixels whose truth is ``ignore_index`` are not scored (the same rule as the loss and the report).
+    Pixels whose truth is ``ignore_index`` are not scored (the same rule as the loss and the report);
+    an ``ignore_index`` inside the class range is never predicted, as at inference.
     """
+    suppressed = ignore_index if 0 <= ignore_index < num_classes else None
 
     @torch.inference_mode()
     def evaluate(model: nn.Module, loader: Any) -> dict[str, float]:
@@ -29,6 +31,8 @@ def make_evaluate_fn(
         model.eval()
         for batch in loader:
             logits = model(batch["image"].to(device))
+            if suppressed is not None:
+                logits[:, suppressed] = float("-inf")
             matrix.update(logits.argmax(1).cpu().numpy(), batch["mask"].numpy())
         model.train(was_training)
         metrics = matrix.compute()
