@@ -41,8 +41,12 @@ run: install $(DAGSTER_HOME)/dagster.yaml demo-data
 test: install
 	$(BIN)/pytest
 
+# Lint, format check, type check (mypy) and the layer contracts (import-linter): what .ci/run runs.
 lint: install
-	$(BIN)/ruff check . && $(BIN)/ruff format --check $(PY_DIRS)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check $(PY_DIRS)
+	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 format: install
 	$(BIN)/ruff check --fix . && $(BIN)/ruff format $(PY_DIRS)
