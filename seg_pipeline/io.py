@@ -47,7 +47,7 @@ def _remove(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_write(final_path: Path | str, keep_suffix: bool = True) -> Iterator[Path]:
+def atomic_write(final_path: str | os.PathLike[str], keep_suffix: bool = True) -> Iterator[Path]:
     """Yield a temp path (not yet created) to write; rename onto ``final_path`` only on success.
 
     ``keep_suffix=False`` for files whose writer does not need the extension (checkpoints), so a
@@ -66,7 +66,7 @@ def atomic_write(final_path: Path | str, keep_suffix: bool = True) -> Iterator[P
 
 
 @contextlib.contextmanager
-def atomic_dir(final_path: Path | str) -> Iterator[Path]:
+def atomic_dir(final_path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a new temp folder; on success it replaces ``final_path`` (an old folder is retired first).
 
     A reader sees the old folder or the new one, never a mix: the old one is renamed aside, the new

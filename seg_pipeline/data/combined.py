@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -17,6 +17,8 @@ from torch.utils.data import IterableDataset
 
 #: Mask values are at most uint16, so a 65536-entry table covers every possible label.
 _LUT_SIZE = 1 << 16
+#: A remap's keys: class names, class ids, or both (``Mapping`` is invariant in its key type).
+RemapKey = TypeVar("RemapKey", bound=str | int)
 
 
 class ClassRemapError(ValueError):
@@ -24,7 +26,7 @@ class ClassRemapError(ValueError):
 
 
 def resolve_remap(
-    remap: Mapping[str | int, str | int | None],
+    remap: Mapping[RemapKey, str | int | None],
     source_classes: Sequence[str],
     target_classes: Sequence[str],
 ) -> dict[int, int | None]:
@@ -53,7 +55,7 @@ def resolve_remap(
             resolved[source_id] = None
     for key, value in remap.items():
         src = index(key, source_classes, "source")
-        resolved[src] = None if value in (None, "") else index(value, target_classes, "target")  # type: ignore[arg-type]
+        resolved[src] = None if value in (None, "") else index(value, target_classes, "target")
     return resolved
 
 

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -58,7 +58,8 @@ def _settings_key(num_classes: int | None, ignore_index: int, expected_bands: in
 
 
 def _none_if_na(value: Any) -> Any:
-    return None if value is None or (np.isscalar(value) and pd.isna(value)) else value
+    # cast: np.isscalar narrows to generic | memoryview, which pandas-stubs' isna does not list (it takes both)
+    return None if value is None or (np.isscalar(value) and pd.isna(cast(Any, value))) else value
 
 
 def _reusable(previous: dict[str, dict[str, Any]], record: TileRecord, settings_key: str) -> dict | None:
@@ -113,7 +114,8 @@ def build_headers(
     previous: dict[str, dict[str, Any]] = {}
     if previous_catalog is not None and Path(previous_catalog).exists():
         old = read_catalog(previous_catalog)
-        previous = {row["item_id"]: row for row in old.to_dict("records")}
+        # cast: pandas-stubs types records as dict[Hashable, Any]; the catalog's column names are str
+        previous = {row["item_id"]: cast(dict[str, Any], row) for row in old.to_dict("records")}
 
     rows: list[dict[str, Any] | None] = []
     to_read: list[tuple[int, TileRecord]] = []
@@ -130,8 +132,8 @@ def build_headers(
             lambda rec: inspect_tile(rec, num_classes, spec.ignore_index, expected_bands, settings_key),
             [rec for _, rec in to_read],
         )
-        for (index, _), row in zip(to_read, results, strict=True):
-            rows[index] = row
+        for (index, _), fresh in zip(to_read, results, strict=True):
+            rows[index] = fresh
             progress.advance()
     reused_count = len(rows) - len(to_read)
     progress.done(f"reused {reused_count} unchanged" if reused_count else None)

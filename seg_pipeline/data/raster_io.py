@@ -91,8 +91,8 @@ def info_from_dataset(src: rasterio.io.DatasetReader, path: Path) -> RasterInfo:
         count=src.count,
         dtype=src.dtypes[0],
         crs=crs,
-        transform=tuple(transform)[:6],  # type: ignore[arg-type]
-        bounds=tuple(src.bounds),  # type: ignore[arg-type]
+        transform=tuple(transform)[:6],
+        bounds=tuple(src.bounds),
         nodata=src.nodata,
         georeferenced=georeferenced,
     )

@@ -49,7 +49,8 @@ def _buffer(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.T
     if not shared or get_worker_info() is None:
         return torch.empty(shape, dtype=dtype)
     storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
-    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+    # torch's stubs want a stride with a size; set_ defaults it to the contiguous one
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)  # type: ignore[call-overload]
 
 
 class _SampleMaker:

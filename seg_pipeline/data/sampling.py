@@ -10,7 +10,7 @@ that contain rare classes (seed 003: fire tiles get ``--fire-weight 5.0``) throu
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -24,7 +24,8 @@ DEFAULT_RARE_SHARE = 0.05
 
 
 def _counts(value: Any) -> np.ndarray:
-    if value is None or (np.isscalar(value) and pd.isna(value)):
+    # cast: np.isscalar narrows to generic | memoryview, which pandas-stubs' isna does not list (it takes both)
+    if value is None or (np.isscalar(value) and pd.isna(cast(Any, value))):
         return np.zeros(0, dtype=np.int64)
     return np.asarray(value, dtype=np.int64)
 
@@ -149,7 +150,7 @@ def rare_class_sampler(
     )
     generator = torch.Generator().manual_seed(seed)
     return WeightedRandomSampler(
-        weights,
+        cast(Sequence[float], weights),  # torch's stub says Sequence[float]; it takes a tensor (as_tensor)
         num_samples if num_samples is not None else len(item_ids),
         replacement=replacement,
         generator=generator,

@@ -174,7 +174,7 @@ def write_shards(
         split_dir.mkdir(parents=True, exist_ok=True)
         sweep_stale_temps(split_dir)  # temp/retired shard folders of killed writers, never live ones
         items = [ok.loc[i].to_dict() for i in ids]
-        shards = []
+        shards: list[dict[str, Any]] = []
         for n, chunk in enumerate(_chunks(items, config)):
             name = f"{SHARD_PREFIX}{n:05d}"
             index_text = _index_text(_index_rows(chunk, split, config.tile_format))

@@ -61,7 +61,8 @@ def load_npy(path: Path | str) -> np.ndarray:
         if fortran or dtype.hasobject:
             return np.load(path, allow_pickle=False)
         array = np.empty(shape, dtype=dtype)
-        view = memoryview(array.reshape(-1).view(np.uint8))
+        # numpy's stubs give ndarray __buffer__ only for Python >= 3.12; it is a buffer on every version
+        view = memoryview(array.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
         got = fh.readinto(view)
         if got != array.nbytes:
             raise ShardError(

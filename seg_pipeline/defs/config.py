@@ -3,7 +3,7 @@
 :func:`dagster_config` turns a :class:`~seg_pipeline.settings.Settings` model into a ``dg.Config``
 class with the same fields, defaults, bounds and descriptions (nested settings become nested config
 classes); :func:`to_settings` turns a config back into the library's settings. Only knobs that exist
-in the Dagster layer alone (``nproc_per_node``, ``register_as``) are added here, through ``extra``.
+in the Dagster layer alone (``nproc_per_node``, ``register_as``) come from a real ``dg.Config`` ``base``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import types
 import typing
-from collections.abc import Mapping
 from functools import cache
 from typing import Any, TypeVar
 
@@ -69,18 +68,17 @@ def dagster_config(
     settings_cls: type[Settings],
     *,
     name: str | None = None,
-    extra: Mapping[str, tuple[Any, FieldInfo]] | None = None,
+    base: type[dg.Config] = dg.Config,
 ) -> type[dg.Config]:
-    """A ``dg.Config`` class with ``settings_cls``'s fields, plus Dagster-only ``extra`` fields."""
+    """A ``dg.Config`` class with ``settings_cls``'s fields on top of ``base`` (Dagster-only fields)."""
     fields: dict[str, Any] = {}
     for field_name, info in settings_cls.model_fields.items():
         if (settings_cls, field_name) in HIDDEN_FIELDS:
             continue
         fields[field_name] = (_convert_annotation(info.annotation), _convert_field(info))
-    fields.update(extra or {})
-    config_cls: type[dg.Config] = create_model(  # type: ignore[call-overload]
+    config_cls: type[dg.Config] = create_model(
         name or f"{settings_cls.__name__.removesuffix('Settings')}Config",
-        __base__=dg.Config,
+        __base__=base,
         __doc__=settings_cls.__doc__,
         __module__=__name__,
         **fields,

@@ -24,7 +24,7 @@ def config_classes(definitions: dg.Definitions) -> dict[str, type[dg.Config]]:
     for asset in definitions.assets or []:
         op = getattr(asset, "op", None)
         function = getattr(getattr(op, "compute_fn", None), "decorated_fn", None)
-        if function is None:
+        if op is None or function is None:
             continue
         hint = typing.get_type_hints(function).get("config")
         if isinstance(hint, type) and issubclass(hint, dg.Config):

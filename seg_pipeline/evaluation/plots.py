@@ -68,7 +68,7 @@ def plot_overlay(
     rgb = image[:3] if image.shape[0] >= 3 else np.repeat(image[:1], 3, axis=0)
     rgb = rgb.astype(np.float32).transpose(1, 2, 0)
     low, high = np.percentile(rgb, 2), np.percentile(rgb, 98)
-    rgb = np.clip((rgb - low) / max(high - low, 1e-6), 0, 1)
+    rgb = np.clip((rgb - low) / max(float(high - low), 1e-6), 0, 1)
 
     def colour(classes: np.ndarray) -> np.ndarray:
         out = np.zeros((*classes.shape, 3), dtype=np.uint8)

@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +63,8 @@ def min_side(model: nn.Module) -> int:
 
 def exportable_net(model: nn.Module) -> nn.Module:
     """The eager model's SMP net inside :class:`TraceablePaddedNet`, in eval mode, weights frozen."""
-    exportable = TraceablePaddedNet(model.net, pad_multiple(model)).eval()
+    net = cast(nn.Module, model.net)  # the SMP net is a submodule; nn.Module.__getattr__ says Tensor | Module
+    exportable = TraceablePaddedNet(net, pad_multiple(model)).eval()
     for parameter in exportable.parameters():
         parameter.requires_grad_(False)
     return exportable
@@ -113,6 +114,7 @@ def read_stage_checkpoint(checkpoint: Path) -> StageInfo:
             f"(top-level keys: {sorted(map(str, state))[:8]}). Export a best.pt/last.pt/final.pt written "
             "by a training stage; a bare state_dict has no classes or band statistics."
         )
+    assert isinstance(run, Mapping)  # else "config.run.*" is missing and we raised above
     normalization = run["normalization"]
     return StageInfo(
         model_spec=dict(state["model_spec"]),

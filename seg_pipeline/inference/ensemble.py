@@ -77,7 +77,11 @@ class EnsemblePredictor:
         self.tta = tta or TTAConfig()
         self.device = resolve_device(device)
         memory_format = torch.channels_last if self.tta.channels_last else torch.preserve_format
-        self.models = [model.eval().to(self.device, memory_format=memory_format) for model in models]
+        # torch's stubs list memory_format only alone; Module.to takes it with a device (_parse_to)
+        self.models = [
+            model.eval().to(self.device, memory_format=memory_format)  # type: ignore[call-overload]
+            for model in models
+        ]
 
     @property
     def forward_views(self) -> int:

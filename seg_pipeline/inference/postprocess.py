@@ -178,7 +178,11 @@ def remove_small_regions(
     result = classes.copy()
     values, dense = np.unique(result, return_inverse=True)  # dense class ids for bincount
     dense = dense.reshape(result.shape)
-    ignore_dense = int(np.searchsorted(values, ignore_value)) if ignore_value in values else -1
+    ignore_dense = (
+        int(np.searchsorted(values, ignore_value))
+        if ignore_value is not None and ignore_value in values
+        else -1
+    )
     height, width = result.shape
     while True:
         region_ids = np.zeros(result.shape, dtype=np.int64)
@@ -195,13 +199,15 @@ def remove_small_regions(
             return result
         # Votes[region, class]: border pixels of each small region that lie in a big region of class.
         num_values = len(values)
-        votes = np.zeros((next_id + 1) * num_values, dtype=np.int64)
+        flat_votes = np.zeros((next_id + 1) * num_values, dtype=np.int64)
         for offset in _NEIGHBOURS[connectivity]:
             a, b = _shifted_pairs(height, width, offset)
             here, there, there_class = region_ids[a], region_ids[b], dense[b]
             counted = small[here] & ~small[there] & (there > 0)
-            votes += np.bincount(here[counted] * num_values + there_class[counted], minlength=votes.size)
-        votes = votes.reshape(next_id + 1, num_values)
+            flat_votes += np.bincount(
+                here[counted] * num_values + there_class[counted], minlength=flat_votes.size
+            )
+        votes = flat_votes.reshape(next_id + 1, num_values)
         winners = votes.argmax(axis=1)  # ties go to the lower class value
         resolved = small & (votes.sum(axis=1) > 0)
         if not resolved.any():

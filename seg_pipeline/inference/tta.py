@@ -219,7 +219,7 @@ def _augmented_logits(
             for name in transforms
         ]
     # Group transforms by output shape (rotations of a non-square image swap H and W) and batch each group.
-    groups: dict[tuple[int, int], list[str]] = {}
+    groups: dict[tuple[int, ...], list[str]] = {}  # output (H, W) -> transforms
     for name in transforms:
         groups.setdefault(tuple(apply_transform(scaled[:1, :1, :, :], name).shape[-2:]), []).append(name)
     outputs: dict[str, Tensor] = {}

@@ -13,7 +13,7 @@ import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import rasterio
@@ -135,7 +135,8 @@ def write_class_map(
             f"classes holds values {int(labelled.min())}..{int(labelled.max())} outside "
             f"0..{num_classes - 1}; pass the right num_classes or nodata."
         )
-    profile = geotiff_profile(*classes.shape, 1, dtype, nodata=nodata, **_georeference(profile_like))
+    height, width = classes.shape
+    profile = geotiff_profile(height, width, 1, dtype, nodata=nodata, **_georeference(profile_like))
     with atomic_write(path) as temporary, _open_for_write(temporary, profile) as dst:
         dst.write(classes.astype(dtype, copy=False), 1)
     return Path(path)
@@ -186,10 +187,12 @@ def default_palette(num_classes: int) -> np.ndarray:
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
     from matplotlib import colormaps  # local import: matplotlib is slow to import and optional here
+    from matplotlib.colors import ListedColormap
 
     if num_classes <= 20:
         name = "tab10" if num_classes <= 10 else "tab20"
-        colours = np.asarray(colormaps[name].colors[:num_classes])
+        colormap = cast(ListedColormap, colormaps[name])  # tab10/tab20 are listed (qualitative) maps
+        colours = np.asarray(colormap.colors)[:num_classes]
         return np.rint(colours * 255).astype(np.uint8)
     golden = (np.sqrt(5) - 1) / 2
     rows = [
@@ -282,7 +285,7 @@ def save_color_png(
                 handles.append(Patch(facecolor=(0, 0, 0), edgecolor="black", label="nodata"))
             dpi = 100
             height, width = classes.shape
-            legend_inches = 0.6 + 0.08 * max(len(handle.get_label()) for handle in handles)
+            legend_inches = 0.6 + 0.08 * max(len(str(handle.get_label())) for handle in handles)
             image_inches = (max(width / dpi, 2.0), max(height / dpi, 0.25 * len(handles) + 0.5))
             title_inches = 0.35 if title else 0.0
             figure = Figure(figsize=(image_inches[0] + legend_inches, image_inches[1] + title_inches))

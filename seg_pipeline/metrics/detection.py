@@ -64,7 +64,8 @@ class DetectionCounter:
         positive = np.isin(labels, self.positive_classes)
         if valid is not None:
             positive &= valid
-        return positive.sum(axis=1) >= self.min_pixels
+        has_positive: np.ndarray = positive.sum(axis=1) >= self.min_pixels
+        return has_positive
 
     def update(self, pred: Any, target: Any) -> DetectionCounter:
         """Add a batch ``(B, H, W)`` (or one ``(H, W)`` patch) of predicted and target class ids."""

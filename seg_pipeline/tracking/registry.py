@@ -20,14 +20,14 @@ class ModelVersionInfo:
         name: Registered model name.
         version: Version number as a string.
         run_id: Run that produced the model, if known.
-        source: Where the model's files live (``models:/m-...`` in MLflow 3).
+        source: Where the model's files live (``models:/m-...`` in MLflow 3), if known.
         aliases: Aliases pointing at this version.
     """
 
     name: str
     version: str
     run_id: str | None
-    source: str
+    source: str | None
     aliases: tuple[str, ...] = ()
 
     @property

@@ -8,7 +8,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH, MAX_TAG_VAL_LENGTH
@@ -189,7 +189,8 @@ class TrackedRun:
 
     def log_dict(self, obj: Mapping[str, Any] | list[Any], name: str) -> None:
         """Write ``obj`` as JSON or YAML (chosen by ``name``'s suffix) into the run's artefacts."""
-        self._client.log_dict(self.run_id, obj, name)
+        # cast: MLflow annotates dict[str, Any]; it serialises any JSON/YAML value (lists too)
+        self._client.log_dict(self.run_id, cast(dict[str, Any], obj), name)
 
     def log_text(self, text: str, name: str) -> None:
         """Write ``text`` to the artefact file ``name``."""

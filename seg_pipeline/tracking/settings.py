@@ -111,7 +111,8 @@ def _using_uris(settings: TrackingSettings) -> Iterator[None]:
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(previous_tracking)  # None clears both the global and the env var
+        # None clears both the global and the env var (MLflow's annotation leaves None out)
+        mlflow.set_tracking_uri(previous_tracking)  # type: ignore[arg-type]
         mlflow.set_registry_uri(previous_registry)  # type: ignore[arg-type]
         if previous_registry is None:
             os.environ.pop(REGISTRY_URI_ENV, None)

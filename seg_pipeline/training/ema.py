@@ -47,7 +47,7 @@ class ModelEMA:
         self.module = copy.deepcopy(_unwrap(model)).eval()
         for param in self.module.parameters():
             param.requires_grad_(False)
-        self._ema_params = [p for p in self.module.parameters()]
+        self._ema_params: list[torch.Tensor] = [p for p in self.module.parameters()]
         self._ema_float_buffers, self._ema_other_buffers = self._split_buffers(self.module)
 
     @staticmethod

@@ -67,6 +67,8 @@ def _check_inputs(logits: torch.Tensor, target: torch.Tensor, num_classes: int) 
 class CrossEntropyTerm(nn.Module):
     """``F.cross_entropy`` with class weights, ignore_index and label smoothing; 0 if all ignored."""
 
+    class_weights: torch.Tensor | None  # a buffer (register_buffer), typed for the checker
+
     def __init__(
         self, ignore_index: int, class_weights: torch.Tensor | None = None, label_smoothing: float = 0.0
     ) -> None:
@@ -90,6 +92,8 @@ class CrossEntropyTerm(nn.Module):
 
 class SoftmaxFocalTerm(nn.Module):
     """Softmax focal loss ``sum_i w[y_i] (1 - p_i)^gamma CE_i / sum_i w[y_i]`` over valid pixels."""
+
+    class_weights: torch.Tensor | None  # a buffer (register_buffer), typed for the checker
 
     def __init__(
         self, ignore_index: int, class_weights: torch.Tensor | None = None, gamma: float = 2.0
@@ -124,6 +128,8 @@ class OneHotBceTerm(nn.Module):
     Class weights multiply each channel's BCE (like ``BCEWithLogitsLoss(weight=...)``); the mean is
     still over valid elements, not over weights.
     """
+
+    class_weights: torch.Tensor | None  # a buffer (register_buffer), typed for the checker
 
     def __init__(
         self, ignore_index: int, num_classes: int, class_weights: torch.Tensor | None = None
@@ -358,6 +364,8 @@ class KnowledgeDistillationLoss(nn.Module):
         ignore_index: Target value excluded from CE and KD.
         ce_weight: Optional per-class weights for CE.
     """
+
+    ce_weight: torch.Tensor | None  # a buffer (register_buffer), typed for the checker
 
     def __init__(
         self,

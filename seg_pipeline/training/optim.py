@@ -10,7 +10,7 @@ optimizer step or once per epoch on the monitored metric.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
@@ -276,4 +276,4 @@ def scheduler_interval(scheduler: object | None) -> Interval | None:
     interval = getattr(scheduler, "step_interval", "step")
     if interval not in ("step", "epoch"):
         raise ValueError(f"scheduler.step_interval={interval!r} must be 'step' or 'epoch'.")
-    return interval
+    return cast(Interval, interval)  # checked just above

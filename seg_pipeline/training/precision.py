@@ -135,10 +135,11 @@ class PrecisionPolicy:
 
     def describe(self) -> str:
         """One readable line for the run log, e.g. ``cpu bf16-autocast channels_last``."""
-        dtype = {torch.bfloat16: "bf16-autocast", torch.float16: "fp16-autocast+gradscaler"}.get(
-            self.amp_dtype,
-            "fp32",  # type: ignore[arg-type]
-        )
+        names: dict[torch.dtype | None, str] = {
+            torch.bfloat16: "bf16-autocast",
+            torch.float16: "fp16-autocast+gradscaler",
+        }
+        dtype = names.get(self.amp_dtype, "fp32")
         layout = "channels_last" if self.channels_last else "contiguous"
         text = f"{self.device} {dtype} {layout}"
         return f"{text} ({self.note})" if self.note else text
@@ -158,7 +159,8 @@ class PrecisionPolicy:
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         """Move ``model`` to the device and memory format in place (optimizer references stay valid)."""
-        return model.to(device=self.device, memory_format=self.memory_format)
+        # torch's stubs list memory_format only alone; Module.to takes it with device (_parse_to)
+        return model.to(device=self.device, memory_format=self.memory_format)  # type: ignore[call-overload]
 
     def prepare_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
         """Move one tensor to the device; 4-D floating tensors (images) also get the memory format."""

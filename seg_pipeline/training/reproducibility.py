@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import random
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -65,7 +65,9 @@ def worker_init_fn(worker_id: int) -> None:
 def capture_rng_state() -> dict[str, Any]:
     """Snapshot python/numpy/torch(/cuda) RNG states as tensors and numbers (``weights_only``-safe)."""
     version, python_internal, gauss_next = random.getstate()
-    _, numpy_keys, numpy_pos, numpy_has_gauss, numpy_cached_gaussian = np.random.get_state(legacy=True)
+    # cast: numpy's stub returns dict | tuple whatever `legacy` is; legacy=True always gives the tuple
+    legacy_state = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state(legacy=True))
+    _, numpy_keys, numpy_pos, numpy_has_gauss, numpy_cached_gaussian = legacy_state
     state: dict[str, Any] = {
         "python_version": int(version),
         "python": torch.tensor(python_internal, dtype=torch.int64),

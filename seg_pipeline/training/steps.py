@@ -11,7 +11,7 @@ import contextlib
 import math
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -135,7 +135,10 @@ class EpochRunner:
     def _micro_step(
         self, batch: Batch, epoch: int, closes_group: bool
     ) -> tuple[torch.Tensor, Mapping[str, Any]]:
-        sync = contextlib.nullcontext() if (closes_group or not self.is_ddp) else self.model.no_sync()
+        if closes_group or not self.is_ddp:
+            sync: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+        else:  # is_ddp: the model is the DDP wrapper
+            sync = cast(nn.parallel.DistributedDataParallel, self.model).no_sync()
         with sync:
             with self.policy.autocast_context():
                 loss, parts = self.objective(self.model, batch, epoch)

@@ -4,6 +4,7 @@ No ``from __future__ import annotations``: Dagster reads Config annotations at r
 """
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 
@@ -24,9 +25,15 @@ REPO_DIR = Path(__file__).resolve().parents[3]
 #: The member the champion gate may promote: the KD student (a registered single model).
 CANDIDATE = "kd_student"
 
-PredictionConfig = dagster_config(PredictSettings, name="PredictionConfig")
-EvaluationConfig = dagster_config(EvaluationSettings, name="EvaluationConfig")
-ChampionConfig = dagster_config(ChampionSettings, name="ChampionConfig")
+# For the type checker the derived classes are plain dg.Config (fields are reached via to_settings).
+if TYPE_CHECKING:
+    PredictionConfig = dg.Config
+    EvaluationConfig = dg.Config
+    ChampionConfig = dg.Config
+else:
+    PredictionConfig = dagster_config(PredictSettings, name="PredictionConfig")
+    EvaluationConfig = dagster_config(EvaluationSettings, name="EvaluationConfig")
+    ChampionConfig = dagster_config(ChampionSettings, name="ChampionConfig")
 
 
 def _run_family(context: dg.AssetExecutionContext) -> str:
@@ -60,7 +67,7 @@ def ensemble_predictions(
             tracking=mlflow.settings(storage.layout),
             log_fn=context.log.info,
         )
-    metadata = {
+    metadata: dict[str, Any] = {
         "split": value.split,
         "tiles": len(value.items),
         "models": ", ".join(m.name for m in value.members),
@@ -71,7 +78,7 @@ def ensemble_predictions(
     return dg.Output(value, metadata=metadata)
 
 
-def _report_metadata(value: EvaluationReport) -> dict:
+def _report_metadata(value: EvaluationReport) -> dict[str, Any]:
     columns = ("miou", "mdice", "pixel_accuracy", "fwiou", "kappa")
     rows = [{"model": s.name, **{c: getattr(s, c) for c in columns}} for s in value.scores]
     deltas = [

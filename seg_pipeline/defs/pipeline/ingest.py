@@ -5,6 +5,8 @@ Each asset reads its config and resources, calls one library function (``seg_pip
 and returns its typed value plus metadata. The content hash of what it wrote is its data version.
 """
 
+from typing import TYPE_CHECKING, Any
+
 import dagster as dg
 
 from seg_pipeline.contracts import AuxiliarySet, Catalog, ShardSet, SplitTable
@@ -18,13 +20,20 @@ from seg_pipeline.workflows import ingest
 GROUP = "ingest"
 _SHOWN_QUARANTINE_ROWS = 50
 
-HeadersConfig = dagster_config(DatasetSettings, name="HeadersConfig")
-SplitsConfig = dagster_config(SplitSettings, name="SplitsConfig")
-ShardsConfig = dagster_config(ShardSettings, name="ShardsConfig")
-AuxiliaryConfig = dagster_config(AuxiliarySettings, name="AuxiliaryConfig")
+# For the type checker the derived classes are plain dg.Config (fields are reached via to_settings).
+if TYPE_CHECKING:
+    HeadersConfig = dg.Config
+    SplitsConfig = dg.Config
+    ShardsConfig = dg.Config
+    AuxiliaryConfig = dg.Config
+else:
+    HeadersConfig = dagster_config(DatasetSettings, name="HeadersConfig")
+    SplitsConfig = dagster_config(SplitSettings, name="SplitsConfig")
+    ShardsConfig = dagster_config(ShardSettings, name="ShardsConfig")
+    AuxiliaryConfig = dagster_config(AuxiliarySettings, name="AuxiliaryConfig")
 
 
-def _catalog_metadata(run: ingest.CatalogueRun) -> dict:
+def _catalog_metadata(run: ingest.CatalogueRun) -> dict[str, Any]:
     catalog, result = run.catalog, run.result
     histogram = result.class_histogram()
     total = max(sum(histogram.values()), 1)
@@ -84,7 +93,7 @@ def dataset_splits(
     splits = ingest.split(
         to_settings(config, SplitSettings, "dataset_splits"), tile_headers, context.log.info
     )
-    metadata = {
+    metadata: dict[str, Any] = {
         "splits_path": dg.MetadataValue.path(splits.splits_path),
         "split_sizes": table([{"split": k, "tiles": v} for k, v in splits.counts.items()]),
         "policy": splits.policy,
@@ -93,7 +102,7 @@ def dataset_splits(
     return dg.Output(splits, metadata=metadata, data_version=dg.DataVersion(splits.content_hash))
 
 
-def _shard_metadata(run: ingest.ShardRun) -> dict:
+def _shard_metadata(run: ingest.ShardRun) -> dict[str, Any]:
     return {
         "dataset_dir": dg.MetadataValue.path(run.shards.dataset_dir),
         "shards": table(run.shard_table),
@@ -122,7 +131,7 @@ def tile_shards(
     )
 
 
-def _source_row(shards: ShardSet) -> dict:
+def _source_row(shards: ShardSet) -> dict[str, Any]:
     catalog = shards.catalog
     return {
         "dataset": shards.dataset_id,

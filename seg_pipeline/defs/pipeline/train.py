@@ -8,6 +8,7 @@ checkpoint on disk". A retried or re-executed run resumes from the ``last.pt`` o
 """
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 from pydantic import Field
@@ -27,26 +28,39 @@ GPU_TAGS = {"seg_pipeline/gpu": "true"}
 REPO_DIR = Path(__file__).resolve().parents[3]
 
 
-def _dagster_only(register_as: str) -> dict:
-    """The knobs that exist only in the Dagster layer: where ranks run and the registry name."""
-    return {
-        "nproc_per_node": (
-            int,
-            Field(
-                default=1,
-                ge=1,
-                description="DDP ranks on this machine (one per GPU), started with torchrun from this step; "
-                "1 trains in the step's own process.",
-            ),
-        ),
-        "register_as": (str, Field(default=register_as, description="Registered model name in MLflow.")),
-    }
+class PretrainRunConfig(dg.Config):
+    """The knobs of stage 1 that exist only in the Dagster layer: where ranks run and the registry name."""
+
+    nproc_per_node: int = Field(
+        default=1,
+        ge=1,
+        description="DDP ranks on this machine (one per GPU), started with torchrun from this step; "
+        "1 trains in the step's own process.",
+    )
+    register_as: str = Field(
+        default="seg_pipeline_pretrained", description="Registered model name in MLflow."
+    )
 
 
-PretrainConfig = dagster_config(
-    PretrainSettings, name="PretrainConfig", extra=_dagster_only("seg_pipeline_pretrained")
-)
-KDConfig = dagster_config(KDStageSettings, name="KDConfig", extra=_dagster_only("seg_pipeline_student"))
+class KDRunConfig(dg.Config):
+    """The knobs of stage 2 that exist only in the Dagster layer: where ranks run and the registry name."""
+
+    nproc_per_node: int = Field(
+        default=1,
+        ge=1,
+        description="DDP ranks on this machine (one per GPU), started with torchrun from this step; "
+        "1 trains in the step's own process.",
+    )
+    register_as: str = Field(default="seg_pipeline_student", description="Registered model name in MLflow.")
+
+
+# For the type checker the derived classes are their Dagster-only bases (settings via to_settings).
+if TYPE_CHECKING:
+    PretrainConfig = PretrainRunConfig
+    KDConfig = KDRunConfig
+else:
+    PretrainConfig = dagster_config(PretrainSettings, name="PretrainConfig", base=PretrainRunConfig)
+    KDConfig = dagster_config(KDStageSettings, name="KDConfig", base=KDRunConfig)
 
 
 def _checkpoint_dir(context: dg.AssetExecutionContext, storage: StorageResource, stage: str) -> Path:
@@ -66,7 +80,7 @@ def _tags(context: dg.AssetExecutionContext, data_version: str) -> dict[str, str
     )
 
 
-def _metadata(model: TrainedModel) -> dict:
+def _metadata(model: TrainedModel) -> dict[str, Any]:
     tracking = model.tracking
     last = model.last_epoch_logs
     return without_none(
