@@ -54,3 +54,16 @@ def test_the_definitions_load_in_a_fresh_interpreter_without_import_tricks() -> 
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == "Definitions True"
+
+
+def test_dg_loads_the_same_definitions_from_pyproject() -> None:
+    """``dg`` finds the project through ``[tool.dg]`` and loads ``seg_pipeline.definitions``."""
+    import json
+
+    dg_cli = Path(sys.executable).with_name("dg")
+    done = subprocess.run([str(dg_cli), "list", "defs", "--json"], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    listed = json.loads(done.stdout)
+    assets = {asset["asset_key"] for asset in listed["assets"]}
+    assert {"tile_headers", "pretrained_model", "champion_model"} <= assets
+    assert {r["name"] for r in listed["resources"]} == {"storage", "mlflow", "io_manager"}

@@ -147,3 +147,22 @@ def read_catalog_class_names(path: Path | str) -> tuple[str, ...]:
     """Class names stored in a catalog's parquet metadata."""
     meta = pq.read_schema(path).metadata or {}
     return tuple(json.loads(meta.get(b"class_names", b"[]")))
+
+
+def ok_rows(catalog: pd.DataFrame, item_ids: Iterable[str] | None = None) -> pd.DataFrame:
+    """The valid (``ok``) rows of ``catalog``, restricted to ``item_ids`` when given.
+
+    Raises:
+        ValueError: an id is not a valid tile of the catalog (named, with the first few).
+    """
+    rows = catalog[catalog["status"] == STATUS_OK]
+    if item_ids is None:
+        return rows
+    wanted = list(item_ids)
+    missing = sorted(set(wanted) - set(rows["item_id"]))
+    if missing:
+        raise ValueError(
+            f"item_ids: {len(missing)} ids are not OK tiles of the catalog (first: {missing[:3]}); "
+            "pass ids from the same catalog"
+        )
+    return rows[rows["item_id"].isin(wanted)]

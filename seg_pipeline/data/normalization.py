@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from seg_pipeline.data.headers import STATUS_OK
+from seg_pipeline.data.catalog import ok_rows
 
 #: Default divisors of the scale fallback, by dtype name.
 DTYPE_MAX: dict[str, float] = {"uint8": 255.0, "uint16": 65535.0, "int16": 32767.0}
@@ -110,16 +110,7 @@ def band_stats_from_catalog(catalog: pd.DataFrame, item_ids: Iterable[str] | Non
     Raises:
         ValueError: no usable tile, an unknown item id, or tiles with different band counts.
     """
-    rows = catalog[catalog["status"] == STATUS_OK]
-    if item_ids is not None:
-        wanted = list(item_ids)
-        missing = sorted(set(wanted) - set(rows["item_id"]))
-        if missing:
-            raise ValueError(
-                f"item_ids: {len(missing)} ids are not OK tiles of the catalog (first: {missing[:3]}); "
-                "pass ids from the same catalog"
-            )
-        rows = rows[rows["item_id"].isin(wanted)]
+    rows = ok_rows(catalog, item_ids)
     weights: list[float] = []
     means: list[Sequence[float]] = []
     stds: list[Sequence[float]] = []

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from torch.utils.data import WeightedRandomSampler
 
-from seg_pipeline.data.headers import STATUS_OK
+from seg_pipeline.data.catalog import ok_rows
 
 #: ``auto`` calls a class rare when it holds less than this share of labelled pixels.
 DEFAULT_RARE_SHARE = 0.05
@@ -40,15 +40,7 @@ def class_pixel_counts(
         item_ids: Restrict to these tiles (e.g. the training split).
         num_classes: Length of the result (default: the longest ``class_counts`` list).
     """
-    rows = catalog[catalog["status"] == STATUS_OK]
-    if item_ids is not None:
-        wanted = list(item_ids)
-        missing = sorted(set(wanted) - set(rows["item_id"]))
-        if missing:
-            raise ValueError(
-                f"item_ids: {len(missing)} ids not among the catalog's OK tiles (first: {missing[:3]})"
-            )
-        rows = rows[rows["item_id"].isin(wanted)]
+    rows = ok_rows(catalog, item_ids)
     per_tile = [_counts(v) for v in rows["class_counts"]]
     length = num_classes if num_classes is not None else max((len(c) for c in per_tile), default=0)
     totals = np.zeros(length, dtype=np.int64)

@@ -44,7 +44,7 @@ class Settings(BaseModel):
         return type(self).parse(data)
 
 
-def override(parent: type[Settings], name: str, default: Any) -> Any:
+def override(parent: type[BaseModel], name: str, default: Any) -> Any:
     """``parent``'s field ``name`` (description and bounds) with another default.
 
     For a stage whose default differs (the KD optimizer starts at ``lr=1e-4``): the subclass states

@@ -7,21 +7,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from seg_pipeline.provenance import git_info, package_version
+from seg_pipeline.provenance import PACKAGES, git_info, package_version
 from seg_pipeline.tracking.runs import TrackedRun
 from seg_pipeline.tracking.tags import TAG_GIT_COMMIT, TAG_GIT_DIRTY
 
-# Distribution names whose versions describe a run's environment (importlib.metadata names).
-ENVIRONMENT_PACKAGES: tuple[str, ...] = (
-    "torch",
-    "torchvision",
-    "segmentation-models-pytorch",
-    "timm",
-    "dagster",
-    "mlflow",
-    "rasterio",
-    "numpy",
-)
+#: Distribution names whose versions describe a run's environment (importlib.metadata names).
+ENVIRONMENT_PACKAGES: tuple[str, ...] = PACKAGES
 
 
 def environment_info(repo_dir: Path | None = None) -> dict[str, Any]:

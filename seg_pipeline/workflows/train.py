@@ -9,6 +9,7 @@ when it has the teacher's architecture, and which teachers it learns from.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from seg_pipeline.contracts import AuxiliarySet, ShardSet, TrainedModel
@@ -53,17 +54,29 @@ def pretraining_sources(
     return sources
 
 
+@dataclass(frozen=True)
+class StageRun:
+    """Where a stage writes, how it is tracked and how many ranks run it (the same for both stages).
+
+    Attributes:
+        checkpoint_dir: ``best.pt``/``last.pt``/... go here; a ``last.pt`` already there is resumed.
+        tracking: MLflow settings; ``None`` trains without MLflow.
+        run_tags: Extra MLflow tags (orchestrator run id, asset key, data version...).
+        register_as: Registered model name for the best checkpoint.
+        nproc_per_node: Ranks on this machine (torchrun when > 1).
+        log_fn: Sink for progress lines.
+    """
+
+    checkpoint_dir: Path
+    tracking: TrackingSettings | None = None
+    run_tags: Mapping[str, str] = field(default_factory=dict)
+    register_as: str | None = None
+    nproc_per_node: int = 1
+    log_fn: LogFn | None = None
+
+
 def pretrain(
-    settings: PretrainSettings,
-    target: ShardSet,
-    auxiliary: AuxiliarySet,
-    checkpoint_dir: Path,
-    *,
-    tracking: TrackingSettings | None = None,
-    run_tags: Mapping[str, str] | None = None,
-    register_as: str | None = None,
-    nproc_per_node: int = 1,
-    log_fn: LogFn | None = None,
+    settings: PretrainSettings, target: ShardSet, auxiliary: AuxiliarySet, run: StageRun
 ) -> TrainedModel:
     """Stage 1: supervised training on the target's train split plus the auxiliary sources."""
     job = StageJob(
@@ -71,13 +84,13 @@ def pretrain(
         settings=settings,
         target=target,
         sources=pretraining_sources(settings, target, auxiliary),
-        checkpoint_dir=str(checkpoint_dir),
+        checkpoint_dir=str(run.checkpoint_dir),
         spec=_spec(settings.model, target),
-        tracking=tracking,
-        run_tags=dict(run_tags or {}),
-        register_as=register_as,
+        tracking=run.tracking,
+        run_tags=dict(run.run_tags),
+        register_as=run.register_as,
     )
-    return launch_stage(job, nproc_per_node, log_fn)
+    return launch_stage(job, run.nproc_per_node, run.log_fn)
 
 
 def student_settings(settings: KDStageSettings, teacher: TrainedModel) -> ModelSettings:
@@ -88,16 +101,7 @@ def student_settings(settings: KDStageSettings, teacher: TrainedModel) -> ModelS
 
 
 def distill(
-    settings: KDStageSettings,
-    target: ShardSet,
-    teacher: TrainedModel,
-    checkpoint_dir: Path,
-    *,
-    tracking: TrackingSettings | None = None,
-    run_tags: Mapping[str, str] | None = None,
-    register_as: str | None = None,
-    nproc_per_node: int = 1,
-    log_fn: LogFn | None = None,
+    settings: KDStageSettings, target: ShardSet, teacher: TrainedModel, run: StageRun
 ) -> TrainedModel:
     """Stage 2: KD finetuning on the target, from the stage-1 teacher plus any extra teachers.
 
@@ -107,6 +111,7 @@ def distill(
     student = student_settings(settings, teacher)
     spec = _spec(student, target)
     warm_start = (spec.architecture, spec.encoder) == (teacher.spec.architecture, teacher.spec.encoder)
+    tracking = run.tracking
     extra = (
         [str(resolve_model_checkpoint(ref, tracking)) for ref in settings.kd.extra_teachers]
         if tracking
@@ -117,12 +122,12 @@ def distill(
         settings=settings.replace(model=student),
         target=target,
         sources=[TrainingSource(shards=target, splits=["train"])],
-        checkpoint_dir=str(checkpoint_dir),
+        checkpoint_dir=str(run.checkpoint_dir),
         spec=spec,
         init_checkpoint=teacher.checkpoint if warm_start else None,
         teachers=[teacher.checkpoint, *extra],
         tracking=tracking,
-        run_tags=dict(run_tags or {}),
-        register_as=register_as,
+        run_tags=dict(run.run_tags),
+        register_as=run.register_as,
     )
-    return launch_stage(job, nproc_per_node, log_fn)
+    return launch_stage(job, run.nproc_per_node, run.log_fn)

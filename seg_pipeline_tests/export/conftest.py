@@ -16,7 +16,7 @@ from seg_pipeline.data.synthetic import SyntheticSpec
 from seg_pipeline.export import ExportResult, export_model
 from seg_pipeline.models.loading import load_trained_model
 from seg_pipeline.settings import PretrainSettings, SplitSettings
-from seg_pipeline.workflows.train import pretrain
+from seg_pipeline.workflows.train import StageRun, pretrain
 from seg_pipeline_tests.conftest import ingest_synthetic, tiny_stage
 from seg_pipeline_tests.export.helpers import EXAMPLE_SIZE, LINEAGE
 
@@ -30,7 +30,9 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
         root, "demo", SyntheticSpec(grid_rows=2, grid_cols=3, tile_size=32), seed=3, split=split
     )
     settings = PretrainSettings.parse(tiny_stage(loop={"max_steps_per_epoch": 1}))
-    return Path(pretrain(settings, target, AuxiliarySet(data_version="none"), root / "ckpt").checkpoint)
+    return Path(
+        pretrain(settings, target, AuxiliarySet(data_version="none"), StageRun(root / "ckpt")).checkpoint
+    )
 
 
 @pytest.fixture(scope="package")

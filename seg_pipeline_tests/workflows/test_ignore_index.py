@@ -32,7 +32,7 @@ from seg_pipeline.workflows.layout import DataLayout
 from seg_pipeline.workflows.predict import predict_split
 from seg_pipeline.workflows.report import build_report, score_sets
 from seg_pipeline.workflows.stage import StageJob, prepare_stage
-from seg_pipeline.workflows.train import _spec, pretrain
+from seg_pipeline.workflows.train import StageRun, _spec, pretrain
 from seg_pipeline_tests.conftest import tiny_stage
 
 
@@ -94,7 +94,7 @@ def test_every_stage_ignores_exactly_the_ignore_index_pixels(tmp_path: Path, ign
     assert scores["val/pixel_accuracy"] == pytest.approx(matrix.compute().pixel_accuracy)
 
     # A whole stage trains (a 99 in a CE target would raise) and records the value with the model.
-    trained = pretrain(settings, target, AuxiliarySet(data_version="none"), tmp_path / "ckpt")
+    trained = pretrain(settings, target, AuxiliarySet(data_version="none"), StageRun(tmp_path / "ckpt"))
     assert trained.ignore_index == ignore
     assert load_checkpoint(trained.checkpoint)["config"]["run"]["ignore_index"] == ignore
 

@@ -21,7 +21,7 @@ from seg_pipeline.settings import KDStageSettings, PretrainSettings, SettingsErr
 from seg_pipeline.training.sources import TrainingSource, build_training_data
 from seg_pipeline.workflows.launch import launch_stage
 from seg_pipeline.workflows.stage import StageJob
-from seg_pipeline.workflows.train import distill, pretrain, pretraining_sources
+from seg_pipeline.workflows.train import StageRun, distill, pretrain, pretraining_sources
 from seg_pipeline_tests.conftest import ingest_synthetic, tiny_stage
 
 REMAP = {
@@ -79,7 +79,7 @@ def test_combined_stream_remaps_aux_masks_into_the_target_scheme(sources) -> Non
 
 def test_stage_without_tracking_trains_and_returns_a_typed_model(sources, tmp_path: Path) -> None:
     target, auxiliary = sources
-    model = pretrain(_settings(1), target, auxiliary, tmp_path / "ckpt")
+    model = pretrain(_settings(1), target, auxiliary, StageRun(tmp_path / "ckpt"))
     assert isinstance(model, TrainedModel) and model.tracking is None
     assert model.epochs_run == 1 and Path(model.checkpoint).exists()
     assert set(model.per_class_iou) <= set(TARGET_CLASSES) and model.per_class_iou
@@ -90,10 +90,10 @@ def test_stage_without_tracking_trains_and_returns_a_typed_model(sources, tmp_pa
 
 def test_kd_student_starts_from_the_teacher_and_learns_from_it(sources, tmp_path: Path) -> None:
     target, auxiliary = sources
-    teacher = pretrain(_settings(1), target, auxiliary, tmp_path / "teacher")
+    teacher = pretrain(_settings(1), target, auxiliary, StageRun(tmp_path / "teacher"))
     settings = KDStageSettings.parse(tiny_stage(loop={"epochs": 2}, kd={"warmup_epochs": 1}))
     lines: list[str] = []
-    student = distill(settings, target, teacher, tmp_path / "student", log_fn=lines.append)
+    student = distill(settings, target, teacher, StageRun(tmp_path / "student", log_fn=lines.append))
     assert any(f"initialised from {teacher.checkpoint}" in line for line in lines)  # same arch: warm start
     assert student.history[0]["train/kd_active"] == 0.0 and student.history[1]["train/kd_active"] == 1.0
     run = load_checkpoint(student.checkpoint)["config"]["run"]
@@ -106,7 +106,7 @@ def test_a_one_class_dataset_is_refused_with_the_reason_before_training(sources,
         update={"catalog": target.catalog.model_copy(update={"class_names": ["class_0"]})}
     )
     with pytest.raises(ValueError, match=r"1 class \(\['class_0'\]\); segmentation needs at least 2"):
-        pretrain(_settings(1), one_class, auxiliary, tmp_path / "x")
+        pretrain(_settings(1), one_class, auxiliary, StageRun(tmp_path / "x"))
     assert not (tmp_path / "x").exists()
 
 
@@ -124,7 +124,7 @@ import sys, time
 from pathlib import Path
 from seg_pipeline.contracts import AuxiliarySet, ShardSet
 from seg_pipeline.training.trainer import Trainer
-from seg_pipeline.workflows.train import pretrain
+from seg_pipeline.workflows.train import StageRun, pretrain
 from seg_pipeline_tests.workflows.test_train import _settings
 original = Trainer._log_epoch
 def slow(self, *args, **kwargs):
@@ -132,7 +132,7 @@ def slow(self, *args, **kwargs):
     time.sleep(30)  # leave time to be killed after epoch 1 is on disk
 Trainer._log_epoch = slow
 target = ShardSet.from_json(Path(sys.argv[1]).read_text())
-pretrain(_settings(3), target, AuxiliarySet(data_version="none"), Path(sys.argv[2]))
+pretrain(_settings(3), target, AuxiliarySet(data_version="none"), StageRun(Path(sys.argv[2])))
 """
 
 
@@ -165,7 +165,7 @@ def test_killed_training_resumes_epoch_counter_and_optimizer_state(sources, tmp_
     assert not list(ckpt.glob("*.tmp*")), "a half-written checkpoint is visible"
     steps_per_epoch = int(killed_state["global_step"])
 
-    result = pretrain(_settings(3), target, AuxiliarySet(data_version="none"), ckpt)
+    result = pretrain(_settings(3), target, AuxiliarySet(data_version="none"), StageRun(ckpt))
     assert result.resumed_from_epoch == 1 and result.epochs_run == 3  # epochs_run counts the whole run
     final = load_checkpoint(ckpt / "last.pt")
     assert final["epoch"] == 3
@@ -184,14 +184,14 @@ _REAL_CHILD = """
 import sys
 from pathlib import Path
 from seg_pipeline.contracts import AuxiliarySet, ShardSet
-from seg_pipeline.workflows.train import pretrain
+from seg_pipeline.workflows.train import StageRun, pretrain
 from seg_pipeline_tests.workflows.test_train import _settings
 target = ShardSet.from_json(Path(sys.argv[1]).read_text())
 print("START", flush=True)
 # Lines: "epoch e/E step s/S ..." per step and "epoch e/E done ..." once last.pt of epoch e is on disk.
 settings = _settings(int(sys.argv[3]), loop={"log_every_n_steps": 1})
 log = lambda line: print(line, flush=True)
-pretrain(settings, target, AuxiliarySet(data_version="none"), Path(sys.argv[2]), log_fn=log)
+pretrain(settings, target, AuxiliarySet(data_version="none"), StageRun(Path(sys.argv[2]), log_fn=log))
 print("DONE", flush=True)
 """
 
@@ -229,7 +229,7 @@ def test_five_kills_during_training_each_resume_and_finish_like_an_uninterrupted
     job.write_text(target.to_json())
     none = AuxiliarySet(data_version="none")
     reference = load_checkpoint(
-        pretrain(_settings(epochs), target, none, tmp_path / "straight").last_checkpoint
+        pretrain(_settings(epochs), target, none, StageRun(tmp_path / "straight")).last_checkpoint
     )
     outcomes = []
     for attempt, (after_line, delay_s) in enumerate(zip(_KILL_AFTER_LINE, _KILL_DELAY_S, strict=True)):
@@ -250,7 +250,7 @@ def test_five_kills_during_training_each_resume_and_finish_like_an_uninterrupted
         # Saved after the epoch's checkpoint is written, so a kill between the two leaves one more.
         assert saved in (done_before_kill, done_before_kill + 1), (attempt, saved, done_before_kill)
 
-        retry = pretrain(_settings(epochs), target, none, ckpt)
+        retry = pretrain(_settings(epochs), target, none, StageRun(ckpt))
         assert retry.resumed_from_epoch == saved and retry.epochs_run == epochs
         assert [p.name for p in ckpt.iterdir() if p.name.startswith(".")] == []  # the retry swept the temps
         assert [h["epoch"] for h in retry.history] == [float(e) for e in range(1, epochs + 1)]
@@ -296,9 +296,7 @@ def test_the_same_stage_runs_on_two_torchrun_ranks(tmp_path: Path) -> None:
         _settings(2),
         target,
         AuxiliarySet(data_version="none"),
-        tmp_path / "ddp",
-        nproc_per_node=2,
-        log_fn=lines.append,
+        StageRun(tmp_path / "ddp", nproc_per_node=2, log_fn=lines.append),
     )
     assert model.epochs_run == 2 and Path(model.checkpoint).exists() and model.world_size == 2
     assert load_checkpoint(model.checkpoint)["world_size"] == 2

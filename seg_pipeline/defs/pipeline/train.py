@@ -19,7 +19,7 @@ from seg_pipeline.defs.failures import no_retry_for_bad_input
 from seg_pipeline.defs.metadata import link, picture, rounded, table, without_none
 from seg_pipeline.defs.resources import MlflowResource, StorageResource
 from seg_pipeline.defs.versions import code_version
-from seg_pipeline.settings import KDStageSettings, PretrainSettings
+from seg_pipeline.settings import KDStageSettings, PretrainSettings, override
 from seg_pipeline.tracking import build_run_tags
 from seg_pipeline.workflows import train
 
@@ -28,8 +28,8 @@ GPU_TAGS = {"seg_pipeline/gpu": "true"}
 REPO_DIR = Path(__file__).resolve().parents[3]
 
 
-class PretrainRunConfig(dg.Config):
-    """The knobs of stage 1 that exist only in the Dagster layer: where ranks run and the registry name."""
+class StageRunConfig(dg.Config):
+    """The knobs of a training step that exist only in the Dagster layer: ranks and the registry name."""
 
     nproc_per_node: int = Field(
         default=1,
@@ -37,21 +37,19 @@ class PretrainRunConfig(dg.Config):
         description="DDP ranks on this machine (one per GPU), started with torchrun from this step; "
         "1 trains in the step's own process.",
     )
-    register_as: str = Field(
-        default="seg_pipeline_pretrained", description="Registered model name in MLflow."
-    )
+    register_as: str = Field(default="", description="Registered model name in MLflow.")
 
 
-class KDRunConfig(dg.Config):
-    """The knobs of stage 2 that exist only in the Dagster layer: where ranks run and the registry name."""
+class PretrainRunConfig(StageRunConfig):
+    """Stage 1 registers its model as ``seg_pipeline_pretrained``."""
 
-    nproc_per_node: int = Field(
-        default=1,
-        ge=1,
-        description="DDP ranks on this machine (one per GPU), started with torchrun from this step; "
-        "1 trains in the step's own process.",
-    )
-    register_as: str = Field(default="seg_pipeline_student", description="Registered model name in MLflow.")
+    register_as: str = override(StageRunConfig, "register_as", "seg_pipeline_pretrained")
+
+
+class KDRunConfig(StageRunConfig):
+    """Stage 2 registers its model as ``seg_pipeline_student``."""
+
+    register_as: str = override(StageRunConfig, "register_as", "seg_pipeline_student")
 
 
 # For the type checker the derived classes are their Dagster-only bases (settings via to_settings).
@@ -63,20 +61,33 @@ else:
     KDConfig = dagster_config(KDStageSettings, name="KDConfig", base=KDRunConfig)
 
 
-def _checkpoint_dir(context: dg.AssetExecutionContext, storage: StorageResource, stage: str) -> Path:
-    """Stable across retries and re-executions of one run family, fresh for a new run."""
-    return storage.layout.models_dir(stage, context.run.root_run_id or context.run.run_id)
-
-
-def _tags(context: dg.AssetExecutionContext, data_version: str) -> dict[str, str]:
+def _stage_run(
+    context: dg.AssetExecutionContext,
+    config: StageRunConfig,
+    storage: StorageResource,
+    mlflow: MlflowResource,
+    stage: str,
+    data_version: str,
+) -> train.StageRun:
+    """How this step runs the stage: checkpoints stable across retries and re-executions of one run
+    family (fresh for a new run), MLflow with the Dagster tags, the ranks and the registry name.
+    """
     key = context.asset_key.to_user_string()
-    return build_run_tags(
+    tags = build_run_tags(
         stage=key,
         pipeline_run_id=context.run.run_id,
         asset_key=key,
         code_version=context.assets_def.code_versions_by_key.get(context.asset_key) or "",
         data_version=data_version,
         repo_dir=REPO_DIR,
+    )
+    return train.StageRun(
+        checkpoint_dir=storage.layout.models_dir(stage, context.run.root_run_id or context.run.run_id),
+        tracking=mlflow.settings(storage.layout),
+        run_tags=tags,
+        register_as=config.register_as,
+        nproc_per_node=config.nproc_per_node,
+        log_fn=context.log.info,
     )
 
 
@@ -130,17 +141,9 @@ def pretrained_model(
 ) -> dg.Output[TrainedModel]:
     """Pretrain on combined sources and track it in MLflow."""
     with no_retry_for_bad_input():
-        model = train.pretrain(
-            to_settings(config, PretrainSettings, "pretrained_model"),
-            tile_shards,
-            auxiliary_sources,
-            _checkpoint_dir(context, storage, "pretrain"),
-            tracking=mlflow.settings(storage.layout),
-            run_tags=_tags(context, tile_shards.data_version),
-            register_as=config.register_as,
-            nproc_per_node=config.nproc_per_node,
-            log_fn=context.log.info,
-        )
+        settings = to_settings(config, PretrainSettings, "pretrained_model")
+        run = _stage_run(context, config, storage, mlflow, "pretrain", tile_shards.data_version)
+        model = train.pretrain(settings, tile_shards, auxiliary_sources, run)
     return dg.Output(model, metadata=_metadata(model))
 
 
@@ -163,17 +166,9 @@ def kd_student_model(
 ) -> dg.Output[TrainedModel]:
     """Distil stage 1 (plus any extra teachers) into the student on target data."""
     with no_retry_for_bad_input():
-        model = train.distill(
-            to_settings(config, KDStageSettings, "kd_student_model"),
-            tile_shards,
-            pretrained_model,
-            _checkpoint_dir(context, storage, "kd"),
-            tracking=mlflow.settings(storage.layout),
-            run_tags=_tags(context, tile_shards.data_version),
-            register_as=config.register_as,
-            nproc_per_node=config.nproc_per_node,
-            log_fn=context.log.info,
-        )
+        settings = to_settings(config, KDStageSettings, "kd_student_model")
+        run = _stage_run(context, config, storage, mlflow, "kd", tile_shards.data_version)
+        model = train.distill(settings, tile_shards, pretrained_model, run)
     metadata = _metadata(model)
     metadata["teacher_best_val_miou"] = rounded(pretrained_model.best_score) or 0.0
     return dg.Output(model, metadata=metadata)
