@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -146,3 +147,16 @@ def tiny_stage(**changes: Any) -> dict[str, Any]:
     for key, value in changes.items():
         settings[key] = {**settings.get(key, {}), **value} if isinstance(value, dict) else value
     return settings
+
+
+#: Unmodified subsets of the real Kampala and Nairobi datasets (see fixtures/real/README.md).
+REAL_TILES = Path(__file__).parent / "fixtures" / "real"
+
+
+def copy_real(name: str, destination: Path) -> Path:
+    """A private copy of a real fixture dataset (``kampala`` or ``nairobi``); the originals stay untouched."""
+    target = destination / name
+    shutil.copytree(REAL_TILES / name, target)
+    for path in target.rglob("*"):
+        path.chmod(0o644 if path.is_file() else 0o755)
+    return target

@@ -29,6 +29,9 @@ class Catalog(Contract):
     quarantine_path: str
     class_names: list[str]
     ignore_index: int
+    mask_values: dict[int, int] = Field(
+        default_factory=dict, description="Raw mask value -> class id applied at ingest ({} = none)."
+    )
     bands: int | None = Field(description="Band count of the valid tiles (None when none is valid).")
     normalization: BandStatistics | None
     n_tiles: int

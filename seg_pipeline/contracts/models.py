@@ -8,7 +8,7 @@ from pydantic import Field
 
 from seg_pipeline.contracts.base import Contract
 from seg_pipeline.contracts.data import BandStatistics
-from seg_pipeline.settings.training import ModelSpec
+from seg_pipeline.settings.models import ModelSpec
 
 
 class TrackingRecord(Contract):

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from seg_pipeline.data.normalization import BandStats
-from seg_pipeline.settings.training import AugmentSettings
+from seg_pipeline.settings.batches import AugmentSettings
 
 #: Luma weights of torchvision's ``rgb_to_grayscale`` (ITU-R 601, red as 0.2989), for saturation.
 LUMA_WEIGHTS = (0.2989, 0.587, 0.114)

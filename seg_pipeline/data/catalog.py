@@ -52,6 +52,9 @@ CATALOG_SCHEMA = pa.schema(
         ("has_label", pa.bool_()),
         ("labeled_fraction", pa.float64()),
         ("class_counts", pa.list_(pa.int64())),
+        ("mask_driver", pa.string()),
+        ("mask_values", pa.list_(pa.int64())),
+        ("mask_value_counts", pa.list_(pa.int64())),
         ("image_sha256", pa.string()),
         ("mask_sha256", pa.string()),
         ("image_size", pa.int64()),
@@ -74,6 +77,8 @@ class HeaderResult:
     n_reused: int = 0
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    #: The recoding of raw mask values the class counts (and the shards) use: given, detected or none.
+    mask_values: dict[int, int] = field(default_factory=dict)
 
     @property
     def ok(self) -> pd.DataFrame:
@@ -87,7 +92,7 @@ class HeaderResult:
 
     def content_hash(self) -> str:
         """Hash of what downstream steps depend on: used as the Dagster data version."""
-        return catalog_content_hash(self.catalog, self.class_names)
+        return catalog_content_hash(self.catalog, self.class_names, self.mask_values)
 
     def class_histogram(self) -> dict[str, int]:
         """Total labelled pixels per class over the OK tiles."""
@@ -98,9 +103,13 @@ class HeaderResult:
         return {name: int(n) for name, n in zip(self.class_names, totals, strict=True)}
 
 
-def catalog_content_hash(catalog: pd.DataFrame, class_names: Iterable[str]) -> str:
-    """Order-independent hash of item ids, checksums, statuses and class names."""
+def catalog_content_hash(
+    catalog: pd.DataFrame, class_names: Iterable[str], mask_values: Mapping[int, int] | None = None
+) -> str:
+    """Order-independent hash of item ids, checksums, statuses, class names and the mask recoding."""
     digest = hashlib.sha256(json.dumps(list(class_names)).encode())
+    if mask_values:
+        digest.update(json.dumps(sorted((int(k), int(v)) for k, v in mask_values.items())).encode())
     cols = ["item_id", "status", "image_sha256", "mask_sha256", "fixed_split"]
     for row in catalog.sort_values("item_id")[cols].itertuples(index=False):
         digest.update(json.dumps([None if pd.isna(v) else v for v in row]).encode())
@@ -122,6 +131,7 @@ def write_catalog(
     path: Path | str,
     class_names: Iterable[str],
     settings: Mapping[str, Any] | None = None,
+    mask_values: Mapping[int, int] | None = None,
 ) -> Path:
     """Write the catalog as parquet atomically, with class names (and the dataset settings that
     made it, so the catalog describes itself) in the file metadata.
@@ -129,12 +139,20 @@ def write_catalog(
     path = Path(path)
     table = pa.Table.from_pandas(catalog[list(COLUMNS)], schema=CATALOG_SCHEMA, preserve_index=False)
     metadata = {"class_names": json.dumps(list(class_names))}
+    if mask_values:
+        metadata["mask_values"] = json.dumps({str(k): int(v) for k, v in mask_values.items()})
     if settings is not None:
         metadata["dataset_settings"] = json.dumps(dict(settings), sort_keys=True)
     table = table.replace_schema_metadata(metadata)
     with atomic_write(path) as tmp:
         pq.write_table(table, tmp)
     return path
+
+
+def read_catalog_mask_values(path: Path | str) -> dict[int, int]:
+    """The mask recoding a catalog's class counts use (empty: raw values are class ids)."""
+    meta = pq.read_schema(path).metadata or {}
+    return {int(k): int(v) for k, v in json.loads(meta.get(b"mask_values", b"{}")).items()}
 
 
 def read_catalog_settings(path: Path | str) -> dict[str, Any]:

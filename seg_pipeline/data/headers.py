@@ -34,6 +34,7 @@ from seg_pipeline.data.catalog import (
     write_catalog,
 )
 from seg_pipeline.data.inspect import empty_row, inspect_tile, quarantine
+from seg_pipeline.data.mask_values import detect_mask_values, empty_classes, label_row, raw_counts
 from seg_pipeline.data.spec import DatasetSpec, TileRecord, discover
 from seg_pipeline.progress import ItemProgress
 
@@ -53,8 +54,13 @@ __all__ = [
 ]
 
 
-def _settings_key(num_classes: int | None, ignore_index: int, expected_bands: int | None) -> str:
-    return json.dumps({"k": num_classes, "ignore": ignore_index, "bands": expected_bands})
+#: Bumped when the catalog gains columns that reused rows must have (v2: raw mask value counts).
+_CATALOG_VERSION = 2
+
+
+def _settings_key(expected_bands: int | None) -> str:
+    # Class list, ignore value and mask recoding act on the stored raw counts, so rows stay reusable.
+    return json.dumps({"v": _CATALOG_VERSION, "bands": expected_bands})
 
 
 def _none_if_na(value: Any) -> Any:
@@ -109,7 +115,7 @@ def build_headers(
     warnings: list[str] = []
     if num_classes is None:
         warnings.append("no class names (classes.txt or config): labels are not checked against a class set")
-    settings_key = _settings_key(num_classes, spec.ignore_index, expected_bands)
+    settings_key = _settings_key(expected_bands)
 
     previous: dict[str, dict[str, Any]] = {}
     if previous_catalog is not None and Path(previous_catalog).exists():
@@ -129,7 +135,7 @@ def build_headers(
     progress = ItemProgress(f"headers {spec.dataset_id}", len(to_read), unit="tiles", log_fn=log_fn)
     with ThreadPoolExecutor(max_workers=n_workers) as pool:
         results = pool.map(
-            lambda rec: inspect_tile(rec, num_classes, spec.ignore_index, expected_bands, settings_key),
+            lambda rec: inspect_tile(rec, expected_bands, settings_key),
             [rec for _, rec in to_read],
         )
         for (index, _), fresh in zip(to_read, results, strict=True):
@@ -150,6 +156,8 @@ def build_headers(
                         "set expected_bands or remove it",
                     )
 
+    mask_values = _label_rows([r for r in rows if r is not None], spec, num_classes, warnings)
+
     if num_classes is None:  # infer the class set from the data
         max_len = max(
             (len(r["class_counts"]) for r in rows if r and r["class_counts"] is not None), default=0
@@ -164,5 +172,46 @@ def build_headers(
         n_read=len(to_read),
         n_reused=len(rows) - len(to_read),
         seconds=time.perf_counter() - start,
-        warnings=warnings,
+        warnings=warnings + _class_warnings(catalog, class_names),
+        mask_values=mask_values,
     )
+
+
+def _label_rows(
+    rows: list[dict[str, Any]], spec: DatasetSpec, num_classes: int | None, warnings: list[str]
+) -> dict[int, int]:
+    """Choose the mask recoding, then derive every valid mask's class counts from its raw counts
+    (quarantining masks with values that are no class). Returns the recoding used.
+    """
+    labelled = [r for r in rows if r["status"] == STATUS_OK and r.get("mask_path")]
+    if spec.mask_values is not None:
+        mask_values = {int(k): int(v) for k, v in spec.mask_values.items()}
+    else:
+        mask_values = detect_mask_values((raw_counts(r) for r in labelled), num_classes, spec.ignore_index)
+        if mask_values:
+            warnings.append(
+                f"masks hold only the values 0 and 255: read as background / class 1 (mask_values "
+                f"{mask_values}), not as 255 = ignore; set dataset.mask_values to say otherwise"
+            )
+    for row in labelled:
+        problem = label_row(row, mask_values, num_classes, spec.ignore_index)
+        if problem:
+            quarantine(row, problem)
+    lossy = sum(1 for r in labelled if str(r.get("mask_driver") or "") == "JPEG")
+    if lossy:
+        warnings.append(
+            f"{lossy} masks are JPEG files: lossy compression changes label values along edges; "
+            "store masks as PNG or GeoTIFF"
+        )
+    return mask_values
+
+
+def _class_warnings(catalog: pd.DataFrame, class_names: tuple[str, ...]) -> list[str]:
+    """A warning naming the classes that no valid tile labels (a typo in classes.txt, or a recoding)."""
+    ok = catalog[(catalog["status"] == STATUS_OK) & catalog["has_label"].fillna(False).astype(bool)]
+    if ok.empty:
+        return []
+    missing = empty_classes(cast(list[dict[str, Any]], ok.to_dict("records")), class_names)
+    if not missing:
+        return []
+    return [f"classes {missing} have no labelled pixel in any valid tile; check class_names and mask_values"]

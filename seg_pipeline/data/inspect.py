@@ -1,4 +1,4 @@
-"""Reading and validating one tile: its header, valid pixels, band statistics and label counts.
+"""Reading and validating one tile: its header, valid pixels, band statistics and mask value counts.
 
 A tile that cannot be used is not an error here: :func:`inspect_tile` always returns a catalog row,
 *quarantined* with a reason that names the file and what to do. Pixels are read block by block, so
@@ -119,12 +119,11 @@ def _mask_problem(mask_info: RasterInfo, image_info: RasterInfo) -> str | None:
     return None
 
 
-def _mask_counts(path: Path, num_classes: int | None, ignore_index: int) -> tuple[np.ndarray, int]:
-    """Per-value pixel counts of a mask (ignore value excluded) and the count of ignored pixels."""
+def _mask_counts(path: Path) -> dict[int, int]:
+    """Pixel count of every raw value of a mask, read block by block (recoding comes later)."""
     from rasterio.windows import Window
 
-    counts = np.zeros(max(num_classes or 0, 1), dtype=np.int64)
-    ignored = 0
+    counts = np.zeros(1, dtype=np.int64)
     with open_raster(path) as src:
         for r0, r1 in _row_blocks(src.height, src.width, 1):
             try:
@@ -137,23 +136,19 @@ def _mask_counts(path: Path, num_classes: int | None, ignore_index: int) -> tupl
                 raise RasterReadError(
                     path, f"negative label {int(block.min())}; labels must be class ids >= 0"
                 )
-            keep = block != ignore_index
-            ignored += int((~keep).sum())
-            values = np.bincount(block[keep].astype(np.int64).ravel())
+            values = np.bincount(block.astype(np.int64).ravel())
             if len(values) > len(counts):
                 counts = np.pad(counts, (0, len(values) - len(counts)))
             counts[: len(values)] += values
-    return counts, ignored
+    return {int(v): int(counts[v]) for v in np.nonzero(counts)[0]}
 
 
-def inspect_tile(
-    record: TileRecord,
-    num_classes: int | None,
-    ignore_index: int,
-    expected_bands: int | None,
-    settings_key: str = "",
-) -> dict[str, Any]:
-    """Read and validate one tile; always returns a catalog row (quarantined on any problem)."""
+def inspect_tile(record: TileRecord, expected_bands: int | None, settings_key: str = "") -> dict[str, Any]:
+    """Read and validate one tile; always returns a catalog row (quarantined on any problem).
+
+    A mask's raw values are counted, not judged: class counts come from them once the dataset's
+    recoding is known (:mod:`seg_pipeline.data.mask_values`).
+    """
     row = empty_row(record, settings_key)
     if record.problem:
         return quarantine(row, record.problem)
@@ -195,21 +190,13 @@ def inspect_tile(
         problem = _mask_problem(mask_info, info)
         if problem:
             return quarantine(row, problem)
-        counts, ignored = _mask_counts(record.mask_path, num_classes, ignore_index)
+        raw = _mask_counts(record.mask_path)
     except RasterReadError as exc:
         return quarantine(row, f"unreadable mask: {exc}")
-    row["mask_sha256"] = file_sha256(record.mask_path)
-    if num_classes is not None and len(counts) > num_classes and counts[num_classes:].any():
-        bad = (np.nonzero(counts[num_classes:])[0] + num_classes).tolist()
-        return quarantine(
-            row,
-            f"mask {record.mask_path} has labels {bad} outside the class set 0..{num_classes - 1} "
-            f"(ignore value {ignore_index}); fix the mask or the class list",
-        )
-    labelled = int(counts.sum())
     row.update(
-        class_counts=counts[: num_classes or len(counts)].tolist(),
-        has_label=labelled > 0,
-        labeled_fraction=labelled / max(labelled + ignored, 1),
+        mask_sha256=file_sha256(record.mask_path),
+        mask_driver=mask_info.driver,
+        mask_values=list(raw),
+        mask_value_counts=list(raw.values()),
     )
     return row

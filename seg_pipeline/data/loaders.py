@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from seg_pipeline.data.augment import derive_seed
-from seg_pipeline.settings.training import LoaderSettings
+from seg_pipeline.settings.batches import LoaderSettings
 
 
 def seed_worker(worker_id: int, base_seed: int = 0, rank: int = 0) -> None:

@@ -11,6 +11,7 @@ reaches DataLoader workers); tiles are read and cached by :mod:`seg_pipeline.dat
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,10 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from seg_pipeline.data.augment import Augmenter, derive_seed
 from seg_pipeline.data.normalization import BandStats
 from seg_pipeline.data.partition import _distributed_position, partition_rows
+from seg_pipeline.data.patching import draw_window, patches_per_tile
 from seg_pipeline.data.samples import _check_common, _EpochState, _SampleMaker
 from seg_pipeline.data.shards import ShardRow, read_shard_index, shard_dirs
-from seg_pipeline.data.tiles import RawTile, TileCache, read_raw_tile
+from seg_pipeline.data.tiles import RawTile, TileCache, cut_window, read_raw_tile, read_raw_window
 
 
 def _load_shards(
@@ -139,6 +141,12 @@ class ShardIterableDataset(_ShardDatasetBase, IterableDataset):
             :func:`~seg_pipeline.data.loaders.build_train_loader`, which wires this up; ``None``
             yields ordinary samples.
         drop_last: In batch mode, drop each worker's last incomplete batch.
+        patch_size: Patch mode (:mod:`seg_pipeline.data.patching`): each tile gives
+            ``ceil(H * W / patch_size**2)`` square patches per epoch instead of itself, so tiles of
+            any size batch together; large tiles are read window by window (only tiles that fit a
+            patch are cached). A patch's ``item_id`` is ``<item>#<k>``. ``None`` yields whole tiles.
+        read_size: Side of the patches read (default ``patch_size``); a patch-size schedule reads
+            its largest size and the objective crops the smaller ones.
     """
 
     def __init__(
@@ -158,6 +166,8 @@ class ShardIterableDataset(_ShardDatasetBase, IterableDataset):
         two_views: bool = False,
         batch_size: int | None = None,
         drop_last: bool = False,
+        patch_size: int | None = None,
+        read_size: int | None = None,
     ) -> None:
         super().__init__(
             dataset_dir,
@@ -174,16 +184,29 @@ class ShardIterableDataset(_ShardDatasetBase, IterableDataset):
         )
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: must be >= 1 (or None to yield samples)")
+        for name, value in (("patch_size", patch_size), ("read_size", read_size)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name}={value}: must be >= 1 (or None)")
+        if read_size is not None and patch_size is None:
+            raise ValueError("read_size needs patch_size (patch mode)")
         self.shuffle = shuffle
         self.batch_size = batch_size
         self.drop_last = drop_last
+        self.patch_size = patch_size
+        self.read_size = read_size or patch_size
         self._position = _distributed_position()
 
+    def _patches(self, row: ShardRow) -> int:
+        if self.patch_size is None:
+            return 1
+        return patches_per_tile(int(row.extra["height"]), int(row.extra["width"]), self.patch_size)
+
     def __len__(self) -> int:
-        """Items of the split per rank (rounded up); batches in batch mode. Approximate per worker:
-        a worker yields only its part, and in batch mode each worker may end on a partial batch.
+        """Samples (tiles, or patches in patch mode) of the split per rank, rounded up; batches in batch
+        mode. Approximate per worker: a worker yields only its part, and may end on a partial batch.
         """
-        total = math.ceil(sum(len(shard) for shard in self.shards) / _distributed_position(self._position)[1])
+        samples = sum(self._patches(row) for shard in self.shards for row in shard)
+        total = math.ceil(samples / _distributed_position(self._position)[1])
         return total if self.batch_size is None else math.ceil(total / self.batch_size)
 
     def rows_for(
@@ -217,16 +240,34 @@ class ShardIterableDataset(_ShardDatasetBase, IterableDataset):
         info = get_worker_info()
         worker_id, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         epoch = self.epoch
-        rows = self.rows_for(rank, world_size, worker_id, num_workers, epoch)
+        units = self._units(self.rows_for(rank, world_size, worker_id, num_workers, epoch), epoch)
         if self.batch_size is None:
-            for row in rows:
-                yield self._sample(row, epoch)
+            for row, k in units:
+                yield self._maker.make(*self._unit(row, k, epoch), epoch)
             return
-        for start in range(0, len(rows), self.batch_size):
-            chunk = rows[start : start + self.batch_size]
+        for start in range(0, len(units), self.batch_size):
+            chunk = units[start : start + self.batch_size]
             if self.drop_last and len(chunk) < self.batch_size:
                 return
-            yield self._maker.build_raw([(row.item_id, self._tile(row)) for row in chunk], epoch)
+            yield self._maker.build_raw([self._unit(row, k, epoch) for row, k in chunk], epoch)
+
+    def _units(self, rows: list[ShardRow], epoch: int) -> list[tuple[ShardRow, int]]:
+        """``(row, patch number)`` in reading order; a tile's patches are spread over the epoch."""
+        units = [(row, k) for row in rows for k in range(self._patches(row))]
+        if self.patch_size is not None and self.shuffle:
+            random.Random(derive_seed("patch-order", self.seed, epoch)).shuffle(units)
+        return units
+
+    def _unit(self, row: ShardRow, k: int, epoch: int) -> tuple[str, RawTile]:
+        """The sample key and raw pixels of patch ``k`` of ``row`` (the whole tile outside patch mode)."""
+        if self.read_size is None:
+            return row.item_id, self._tile(row)
+        height, width = int(row.extra["height"]), int(row.extra["width"])
+        window = draw_window(height, width, self.read_size, (self.seed, epoch, row.item_id, k))
+        key = f"{row.item_id}#{k}"
+        if height <= self.read_size and width <= self.read_size:
+            return key, cut_window(self._tile(row), window, self.ignore_index)
+        return key, read_raw_window(row, window, self.ignore_index)
 
     def finish_batch(self, raw: dict[str, Any], pin_memory: bool = False, threads: int = 1) -> dict[str, Any]:
         """Turn a raw batch of batch mode into the standard batch (done by the train loader)."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from seg_pipeline.data.headers import STATUS_OK
+from seg_pipeline.data.mask_values import recode_mask
 from seg_pipeline.data.raster_io import open_raster, write_geotiff
 from seg_pipeline.io import atomic_dir, atomic_write, sweep_stale_temps
 from seg_pipeline.progress import ItemProgress
@@ -65,6 +66,23 @@ def _chunks(rows: list[dict[str, Any]], config: ShardSettings) -> Iterator[list[
         yield chunk
 
 
+def _store_mask(src: Path, dst_stem: Path, tile_format: str, mask_values: Mapping[int, int]) -> Path:
+    """A mask into the shard as class ids (recoded by ``mask_values``; a plain copy without one)."""
+    if not mask_values:
+        return _store(src, dst_stem, tile_format)
+    with open_raster(src) as ds:
+        array = recode_mask(ds.read(), mask_values)
+        crs = ds.crs.to_string() if ds.crs else None
+        transform = ds.transform
+    if tile_format == "npy":
+        dst = dst_stem.with_suffix(".npy")
+        np.save(dst, array)
+        return dst
+    dst = dst_stem.with_suffix(".tif")
+    write_geotiff(dst, array, crs=crs, transform=transform)
+    return dst
+
+
 def _store(src: Path, dst_stem: Path, tile_format: str) -> Path:
     """Copy a raster into the shard (byte copy for GeoTIFFs, conversion otherwise)."""
     if tile_format == "npy":
@@ -84,13 +102,18 @@ def _store(src: Path, dst_stem: Path, tile_format: str) -> Path:
     return dst
 
 
-def _index_rows(items: list[dict[str, Any]], split: str, tile_format: str) -> list[dict[str, Any]]:
+def _index_rows(
+    items: list[dict[str, Any]], split: str, tile_format: str, mask_values: Mapping[int, int]
+) -> list[dict[str, Any]]:
     ext = ".npy" if tile_format == "npy" else ".tif"
     rows = []
+    # The recoding is part of a target's content: a changed recoding rewrites the shard.
+    recoding = {"mask_values": {str(k): int(v) for k, v in sorted(mask_values.items())}} if mask_values else {}
     for item in items:
         has_target = bool(item.get("mask_path")) and isinstance(item.get("mask_path"), str)
         rows.append(
-            {
+            ({**recoding} if has_target else {})
+            | {
                 "item_id": item["item_id"],
                 "input": f"inputs/{item['item_id']}{ext}",
                 "target": f"targets/{item['item_id']}{ext}" if has_target else None,
@@ -119,6 +142,7 @@ def _write_shard(
     items: list[dict[str, Any]],
     index_text: str,
     tile_format: str,
+    mask_values: Mapping[int, int],
     progress: ItemProgress | None = None,
 ) -> None:
     """Build a shard in a hidden temp folder, then swap it into ``final_dir`` (see ``io.atomic_dir``)."""
@@ -128,7 +152,7 @@ def _write_shard(
         for item in items:
             _store(Path(item["image_path"]), tmp / "inputs" / item["item_id"], tile_format)
             if isinstance(item.get("mask_path"), str) and item["mask_path"]:
-                _store(Path(item["mask_path"]), tmp / "targets" / item["item_id"], tile_format)
+                _store_mask(Path(item["mask_path"]), tmp / "targets" / item["item_id"], tile_format, mask_values)
             if progress is not None:
                 progress.advance(detail=f"{final_dir.parent.name}/{final_dir.name}")
         (tmp / INDEX_NAME).write_text(index_text)
@@ -145,9 +169,12 @@ def write_shards(
     dataset_dir: Path | str,
     config: ShardSettings | None = None,
     *,
+    mask_values: Mapping[int, int] | None = None,
     log_fn: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Write every split's shards under ``dataset_dir`` and return the manifest.
+
+    Targets are stored as class ids: recoded by ``mask_values`` (the catalog's recoding) when given.
 
     Unchanged shards (same index content) are kept as they are; shards and splits that no
     longer exist are removed, so the folder always matches the manifest. Progress over the
@@ -177,13 +204,13 @@ def write_shards(
         shards: list[dict[str, Any]] = []
         for n, chunk in enumerate(_chunks(items, config)):
             name = f"{SHARD_PREFIX}{n:05d}"
-            index_text = _index_text(_index_rows(chunk, split, config.tile_format))
+            index_text = _index_text(_index_rows(chunk, split, config.tile_format, mask_values or {}))
             content_hash = hashlib.sha256(index_text.encode()).hexdigest()
             if _existing_hash(split_dir / name) == content_hash:
                 reused += 1
                 progress.advance(len(chunk), detail=f"{split}/{name} unchanged")
             else:
-                _write_shard(split_dir / name, chunk, index_text, config.tile_format, progress)
+                _write_shard(split_dir / name, chunk, index_text, config.tile_format, mask_values or {}, progress)
                 written += 1
             shards.append({"path": f"{split}/{name}", "items": len(chunk), "content_hash": content_hash})
         keep = {Path(s["path"]).name for s in shards}

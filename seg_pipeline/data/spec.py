@@ -4,16 +4,20 @@ Supported without configuration (case-insensitive folder names):
 
 - ``images/ + masks/`` (also ``labels/``, ``gt/``, ``annotations/``),
 - ``images_png/ + masks_png/`` (LoveDA / GeoSeg style),
-- ``train|val|test/images`` + ``train|val|test/masks`` and ``images/train`` + ``masks/train``:
+- ``train|val|test/images`` + ``train|val|test/masks`` and ``images/train`` + ``masks/train``,
+  and joined names such as ``val-chips`` + ``val-binarymasks`` (Kampala) or ``train_images``:
   the split folder name is recorded as the tile's *fixed split*,
 - explicit globs (``images_glob``/``masks_glob``, relative to the root).
 
-Images and masks pair by file stem. Class names come from ``classes.txt`` in the root
+Images and masks pair by file stem; a mask may end in ``_mask``, ``.mask``, ``_label``... (``x.mask.tif``
+labels ``x.tif``). Folders are walked following symbolic links (a raw folder of links to the real
+data is the usual way to bring data without copying it), each real folder once. Class names come from ``classes.txt`` in the root
 (``"<id> <name>"`` or one name per line) or from the spec.
 """
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +25,23 @@ from pathlib import Path
 from seg_pipeline.data.raster_io import RASTER_EXTENSIONS
 from seg_pipeline.settings.data import DatasetSettings
 
-IMAGE_DIR_NAMES = frozenset({"images", "image", "imgs", "img", "images_png", "inputs", "rgb"})
+IMAGE_DIR_NAMES = frozenset(
+    {"images", "image", "imgs", "img", "images_png", "inputs", "rgb", "chips", "tiles", "img_dir"}
+)
 MASK_DIR_NAMES = frozenset(
-    {"masks", "mask", "labels", "label", "masks_png", "gt", "annotations", "targets", "ann_dir"}
+    {
+        "masks",
+        "mask",
+        "labels",
+        "label",
+        "masks_png",
+        "gt",
+        "annotations",
+        "targets",
+        "ann_dir",
+        "binarymasks",
+        "binary_masks",
+    }
 )
 #: Folder names that carry a fixed split, normalised to the pipeline's split names.
 SPLIT_DIR_NAMES: dict[str, str] = {
@@ -35,7 +53,8 @@ SPLIT_DIR_NAMES: dict[str, str] = {
     "test": "test",
     "testing": "test",
 }
-_MASK_SUFFIXES = ("_mask", "_label", "_labels", "_gt", "-mask", "-label")
+#: Name endings of mask files that pair with the image of the bare stem (``x.mask.tif`` -> ``x``).
+_MASK_SUFFIXES = ("_mask", "_label", "_labels", "_gt", "-mask", "-label", ".mask", ".label", "_msk")
 
 
 class DatasetSpecError(ValueError):
@@ -103,18 +122,49 @@ def _is_raster(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in RASTER_EXTENSIONS and not path.name.startswith(".")
 
 
+def _folder_role(name: str) -> tuple[str | None, str | None]:
+    """(role, split) of one folder name: ``masks``, ``val``, or joined ``val-chips`` / ``train_images``."""
+    low = name.lower()
+    if low in IMAGE_DIR_NAMES:
+        return "image", None
+    if low in MASK_DIR_NAMES:
+        return "mask", None
+    if low in SPLIT_DIR_NAMES:
+        return None, SPLIT_DIR_NAMES[low]
+    for sep in ("-", "_"):
+        first, _, rest = low.partition(sep)
+        for split_word, role_word in ((first, rest), (low.rpartition(sep)[2], low.rpartition(sep)[0])):
+            if split_word in SPLIT_DIR_NAMES and role_word:
+                role, _ = _folder_role(role_word)
+                if role is not None:
+                    return role, SPLIT_DIR_NAMES[split_word]
+    return None, None
+
+
 def _role_and_split(rel: Path) -> tuple[str | None, str | None]:
     """Classify a file by its folder names: ('image'|'mask'|None, fixed split or None)."""
     role, split = None, None
     for part in rel.parts[:-1]:
-        low = part.lower()
-        if low in IMAGE_DIR_NAMES:
-            role = "image"
-        elif low in MASK_DIR_NAMES:
-            role = "mask"
-        elif low in SPLIT_DIR_NAMES:
-            split = SPLIT_DIR_NAMES[low]
+        part_role, part_split = _folder_role(part)
+        role = part_role or role
+        split = part_split or split
     return role, split
+
+
+def walk_files(root: Path) -> list[Path]:
+    """Every file under ``root``, sorted, following symbolic links; a folder reached twice (a link
+    loop, or two links to one folder) is walked once.
+    """
+    seen: set[tuple[int, int]] = set()
+    found: list[Path] = []
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        stat = os.stat(folder)
+        if (stat.st_dev, stat.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((stat.st_dev, stat.st_ino))
+        found.extend(Path(folder) / name for name in files)
+    return sorted(found)
 
 
 def _mask_stem(path: Path) -> str:
@@ -145,7 +195,7 @@ def discover(spec: DatasetSpec) -> Discovery:
                 masks[_mask_stem(path)].append((path, _role_and_split(path.relative_to(root))[1]))
     else:
         layout = "folders"
-        for path in sorted(root.rglob("*")):
+        for path in walk_files(root):
             if not _is_raster(path):
                 continue
             role, split = _role_and_split(path.relative_to(root))

@@ -8,11 +8,14 @@ them into samples.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from rasterio.windows import Window
 
 from seg_pipeline.data.normalization import invalid_pixels
+from seg_pipeline.data.patching import PatchWindow, intersect
 from seg_pipeline.data.raster_io import read_array
 from seg_pipeline.data.shards import ShardError, ShardRow
 
@@ -86,6 +89,89 @@ def read_raw_tile(row: ShardRow) -> RawTile:
         mask = mask[0] if mask.ndim == 3 else mask
     nodata = row.extra.get("nodata")
     return image, mask, invalid_pixels(image, None if nodata is None else float(nodata))
+
+
+def _read_part(path: Path, rows: slice, cols: slice) -> np.ndarray:
+    """Rows and columns of a shard file without decoding the rest (npy: memory map; else rasterio)."""
+    if path.suffix == ".npy":
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+        part = array[..., rows, cols] if array.ndim == 3 else array[rows, cols]
+        return np.array(part)
+    window = Window(cols.start, rows.start, cols.stop - cols.start, rows.stop - rows.start)
+    return read_array(path, window=window)
+
+
+def cut_window(tile: RawTile, window: PatchWindow, ignore_index: int) -> RawTile:
+    """The part of a decoded tile under ``window``, padded where the window leaves the tile."""
+    image, mask, invalid = tile
+    height, width = image.shape[-2:]
+    mask_part = None if mask is None else lambda r, c: mask[r, c]
+    invalid_part = None if invalid is None else lambda r, c: invalid[r, c]
+    return _assemble(
+        window, height, width, ignore_index, lambda r, c: image[:, r, c], mask_part, invalid_part
+    )
+
+
+def read_raw_window(row: ShardRow, window: PatchWindow, ignore_index: int) -> RawTile:
+    """One window of a shard tile read from disk (windowed reads: memory follows the window).
+
+    Pixels outside the tile are padded: image 0 and marked invalid, mask ``ignore_index``.
+    """
+    height, width = int(row.extra["height"]), int(row.extra["width"])
+    target = row.target_path
+
+    def image_part(rows: slice, cols: slice) -> np.ndarray:
+        part = _read_part(row.input_path, rows, cols)
+        return part[np.newaxis] if part.ndim == 2 else part
+
+    def mask_part(rows: slice, cols: slice) -> np.ndarray:
+        assert target is not None
+        part = _read_part(target, rows, cols)
+        return part[0] if part.ndim == 3 else part
+
+    nodata = row.extra.get("nodata")
+    nodata_value = None if nodata is None else float(nodata)
+    masks = mask_part if target else None
+    return _assemble(window, height, width, ignore_index, image_part, masks, None, nodata=nodata_value)
+
+
+def _assemble(
+    window: PatchWindow,
+    height: int,
+    width: int,
+    ignore_index: int,
+    image_part: Callable[[slice, slice], np.ndarray],
+    mask_part: Callable[[slice, slice], np.ndarray] | None,
+    invalid_part: Callable[[slice, slice], np.ndarray] | None,
+    nodata: float | None = None,
+) -> RawTile:
+    """A window's image, mask and invalid map from readers of the tile region it covers."""
+    inside = intersect(window, height, width)
+    if inside is None:
+        raise ValueError(f"window {window} lies outside the {width}x{height} tile")
+    tile_rows, tile_cols, win_rows, win_cols = inside
+    source = image_part(tile_rows, tile_cols)
+    full = window.height == source.shape[-2] and window.width == source.shape[-1]
+    if full:
+        image = np.ascontiguousarray(source)
+        mask = None if mask_part is None else np.ascontiguousarray(mask_part(tile_rows, tile_cols))
+        invalid = invalid_part(tile_rows, tile_cols) if invalid_part else invalid_pixels(image, nodata)
+        return image, mask, invalid
+    image = np.zeros((source.shape[0], window.height, window.width), dtype=source.dtype)
+    image[:, win_rows, win_cols] = source
+    invalid = np.ones((window.height, window.width), dtype=bool)
+    own = invalid_part(tile_rows, tile_cols) if invalid_part else invalid_pixels(source, nodata)
+    invalid[win_rows, win_cols] = False if own is None else own
+    mask = None
+    if mask_part is not None:
+        part = mask_part(tile_rows, tile_cols)
+        mask = np.full(
+            (window.height, window.width),
+            ignore_index,
+            dtype=np.result_type(part.dtype, np.min_scalar_type(ignore_index)),
+        )
+        mask[win_rows, win_cols] = part
+    return image, mask, invalid
 
 
 class TileCache:

@@ -109,9 +109,9 @@ class EnsemblePredictor:
     def predict_probabilities(self, x: Tensor) -> Tensor:
         """Ensemble class probabilities (B, K, H, W) float32, on the predictor's device."""
         x = x.to(self.device, dtype=torch.float32)
-        if self.weights is None:
-            return self._suppress(tta_predict(self.models, x, self.tta))
-        with torch.inference_mode():
+        with torch.inference_mode():  # _suppress edits in place: inference tensors only allow that here
+            if self.weights is None:
+                return self._suppress(tta_predict(self.models, x, self.tta))
             terms = [member_term(model, x, self.tta) for model in self.models]
             return self._suppress(merge_terms(terms, self.tta, self.weights))
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seg_pipeline.settings.training import SMP_CLASS_NAMES, ModelSpec, check_arch_kwargs
+from seg_pipeline.settings.models import SMP_CLASS_NAMES, ModelSpec, check_arch_kwargs
 
 #: Name -> SMP class of every architecture the schema allows (``settings.training.SMP_CLASS_NAMES``).
 ARCHITECTURES: dict[str, type[nn.Module]] = {

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from seg_pipeline.models.checkpoint import CheckpointError, load_checkpoint, load_model_weights
 from seg_pipeline.models.factory import SegmentationModel, build_model
-from seg_pipeline.settings.training import ModelSpec
+from seg_pipeline.settings.models import ModelSpec
 
 
 @dataclass(frozen=True)

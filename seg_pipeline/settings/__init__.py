@@ -1,9 +1,11 @@
 """The one typed schema of every component's settings (pydantic); the Dagster config derives from it.
 
-One module per stage of the pipeline: ``data`` (ingest), ``training``, ``inference``, ``evaluation``.
+One module per part of the pipeline: ``data`` (ingest), ``models``, ``batches`` (patches, loading,
+augmentation), ``training``, ``inference``, ``evaluation``.
 """
 
 from seg_pipeline.settings.base import Settings, SettingsError, format_errors, override
+from seg_pipeline.settings.batches import AugmentSettings, LoaderSettings, PatchSettings
 from seg_pipeline.settings.data import (
     AuxDatasetSettings,
     AuxiliarySettings,
@@ -12,15 +14,13 @@ from seg_pipeline.settings.data import (
     SplitSettings,
 )
 from seg_pipeline.settings.evaluation import ChampionSettings, EvaluationSettings
-from seg_pipeline.settings.inference import PredictSettings, TTASettings, WindowSettings
+from seg_pipeline.settings.inference import PredictSettings, TTASettings, ValidationSettings, WindowSettings
+from seg_pipeline.settings.models import ModelSettings, ModelSpec
 from seg_pipeline.settings.training import (
-    AugmentSettings,
     DistillSettings,
     KDStageSettings,
-    LoaderSettings,
     LoopSettings,
     LossSettings,
-    ModelSettings,
     OptimizerSettings,
     PretrainSettings,
     SchedulerSettings,
@@ -40,7 +40,9 @@ __all__ = [
     "LoopSettings",
     "LossSettings",
     "ModelSettings",
+    "ModelSpec",
     "OptimizerSettings",
+    "PatchSettings",
     "PredictSettings",
     "PretrainSettings",
     "SchedulerSettings",
@@ -50,6 +52,7 @@ __all__ = [
     "SplitSettings",
     "StageSettings",
     "TTASettings",
+    "ValidationSettings",
     "WindowSettings",
     "format_errors",
     "override",

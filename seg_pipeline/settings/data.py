@@ -48,6 +48,11 @@ class DatasetSettings(Settings):
     ignore_index: int = Field(
         default=255, ge=0, le=65535, description="Mask value meaning 'not labelled' (no loss, not scored)."
     )
+    mask_values: dict[int, int] | None = Field(
+        default=None,
+        description="Raw mask value -> class id (or the ignore value), e.g. {255: 1} for 0/255 masks; "
+        "unlisted values are class ids. null = detect: binary masks holding only 0 and 255 get {255: 1}.",
+    )
     expected_bands: int | None = Field(
         default=None, ge=1, description="Band count every image must have; null = the majority count."
     )

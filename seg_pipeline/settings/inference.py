@@ -6,7 +6,7 @@ from typing import Literal, Self
 
 from pydantic import Field, field_validator, model_validator
 
-from seg_pipeline.settings.base import Settings
+from seg_pipeline.settings.base import DEVICE_PATTERN, Settings, override
 
 #: Names ``flips`` accepts: dihedral transforms plus ``d4`` (all 8) and ``hv`` (= rot180).
 FLIP_NAMES = ("none", "h", "v", "rot90", "rot180", "rot270", "transpose", "antitranspose", "d4", "hv")
@@ -57,15 +57,29 @@ class WindowSettings(Settings):
         return self
 
 
+class ValidationTTASettings(TTASettings):
+    """Validation runs one view by default: the number that picks best.pt is the plain model's."""
+
+    scales: list[float] = override(TTASettings, "scales", [1.0])
+    flips: list[str] = override(TTASettings, "flips", ["none"])
+
+
+class ValidationSettings(Settings):
+    """Each epoch's validation: whole validation tiles through the same sliding windows as inference."""
+
+    windows: WindowSettings = Field(default_factory=WindowSettings, description="Sliding windows.")
+    tta: ValidationTTASettings = Field(
+        default_factory=ValidationTTASettings, description="Views (none extra)."
+    )
+
+
 class PredictSettings(Settings):
     """Predicting a split (or a folder) with single models and their TTA ensemble."""
 
     split: str = Field(default="test", description="Split to predict; falls back to 'val' when it is empty.")
     tta: TTASettings = Field(default_factory=TTASettings, description="Test-time augmentation.")
     windows: WindowSettings = Field(default_factory=WindowSettings, description="Sliding windows.")
-    device: Literal["auto", "cuda", "mps", "cpu"] = Field(
-        default="auto", description="Where to run the models."
-    )
+    device: str = Field(default="auto", pattern=DEVICE_PATTERN, description="auto, cpu, mps, cuda or cuda:N.")
     bf16: bool = Field(default=False, description="bf16 autocast for the forward passes.")
     extra_checkpoints: list[str] = Field(
         default=[], description="More ensemble members: stage checkpoints or MLflow model URIs."

@@ -9,154 +9,17 @@ they reach training through the typed contracts (``seg_pipeline.contracts``), ne
 
 from __future__ import annotations
 
-from typing import Any, Literal, Self
+from typing import Literal, Self
 
 from pydantic import Field, field_validator, model_validator
 
-from seg_pipeline.settings.base import Settings, override
+from seg_pipeline.settings.base import DEVICE_PATTERN, Settings, override
+from seg_pipeline.settings.batches import AugmentSettings, LoaderSettings, PatchSettings
+from seg_pipeline.settings.inference import ValidationSettings
+from seg_pipeline.settings.models import ModelSettings
 
-Architecture = Literal[
-    "unet",
-    "unetplusplus",
-    "deeplabv3",
-    "deeplabv3plus",
-    "fpn",
-    "pspnet",
-    "linknet",
-    "manet",
-    "pan",
-    "upernet",
-    "segformer",
-]
-#: Architecture name -> SMP class name, restricted to the architectures that work with the usual CNN
-#: encoders (resnet*, efficientnet-*, mobilenet_v2, ...). SMP 0.6 also ships DPT, which only accepts
-#: timm ViT encoders ("tu-vit_*") with a fixed image size, so it is left out on purpose.
-SMP_CLASS_NAMES: dict[str, str] = {
-    "unet": "Unet",
-    "unetplusplus": "UnetPlusPlus",
-    "deeplabv3": "DeepLabV3",
-    "deeplabv3plus": "DeepLabV3Plus",
-    "fpn": "FPN",
-    "pspnet": "PSPNet",
-    "linknet": "Linknet",
-    "manet": "MAnet",
-    "pan": "PAN",
-    "upernet": "UPerNet",
-    "segformer": "Segformer",
-}
 #: Loss terms that ``loss.name`` may join with ``+`` (``ce+dice``, ``dice+focal``...).
 LOSS_TERMS = ("ce", "dice", "focal", "jaccard", "lovasz", "bce")
-#: ``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``mps``, ``cuda`` or ``cuda:<index>``.
-DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:[0-9]+)?)$"
-
-
-class ModelSettings(Settings):
-    """An SMP model: architecture x encoder. Bands and classes come from the data, not from here."""
-
-    architecture: Architecture = Field(default="unet", description="SMP architecture.")
-    encoder: str = Field(
-        default="resnet34",
-        description="SMP encoder: resnet18/34/50, efficientnet-b0..b7, mobilenet_v2, ... or tu-<timm name>.",
-    )
-    encoder_weights: str | None = Field(
-        default=None,
-        description="null trains from scratch (works offline); 'imagenet' downloads pretrained weights.",
-    )
-    positive_classes: list[int] | None = Field(
-        default=None,
-        description="Classes that count as positive for patch-level detection; null = every class > 0.",
-    )
-
-    @field_validator("architecture", mode="before")
-    @classmethod
-    def _lower_case(cls, value: Any) -> Any:
-        return value.strip().lower() if isinstance(value, str) else value
-
-    @field_validator("encoder")
-    @classmethod
-    def _known_encoder(cls, value: str) -> str:
-        import segmentation_models_pytorch as smp  # heavy (torch): only when an encoder is validated
-
-        if value in smp.encoders.get_encoder_names():
-            return value
-        if value.startswith("tu-"):
-            import timm
-
-            if timm.is_model(value.removeprefix("tu-")):
-                return value
-        raise ValueError(
-            f"unknown to segmentation_models_pytorch {smp.__version__}; use one of "
-            f"{sorted(smp.encoders.get_encoder_names())} or 'tu-<timm model name>'"
-        )
-
-
-def check_arch_kwargs(spec: ModelSpec) -> None:
-    """Reject keys the SMP class would silently swallow (its ``**kwargs`` go to the encoder)."""
-    import inspect
-
-    import segmentation_models_pytorch as smp  # heavy (torch): only when a spec has arch_kwargs
-
-    owned = {"encoder_name", "encoder_weights", "in_channels", "classes"}
-    # aux_params adds a classification head (forward would return a tuple); activation would
-    # turn logits into probabilities. Both break the wrapper's contract.
-    forbidden = owned | {"aux_params", "activation"}
-    bad = sorted(set(spec.arch_kwargs) & forbidden)
-    if bad:
-        raise ValueError(
-            f"arch_kwargs sets {bad}; set encoder/in_channels/num_classes/encoder_weights through the "
-            "spec's own fields, and leave aux_params/activation unset (logits only)"
-        )
-    if not spec.arch_kwargs or spec.encoder.startswith("tu-"):  # timm judges its own kwargs
-        return
-    signature = inspect.signature(getattr(smp, SMP_CLASS_NAMES[spec.architecture]).__init__)
-    variadic = (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
-    accepted = {n for n, p in signature.parameters.items() if p.kind not in variadic} - {"self"} - forbidden
-    unknown = sorted(set(spec.arch_kwargs) - accepted)
-    if unknown:
-        raise ValueError(
-            f"arch_kwargs has keys {unknown} that {spec.architecture} does not accept; "
-            f"valid keys are {sorted(accepted)}"
-        )
-
-
-class ModelSpec(ModelSettings):
-    """A model as it is built and saved in checkpoints: the user's choice plus what the data decides."""
-
-    in_channels: int = Field(
-        default=3, ge=1, description="Input bands (3 for RGB, 7 for Sentinel-2 patches)."
-    )
-    num_classes: int = Field(default=2, ge=2, description="Output classes including background (softmax).")
-    arch_kwargs: dict[str, Any] = Field(
-        default={}, description="Extra keyword arguments for the SMP class (decoder_channels, ...)."
-    )
-
-    @model_validator(mode="after")
-    def _positives_in_range(self) -> Self:
-        if self.positive_classes is not None:
-            bad = [c for c in self.positive_classes if not 0 <= c < self.num_classes]
-            if not self.positive_classes or bad:
-                raise ValueError(
-                    f"positive_classes={self.positive_classes} must be a non-empty list of class ids in "
-                    f"[0, {self.num_classes - 1}]; out of range: {bad}"
-                )
-        return self
-
-    @model_validator(mode="after")
-    def _arch_kwargs_accepted(self) -> Self:
-        check_arch_kwargs(self)
-        return self
-
-    @property
-    def resolved_positive_classes(self) -> tuple[int, ...]:
-        """The positive classes, with the default (every class > 0) filled in."""
-        if self.positive_classes is not None:
-            return tuple(self.positive_classes)
-        return tuple(range(1, self.num_classes))
-
-    @classmethod
-    def from_settings(cls, settings: ModelSettings, in_channels: int, num_classes: int) -> ModelSpec:
-        """The spec of ``settings`` for data with ``in_channels`` bands and ``num_classes`` classes."""
-        return cls(**settings.model_dump(), in_channels=in_channels, num_classes=num_classes)
 
 
 class LossSettings(Settings):
@@ -222,69 +85,6 @@ class SchedulerSettings(Settings):
     )
 
 
-class LoaderSettings(Settings):
-    """How batches are read: size, workers and the per-worker tile cache (seed 000's data knobs)."""
-
-    batch_size: int = Field(default=8, ge=1, description="Samples per batch (per rank under DDP).")
-    num_workers: int = Field(
-        default=0, ge=0, description="DataLoader worker processes; 0 loads in the main process."
-    )
-    prefetch_factor: int = Field(default=2, ge=1, description="Batches prefetched per worker.")
-    persistent_workers: bool = Field(
-        default=False, description="Keep workers (and their caches) across epochs."
-    )
-    pin_memory: bool = Field(default=False, description="Page-locked batches for faster GPU copies.")
-    cache_mode: Literal["none", "lru"] = Field(
-        default="none", description="Per-worker cache of decoded tiles."
-    )
-    cache_max_items: int = Field(default=0, ge=0, description="LRU capacity per worker; 0 = unbounded.")
-
-
-class AugmentSettings(Settings):
-    """Seeded augmentation: D4 geometry on image and mask, colour jitter and noise on the image only.
-
-    Ranges are symmetric around 'no change'; 0 disables an op. The defaults are a light recipe.
-    """
-
-    enabled: bool = Field(default=True, description="false = tiles are only normalised.")
-    hflip_p: float = Field(default=0.5, ge=0.0, le=1.0, description="Probability of a horizontal flip.")
-    vflip_p: float = Field(default=0.5, ge=0.0, le=1.0, description="Probability of a vertical flip.")
-    rot90: bool = Field(default=True, description="Rotate by k x 90 degrees, k uniform in 0..3.")
-    scale_range: list[float] | None = Field(
-        default=None, description="[low, high] zoom factors of a random scale + crop; null = off."
-    )
-    crop_size: int | None = Field(
-        default=None, ge=1, description="Side of the random (scale +) crop; null keeps the input size."
-    )
-    brightness: float = Field(default=0.1, ge=0.0, lt=1.0, description="Brightness factor within 1 +/- this.")
-    contrast: float = Field(default=0.1, ge=0.0, lt=1.0, description="Contrast factor within 1 +/- this.")
-    saturation: float = Field(
-        default=0.1, ge=0.0, lt=1.0, description="Saturation factor within 1 +/- this (RGB)."
-    )
-    noise_std: float = Field(
-        default=0.05, ge=0.0, description="Gaussian noise sigma within [0, this], in std units."
-    )
-    photometric_p: float = Field(default=1.0, ge=0.0, le=1.0, description="Probability of each colour op.")
-    noise_p: float = Field(default=0.5, ge=0.0, le=1.0, description="Probability of adding noise.")
-    noise_bank_size: int = Field(
-        default=1 << 22,
-        ge=0,
-        description="Standard-normal values kept per process for noise; 0 = fresh draws.",
-    )
-
-    @field_validator("scale_range")
-    @classmethod
-    def _ordered_range(cls, value: list[float] | None) -> list[float] | None:
-        if value is not None and (len(value) != 2 or not 0 < value[0] <= value[1]):
-            raise ValueError("give [low, high] with 0 < low <= high")
-        return value
-
-    @classmethod
-    def off(cls) -> AugmentSettings:
-        """The identity: tiles are only normalised."""
-        return cls(enabled=False)
-
-
 class LoopSettings(Settings):
     """The training loop: epochs, precision, EMA, checkpoints, early stopping, seed."""
 
@@ -346,9 +146,14 @@ class StageSettings(Settings):
     optimizer: OptimizerSettings = Field(default_factory=OptimizerSettings, description="Optimizer.")
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings, description="LR schedule.")
     loader: LoaderSettings = Field(default_factory=LoaderSettings, description="Batches and workers.")
+    patches: PatchSettings = Field(default_factory=PatchSettings, description="Patches read for training.")
     augment: AugmentSettings = Field(default_factory=AugmentSettings, description="Training augmentation.")
     loop: LoopSettings = Field(default_factory=LoopSettings, description="Epochs, precision, checkpoints.")
     val_split: str = Field(default="val", description="Split of the target that validates each epoch.")
+    validation: ValidationSettings = Field(
+        default_factory=ValidationSettings,
+        description="Full-resolution validation with the inference windows.",
+    )
 
 
 class PretrainSettings(StageSettings):
@@ -381,19 +186,6 @@ class DistillSettings(Settings):
     extra_teachers: list[str] = Field(
         default=[], description="More teachers: stage checkpoints or MLflow model URIs (models:/name@alias)."
     )
-    patch_sizes: list[int] = Field(
-        default=[], description="Multi-scale schedule, e.g. [96, 128, 160]; empty = off."
-    )
-    multi_scale_mode: Literal["sample_one_scale_per_step", "per_step_all_scales"] = Field(
-        default="sample_one_scale_per_step", description="One patch size per step, or every size each step."
-    )
-
-    @field_validator("patch_sizes")
-    @classmethod
-    def _sizes(cls, value: list[int]) -> list[int]:
-        if any(size < 8 for size in value):
-            raise ValueError("patch sizes must be >= 8")
-        return value
 
 
 class DistillOptimizerSettings(OptimizerSettings):

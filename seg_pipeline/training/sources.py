@@ -16,11 +16,17 @@ from pydantic import Field
 from seg_pipeline.contracts import BandStatistics, ShardSet
 from seg_pipeline.contracts.base import Contract
 from seg_pipeline.data.augment import Augmenter
+from seg_pipeline.data.catalog import ok_rows
 from seg_pipeline.data.combined import InterleavedSources, RemappedSource, remap_table, resolve_remap
 from seg_pipeline.data.datasets import ShardIterableDataset, ShardMapDataset
 from seg_pipeline.data.headers import read_catalog
 from seg_pipeline.data.normalization import BandStats
 from seg_pipeline.settings import StageSettings
+from seg_pipeline.settings.batches import MIN_PATCH, PatchSettings
+
+#: The automatic patch side stays within these bounds: below, encoders lose their deepest maps;
+#: above, a CPU batch of 8 RGB float patches passes 50 MB and a step gets slow.
+AUTO_PATCH_RANGE = (MIN_PATCH, 512)
 
 
 class TrainingSource(Contract):
@@ -59,6 +65,24 @@ def mask_lookup(
     return remap_table(remap, ignore_index)
 
 
+def patch_size(sources: Sequence[TrainingSource], patches: PatchSettings) -> int:
+    """The patch side of a stage: ``patches.size``, or the median tile side of the sources' valid tiles
+    rounded up to a multiple of 32 and kept within :data:`AUTO_PATCH_RANGE` (256 px chips give 256).
+    """
+    if patches.size is not None:
+        return patches.size
+    sides = [
+        max(int(h), int(w))
+        for source in sources
+        for h, w in ok_rows(read_catalog(source.shards.catalog.catalog_path))[["height", "width"]].itertuples(
+            index=False
+        )
+    ]
+    median = float(np.median(sides)) if sides else AUTO_PATCH_RANGE[1]
+    low, high = AUTO_PATCH_RANGE
+    return int(min(max(32 * np.ceil(median / 32), low), high))
+
+
 def build_training_data(
     sources: Sequence[TrainingSource],
     target_classes: Sequence[str],
@@ -66,10 +90,17 @@ def build_training_data(
     settings: StageSettings,
     *,
     include_unlabeled: bool = False,
+    size: int | None = None,
 ) -> InterleavedSources:
-    """Interleave every (source, split) as one stream with masks in the target scheme."""
+    """Interleave every (source, split) as one stream of patches with masks in the target scheme.
+
+    ``size`` is the patch side (default :func:`patch_size` of these sources); a patch-size schedule
+    reads its largest size.
+    """
     streams = []
     seed = settings.loop.seed
+    size = size or patch_size(sources, settings.patches)
+    read_size = max([size, *settings.patches.sizes]) if settings.patches.sizes else size
     for index, source in enumerate(sources):
         stats = band_stats(source.shards.catalog.normalization, source.name)
         lookup = mask_lookup(source, target_classes, ignore_index)
@@ -84,6 +115,8 @@ def build_training_data(
                 cache_mode=settings.loader.cache_mode,
                 cache_max_items=settings.loader.cache_max_items,
                 drop_unlabeled=not include_unlabeled,
+                patch_size=size,
+                read_size=read_size,
             )
             streams.append(RemappedSource(dataset, lookup, name=f"{source.name}/{split}"))
     return InterleavedSources(streams, seed=seed)

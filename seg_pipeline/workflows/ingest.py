@@ -67,7 +67,7 @@ def catalogue(settings: DatasetSettings, layout: DataLayout, log_fn: LogFn | Non
     catalog_path = out_dir / "headers.parquet"
     result = build_headers(spec, previous_catalog=catalog_path if settings.incremental else None, log_fn=log)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_catalog(result.catalog, catalog_path, result.class_names, settings.model_dump())
+    write_catalog(result.catalog, catalog_path, result.class_names, settings.model_dump(), result.mask_values)
     quarantine = [
         {"item_id": str(row["item_id"]), "reason": str(row["reason"])}
         for row in result.quarantined[["item_id", "reason"]].to_dict("records")
@@ -94,6 +94,7 @@ def _catalog_contract(
         quarantine_path=str(quarantine_path),
         class_names=list(result.class_names),
         ignore_index=settings.ignore_index,
+        mask_values=dict(result.mask_values),
         bands=int(ok_bands.mode().iloc[0]) if len(ok_bands) else None,
         normalization=_normalization(result),
         n_tiles=len(result.catalog),
@@ -147,6 +148,7 @@ def shard(
         read_split_table(splits.splits_path),
         dataset_dir,
         settings,
+        mask_values=catalog.mask_values,
         log_fn=log,
     )
     seconds = time.perf_counter() - started

@@ -26,12 +26,13 @@ from seg_pipeline.models import SegmentationModel, build_model
 from seg_pipeline.models.checkpoint import load_model_weights
 from seg_pipeline.models.loading import load_trained_model
 from seg_pipeline.progress import default_log_fn
-from seg_pipeline.settings import KDStageSettings, PretrainSettings
-from seg_pipeline.settings.training import ModelSpec
+from seg_pipeline.settings import KDStageSettings, PretrainSettings, StageSettings
+from seg_pipeline.settings.models import ModelSpec
 from seg_pipeline.tracking import TrackedRun, TrackingSettings, check_tracking_uri, log_environment, start_run
 from seg_pipeline.training.distill import DistillationObjective
 from seg_pipeline.training.distributed import init_distributed, is_initialized, is_main_process, world_size
 from seg_pipeline.training.losses import KnowledgeDistillationLoss, build_loss, inverse_frequency_weights
+from seg_pipeline.training.multiscale import MultiScaleObjective
 from seg_pipeline.training.objectives import Objective, SupervisedObjective
 from seg_pipeline.training.optim import build_optimizer, build_scheduler
 from seg_pipeline.training.plots import plot_training_curves
@@ -41,10 +42,11 @@ from seg_pipeline.training.sources import (
     build_training_data,
     build_validation_data,
     class_pixel_totals,
+    patch_size,
 )
 from seg_pipeline.training.steps import optimizer_steps_per_epoch
 from seg_pipeline.training.trainer import EvaluateFn, FitResult, Trainer, precision_policy
-from seg_pipeline.training.validation import make_evaluate_fn
+from seg_pipeline.training.validation import collate_tiles, make_evaluate_fn
 
 LogFn = Callable[[str], None]
 
@@ -106,7 +108,7 @@ def _objective(job: StageJob, class_weights: torch.Tensor | None) -> Objective:
             focal_gamma=settings.loss.focal_gamma,
             label_smoothing=settings.loss.label_smoothing,
         )
-        return SupervisedObjective(loss)
+        return _multi_scale(SupervisedObjective(loss), settings, catalog.ignore_index)
     kd = settings.kd
     kd_loss = KnowledgeDistillationLoss(
         alpha=kd.alpha,
@@ -119,22 +121,37 @@ def _objective(job: StageJob, class_weights: torch.Tensor | None) -> Objective:
         [load_trained_model(path) for path in job.teachers],
         kd_loss,
         warmup_epochs=kd.warmup_epochs,
-        patch_sizes=kd.patch_sizes or None,
-        multi_scale_mode=kd.multi_scale_mode,
+    ).to(precision_policy(settings.loop).device)
+    return _multi_scale(objective, settings, catalog.ignore_index)
+
+
+def _multi_scale(objective: Objective, settings: StageSettings, ignore_index: int) -> Objective:
+    """Per-size loss normalisation when the stage trains a patch-size schedule."""
+    if not settings.patches.sizes:
+        return objective
+    return MultiScaleObjective(
+        objective,
+        settings.patches.sizes,
+        settings.patches.mode,
+        ignore_index=ignore_index,
+        sampling=settings.patches.sampling,
         seed=settings.loop.seed,
     )
-    return objective.to(precision_policy(settings.loop).device)
 
 
-def _train_data(job: StageJob) -> InterleavedSources:
+def _train_data(job: StageJob, log: LogFn) -> InterleavedSources:
     catalog, settings = job.target.catalog, job.settings
     transfer = settings.kd.transfer_split if isinstance(settings, KDStageSettings) else None
+    size = patch_size(job.sources, settings.patches)
+    chosen = "patches.size" if settings.patches.size else "auto: median tile side"
+    log(f"{job.stage}: training on {size} px patches ({chosen}); schedule {settings.patches.sizes or 'off'}")
     data = build_training_data(
         job.sources,
         catalog.class_names,
         catalog.ignore_index,
         settings,
         include_unlabeled=transfer is not None,
+        size=size,
     )
     if transfer:
         extra = build_training_data(
@@ -143,6 +160,7 @@ def _train_data(job: StageJob) -> InterleavedSources:
             catalog.ignore_index,
             settings,
             include_unlabeled=True,
+            size=size,
         )
         data = InterleavedSources([*data.sources, *extra.sources], seed=settings.loop.seed)
     return data
@@ -225,7 +243,7 @@ def prepare_stage(job: StageJob, log: LogFn) -> PreparedStage:
     catalog = job.target.catalog
     normalization = band_stats(catalog.normalization, job.target.dataset_id)
     model = _build_model(job, log)
-    train_data = _train_data(job)
+    train_data = _train_data(job, log)
     val_data = build_validation_data(job.target, job.settings.val_split, normalization)
     loader_settings = job.settings.loader
     weights = None
@@ -235,8 +253,12 @@ def prepare_stage(job: StageJob, log: LogFn) -> PreparedStage:
     return PreparedStage(
         trainer=_trainer(job, model, _objective(job, weights), len(train_data), log),
         train_loader=build_train_loader(train_data, loader_settings, seed=job.settings.loop.seed),
-        val_loader=build_eval_loader(val_data, loader_settings.replace(cache_mode="none")),
-        evaluate_fn=make_evaluate_fn(catalog.num_classes, catalog.ignore_index, catalog.class_names),
+        val_loader=build_eval_loader(
+            val_data, loader_settings.replace(cache_mode="none"), collate_fn=collate_tiles
+        ),
+        evaluate_fn=make_evaluate_fn(
+            catalog.num_classes, catalog.ignore_index, catalog.class_names, job.settings.validation
+        ),
     )
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from seg_pipeline.contracts import AuxiliarySet, ShardSet, TrainedModel
 from seg_pipeline.settings import KDStageSettings, ModelSettings, PretrainSettings
-from seg_pipeline.settings.training import ModelSpec
+from seg_pipeline.settings.models import ModelSpec
 from seg_pipeline.tracking import TrackingSettings
 from seg_pipeline.training.sources import TrainingSource
 from seg_pipeline.workflows.launch import launch_stage

@@ -281,7 +281,24 @@ def test_changed_settings_reread_everything(tmp_path: Path, make_dataset: MakeDa
     _build(root, catalog_path)
     assert _build(root, catalog_path, expected_bands=3).n_read == 3
     assert _build(root, catalog_path, expected_bands=3).n_read == 0
-    assert _build(root, catalog_path, expected_bands=3, ignore_index=0).n_read == 3
+
+
+def test_label_settings_relabel_from_stored_counts_without_rereading(
+    tmp_path: Path, make_dataset: MakeDataset
+) -> None:
+    # Raw mask value counts are in the catalog: a new ignore value or recoding costs no reads.
+    root = make_dataset(tmp_path / "d", rows=1, cols=3)
+    catalog_path = tmp_path / "catalog.parquet"
+    first = _build(root, catalog_path)
+    again = _build(root, catalog_path, ignore_index=0)
+    assert again.n_read == 0
+    before = first.class_histogram()
+    after = again.class_histogram()
+    background = next(iter(before))
+    assert after[background] == 0 and before[background] > 0  # class 0 is now "not labelled"
+    assert {k: v for k, v in after.items() if k != background} == {
+        k: v for k, v in before.items() if k != background
+    }
 
 
 def test_tile_quarantined_for_a_minority_band_count_is_judged_again(

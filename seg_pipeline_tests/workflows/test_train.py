@@ -266,7 +266,7 @@ def test_five_kills_during_training_each_resume_and_finish_like_an_uninterrupted
 
 def test_the_torchrun_job_file_round_trips_settings_and_contracts(sources, tmp_path: Path) -> None:
     target, auxiliary = sources
-    settings = KDStageSettings.parse({"kd": {"alpha": 0.6, "patch_sizes": [32, 48]}})
+    settings = KDStageSettings.parse({"kd": {"alpha": 0.6}, "patches": {"sizes": [64, 96]}})
     job = StageJob(
         stage="kd",
         settings=settings,
@@ -278,9 +278,7 @@ def test_the_torchrun_job_file_round_trips_settings_and_contracts(sources, tmp_p
     )
     back = StageJob.from_json(job.to_json())
     assert (
-        back == job
-        and isinstance(back.settings, KDStageSettings)
-        and back.settings.kd.patch_sizes == [32, 48]
+        back == job and isinstance(back.settings, KDStageSettings) and back.settings.patches.sizes == [64, 96]
     )
     with pytest.raises(ValueError, match="lr_typo"):
         StageJob.model_validate({**json.loads(job.to_json()), "lr_typo": 1})
