@@ -1,4 +1,4 @@
-"""Benchmark: seconds per training step of our ``fit`` machinery vs a bare SMP loop (DESIGN section 8).
+"""Benchmark: seconds per training step of our ``fit`` machinery vs a bare SMP loop.
 
 Rows (same model: SMP Unet-resnet18, encoder_weights=None, 3 -> 6 classes; data already in memory):
   a  bare loop, fp32: forward, F.cross_entropy, backward, AdamW step (torch defaults)

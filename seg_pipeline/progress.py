@@ -1,4 +1,4 @@
-"""Item progress lines with throughput and ETA for every long step (DESIGN F31).
+"""Item progress lines with throughput and ETA for every long step (F31 in docs/architecture.md).
 
 Dagster-free on purpose: library functions take ``log_fn`` (the Dagster assets pass
 ``context.log.info``, so lines land in the run log); by default lines go to the stdlib

@@ -1,4 +1,4 @@
-"""Deployment configs (DESIGN F30, F16) checked with Dagster's own validation, offline and in seconds.
+"""Deployment configs (F30, F16) checked with Dagster's own validation, offline and in seconds.
 
 Every ``dagster.yaml`` goes through ``InstanceRef.from_dir`` (what Dagster does with DAGSTER_HOME at
 start-up: top-level schema, storage selector, run queue) and then each configurable class it names

@@ -1,4 +1,4 @@
-"""Tests for item progress lines (DESIGN F31): ItemProgress rules, and lines from every long step."""
+"""Tests for item progress lines (F31): ItemProgress rules, and lines from every long step."""
 
 from __future__ import annotations
 

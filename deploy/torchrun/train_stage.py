@@ -1,4 +1,4 @@
-"""Stage-1 training of one ingested dataset under torchrun, outside Dagster (DESIGN F16).
+"""Stage-1 training of one ingested dataset under torchrun, outside Dagster (F16 in docs/architecture.md).
 
 The Dagster training assets start torchrun themselves (``nproc_per_node``). Outside Dagster, torchrun
 starts one copy of this script per GPU; the stage joins the process group from torchrun's

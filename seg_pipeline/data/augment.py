@@ -1,4 +1,4 @@
-"""Seeded augmentation for segmentation tiles, fused with normalisation (DESIGN F8).
+"""Seeded augmentation for segmentation tiles, fused with normalisation (F8 in docs/architecture.md).
 
 Plain numpy/torch ops, no kornia or albumentations: the ops are 90-degree rotations, flips, one
 crop/resize and per-band affine colour changes. Measured for the same ops on one 256x256 RGB tile

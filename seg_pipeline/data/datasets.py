@@ -1,4 +1,4 @@
-"""Torch datasets over shards and large GeoTIFFs (DESIGN F7): the public names in one place.
+"""Torch datasets over shards and large GeoTIFFs (F7 in docs/architecture.md): the public names in one place.
 
 The code lives in modules with one job each:
 

@@ -18,8 +18,8 @@ from seg_pipeline.data.raster_io import RasterInfo, RasterReadError, info_from_d
 from seg_pipeline.data.spec import TileRecord
 from seg_pipeline.io import file_sha256
 
-#: Pixels per read block: bounds memory for big rasters (about 16 M values at a time).
-_BLOCK_VALUES = 1 << 24
+#: Values per read block: bounds memory for big rasters (4 M values, 32 MB as float64 statistics).
+_BLOCK_VALUES = 1 << 22
 _TRANSFORM_TOLERANCE = 1e-6
 
 
@@ -57,13 +57,15 @@ def _row_blocks(height: int, width: int, bands: int) -> Iterable[tuple[int, int]
         yield start, min(height, start + rows)
 
 
-def _image_stats(path: Path) -> tuple[RasterInfo, np.ndarray, dict[str, Any]]:
-    """Read an image block by block: header, valid-pixel mask and per-band statistics."""
+def _image_stats(path: Path) -> tuple[RasterInfo, dict[str, Any]]:
+    """Read an image block by block: header, valid-pixel count and per-band statistics (memory follows
+    the block: a 10980 px scene is never decoded whole).
+    """
     from rasterio.windows import Window
 
     with open_raster(path) as src:
         info = info_from_dataset(src, path)
-        valid = np.empty((info.height, info.width), dtype=bool)
+        n_valid = 0
         sums = np.zeros(info.count, dtype=np.float64)
         sq_sums = np.zeros(info.count, dtype=np.float64)
         for r0, r1 in _row_blocks(info.height, info.width, info.count):
@@ -77,20 +79,19 @@ def _image_stats(path: Path) -> tuple[RasterInfo, np.ndarray, dict[str, Any]]:
                 np.isfinite(block).all(axis=0) if block.dtype.kind == "f" else np.ones(block.shape[1:], bool)
             )
             ok = finite if info.nodata is None else finite & ~(block == info.nodata).all(axis=0)
-            valid[r0:r1] = ok
+            n_valid += int(ok.sum())
             picked = block[:, ok].astype(np.float64)
             sums += picked.sum(axis=1)
             sq_sums += np.square(picked).sum(axis=1)
-    n_valid = int(valid.sum())
     mean = sums / max(n_valid, 1)
     std = np.sqrt(np.maximum(sq_sums / max(n_valid, 1) - mean**2, 0.0))
     stats = {
-        "nodata_fraction": 1.0 - n_valid / max(valid.size, 1),
+        "nodata_fraction": 1.0 - n_valid / max(info.height * info.width, 1),
         "band_mean": mean.tolist(),
         "band_std": std.tolist(),
         "n_valid": n_valid,
     }
-    return info, valid, stats
+    return info, stats
 
 
 def _mask_problem(mask_info: RasterInfo, image_info: RasterInfo) -> str | None:
@@ -154,7 +155,7 @@ def inspect_tile(record: TileRecord, expected_bands: int | None, settings_key: s
         return quarantine(row, record.problem)
     assert record.image_path is not None
     try:
-        info, _valid, stats = _image_stats(record.image_path)
+        info, stats = _image_stats(record.image_path)
     except RasterReadError as exc:
         return quarantine(row, f"unreadable image: {exc}")
     row.update(

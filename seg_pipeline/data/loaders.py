@@ -1,4 +1,4 @@
-"""DataLoader construction with seed 000's loader knobs (DESIGN F7).
+"""DataLoader construction with seed 000's loader knobs (F7 in docs/architecture.md).
 
 One :class:`~seg_pipeline.settings.LoaderSettings` carries every knob; :func:`build_train_loader` and
 :func:`build_eval_loader` turn a dataset into a ``torch.utils.data.DataLoader`` with

@@ -1,4 +1,4 @@
-"""Per-band normalisation from header statistics (DESIGN F8).
+"""Per-band normalisation from header statistics (F8 in docs/architecture.md).
 
 The header catalog already holds, per tile, the mean and standard deviation of every band over
 its valid (non-nodata, finite) pixels. Dataset statistics are the *pooled* combination of those:

@@ -1,4 +1,4 @@
-"""Random windows from large GeoTIFFs (DESIGN F7): :class:`GeoPatchDataset` samples them, one
+"""Random windows from large GeoTIFFs (F7 in docs/architecture.md): :class:`GeoPatchDataset` samples them, one
 patch size per batch through :class:`PatchSizeBatchSampler`.
 
 Samples are made as :mod:`seg_pipeline.data.samples` describes (including ``set_epoch``).

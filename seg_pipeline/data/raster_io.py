@@ -105,7 +105,17 @@ def read_info(path: Path | str) -> RasterInfo:
 
 
 def read_array(path: Path | str, window: rasterio.windows.Window | None = None) -> np.ndarray:
-    """Read all bands as a ``(bands, height, width)`` array; GDAL read errors name the file."""
+    """Read all bands as a ``(bands, height, width)`` array; GDAL read errors name the file.
+
+    ``.npy`` shard files (which no GDAL driver reads) are memory-mapped, so a window reads only itself.
+    """
+    if Path(path).suffix == ".npy":
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+        array = array[np.newaxis] if array.ndim == 2 else array
+        if window is not None:
+            (r0, r1), (c0, c1) = window.toranges()
+            array = array[:, r0:r1, c0:c1]
+        return np.array(array)
     with open_raster(path) as src:
         try:
             return src.read(window=window)

@@ -1,4 +1,4 @@
-"""Class-imbalance tools on the data side (DESIGN F8, seed 003 ``--weighted-sampling``).
+"""Class-imbalance tools on the data side (F8 in docs/architecture.md, seed 003 ``--weighted-sampling``).
 
 The header catalog holds per-tile pixel counts per class, so imbalance is handled without
 reading a single pixel: :func:`class_pixel_counts` feeds inverse-frequency loss weights

@@ -1,4 +1,4 @@
-"""Torch datasets over one split of a sharded dataset (DESIGN F7).
+"""Torch datasets over one split of a sharded dataset (F7 in docs/architecture.md).
 
 - :class:`ShardIterableDataset` streams a split for training: shard folders are partitioned
   across DDP ranks and DataLoader workers, order is reshuffled per epoch.
@@ -311,6 +311,14 @@ class ShardMapDataset(_ShardDatasetBase, Dataset):
             two_views=two_views,
         )
         self.rows: list[ShardRow] = [row for shard in self.shards for row in shard]
+
+    def take_large(self, max_pixels: int) -> list[ShardRow]:
+        """Remove the rows of tiles above ``max_pixels`` and return them (validation streams those
+        from disk window by window instead of decoding them whole).
+        """
+        large = [r for r in self.rows if int(r.extra["height"]) * int(r.extra["width"]) > max_pixels]
+        self.rows = [r for r in self.rows if r not in large]
+        return large
 
     @property
     def item_ids(self) -> list[str]:

@@ -24,9 +24,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+import rasterio
+from rasterio.windows import Window
+
 from seg_pipeline.data.headers import STATUS_OK
 from seg_pipeline.data.mask_values import recode_mask
-from seg_pipeline.data.raster_io import open_raster, write_geotiff
+from seg_pipeline.data.raster_io import open_raster
 from seg_pipeline.io import atomic_dir, atomic_write, sweep_stale_temps
 from seg_pipeline.progress import ItemProgress
 from seg_pipeline.settings.data import ShardSettings
@@ -52,6 +55,21 @@ class ShardRow:
     extra: dict[str, Any]
 
 
+def raster_input(row: ShardRow) -> Path:
+    """The raster file of a row's image: the shard's GeoTIFF, or the source raster of a ``.npy`` input
+    (arrays carry no CRS or transform; anything that writes georeferenced output reads this).
+    """
+    if row.input_path.suffix != ".npy":
+        return row.input_path
+    source = row.extra.get("source_image")
+    if not source or not Path(source).exists():
+        raise ShardError(
+            f"{row.item_id}: the shard holds a .npy array and its source raster {source!r} is gone; "
+            "restore the raw file, or re-shard with tile_format: tif"
+        )
+    return Path(source)
+
+
 def _chunks(rows: list[dict[str, Any]], config: ShardSettings) -> Iterator[list[dict[str, Any]]]:
     chunk: list[dict[str, Any]] = []
     size = 0
@@ -66,40 +84,66 @@ def _chunks(rows: list[dict[str, Any]], config: ShardSettings) -> Iterator[list[
         yield chunk
 
 
+#: Rows converted at a time when a raster becomes a shard file: memory follows the block, not the scene.
+_BLOCK_PIXELS = 1 << 24
+
+
+def _convert(
+    src: Path,
+    dst_stem: Path,
+    tile_format: str,
+    recode: Callable[[np.ndarray], np.ndarray] | None = None,
+    recoded_max: int = 0,
+) -> Path:
+    """Write ``src`` (optionally recoded, values up to ``recoded_max``) as ``.npy`` or GeoTIFF block by
+    block, never decoding it whole.
+    """
+    with open_raster(src) as ds:
+        shape = (ds.count, ds.height, ds.width)
+        rows = max(1, _BLOCK_PIXELS // max(ds.width * ds.count, 1))
+        blocks = [Window(0, top, ds.width, min(rows, ds.height - top)) for top in range(0, ds.height, rows)]
+        dtype = np.dtype(ds.dtypes[0])
+        if recode is not None:
+            dtype = np.result_type(dtype, np.min_scalar_type(recoded_max))
+        if tile_format == "npy":
+            dst = dst_stem.with_suffix(".npy")
+            out = np.lib.format.open_memmap(dst, mode="w+", dtype=dtype, shape=shape)
+            for window in blocks:
+                block = ds.read(window=window)
+                rows_of = slice(window.row_off, window.row_off + window.height)
+                out[:, rows_of] = block if recode is None else recode(block)
+            out.flush()
+            del out
+            return dst
+        dst = dst_stem.with_suffix(".tif")
+        profile = {
+            "driver": "GTiff", "width": ds.width, "height": ds.height, "count": ds.count, "dtype": dtype.name,
+            "crs": ds.crs, "transform": ds.transform, "nodata": ds.nodata if recode is None else None,
+            "compress": "deflate", "tiled": True, "blockxsize": 256, "blockysize": 256,
+        }  # fmt: skip
+        with rasterio.open(dst, "w", **profile) as out_ds:
+            for window in blocks:
+                block = ds.read(window=window)
+                out_ds.write(block if recode is None else recode(block), window=window)
+        return dst
+
+
 def _store_mask(src: Path, dst_stem: Path, tile_format: str, mask_values: Mapping[int, int]) -> Path:
     """A mask into the shard as class ids (recoded by ``mask_values``; a plain copy without one)."""
     if not mask_values:
         return _store(src, dst_stem, tile_format)
-    with open_raster(src) as ds:
-        array = recode_mask(ds.read(), mask_values)
-        crs = ds.crs.to_string() if ds.crs else None
-        transform = ds.transform
-    if tile_format == "npy":
-        dst = dst_stem.with_suffix(".npy")
-        np.save(dst, array)
-        return dst
-    dst = dst_stem.with_suffix(".tif")
-    write_geotiff(dst, array, crs=crs, transform=transform)
-    return dst
+    return _convert(
+        src, dst_stem, tile_format, lambda block: recode_mask(block, mask_values), max(mask_values.values())
+    )
 
 
 def _store(src: Path, dst_stem: Path, tile_format: str) -> Path:
-    """Copy a raster into the shard (byte copy for GeoTIFFs, conversion otherwise)."""
-    if tile_format == "npy":
-        with open_raster(src) as ds:
-            array = ds.read()
-        dst = dst_stem.with_suffix(".npy")
-        np.save(dst, array)
-        return dst
-    dst = dst_stem.with_suffix(".tif")
-    if src.suffix.lower() in (".tif", ".tiff"):
+    """Copy a raster into the shard: a byte copy for GeoTIFFs, a block-by-block conversion otherwise."""
+    if tile_format == "tif" and src.suffix.lower() in (".tif", ".tiff"):
+        dst = dst_stem.with_suffix(".tif")
         shutil.copyfile(src, dst)
-    else:
-        with open_raster(src) as ds:
-            array = ds.read()
-            crs = ds.crs.to_string() if ds.crs else None
-            write_geotiff(dst, array, crs=crs, transform=ds.transform, nodata=ds.nodata)
-    return dst
+        return dst
+    return _convert(src, dst_stem, tile_format)
 
 
 def _index_rows(
@@ -127,6 +171,8 @@ def _index_rows(
                 "nodata": None if pd.isna(item["nodata"]) else float(item["nodata"]),
                 "has_label": bool(item["has_label"]),
                 "image_sha256": item["image_sha256"],
+                # The source raster: .npy inputs carry no georeferencing, so prediction reads this.
+                "source_image": str(item["image_path"]),
                 "mask_sha256": item["mask_sha256"] if isinstance(item.get("mask_sha256"), str) else None,
             }
         )

@@ -8,10 +8,20 @@ one ``metrics_train`` tile of four and the remaining three would need one of the
 
 Policies:
 
-- ``v0`` (seed 000): labeled tiles -> 25% ``metrics_train`` (metrics only), the rest ``val``;
-  unlabeled tiles -> ``train``.
+- ``v0`` (seed 000): labeled tiles -> 25% ``metrics_train`` (held out, for the champion's metrics),
+  ``v0_train_fraction`` ``train`` and the rest ``val``; unlabeled tiles -> ``train`` (seed 000 put
+  every labeled tile in metrics_train/val, which left the stages nothing to learn from).
 - ``supervised``: labeled tiles -> ``train``/``val``/``test`` by fractions; unlabeled -> ``unlabeled``.
-- ``fixed``: the split folder the tile came from (``train|val|test``).
+- ``fixed``: the split folder the tile came from (``train|val|test``); tiles outside one go to
+  ``unassigned_split`` when it is set.
+
+Grouping: ``group_block_size`` keeps the tiles of one grid block together, ``group_footprints``
+the tiles whose ground overlaps (:mod:`~seg_pipeline.data.footprints`).
+
+Small datasets: training needs labeled tiles in ``train`` and ``val``. When the hash leaves one of
+them empty, a group moves there from ``test`` / ``metrics_train``, or from the other required split
+when it has two groups or more: the group whose draw lies nearest the empty split's range. With
+fewer labeled groups than required splits the error says how many there are and what to change.
 """
 
 from __future__ import annotations
@@ -19,11 +29,13 @@ from __future__ import annotations
 import hashlib
 import math
 from pathlib import Path
+from typing import Any, cast
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from seg_pipeline.data.footprints import footprint_groups
 from seg_pipeline.data.headers import STATUS_OK
 from seg_pipeline.io import atomic_write
 from seg_pipeline.settings.data import SplitSettings
@@ -60,11 +72,13 @@ def spatial_group(row: pd.Series | dict, block_size: float | None) -> str:
 
 def _split_for(u: float, labeled: bool, fixed: str | None, config: SplitSettings) -> str:
     if config.policy == "fixed":
-        return fixed or ""
+        return fixed or config.unassigned_split or ""
     if config.policy == "v0":
         if not labeled:
             return "train"
-        return "metrics_train" if u < config.metrics_fraction else "val"
+        if u < config.metrics_fraction:
+            return "metrics_train"
+        return "train" if u < config.metrics_fraction + config.v0_train_fraction else "val"
     if not labeled:
         return "unlabeled"
     if u < config.train_fraction:
@@ -89,16 +103,20 @@ def assign_splits(catalog: pd.DataFrame, config: SplitSettings) -> pd.DataFrame:
             f"policy {config.policy!r} needs labeled tiles but none of the {len(ok)} valid tiles has a mask; "
             "add masks or check the masks folder name"
         )
+    records = cast(list[dict[str, Any]], ok.to_dict("records"))
+    groups = {str(row["item_id"]): spatial_group(row, config.group_block_size) for row in records}
+    if config.group_footprints:
+        groups = footprint_groups(records, groups)
     rows = []
-    for row in ok.to_dict("records"):
-        group = spatial_group(row, config.group_block_size)
+    for row in records:
+        group = groups[str(row["item_id"])]
         u = unit_hash(group, config.seed)
         fixed = row.get("fixed_split") if isinstance(row.get("fixed_split"), str) else None
         split = _split_for(u, bool(row["has_label"]), fixed, config)
         if not split:
             raise SplitError(
                 f"policy 'fixed' but tile {row['item_id']} ({row['image_path']}) is not under a "
-                "train/val/test folder; move it or use policy 'supervised'"
+                "train/val/test folder; move it, set unassigned_split (e.g. train) or use policy 'supervised'"
             )
         rows.append(
             {
@@ -110,6 +128,41 @@ def assign_splits(catalog: pd.DataFrame, config: SplitSettings) -> pd.DataFrame:
             }
         )
     table = pd.DataFrame(rows, columns=SPLIT_SCHEMA.names).sort_values("item_id").reset_index(drop=True)
+    if config.policy != "fixed":
+        table = ensure_training_splits(table, config)
+    return table
+
+
+#: The splits the stages cannot run without: ``train`` to learn from and ``val`` to pick a checkpoint.
+REQUIRED_SPLITS = ("train", "val")
+
+
+def ensure_training_splits(table: pd.DataFrame, config: SplitSettings) -> pd.DataFrame:
+    """Give ``train`` and ``val`` labeled tiles on small datasets, moving whole groups (see module doc).
+
+    Raises:
+        SplitError: fewer labeled groups than required splits; the message says what to change.
+    """
+    table = table.copy()
+    labeled = table[table["has_label"]]
+    n_groups = labeled["group"].nunique()
+    for split in REQUIRED_SPLITS:
+        if (labeled["split"] == split).any():
+            continue
+        per_split = labeled.groupby("split")["group"].nunique()
+        # A required split gives a group only when it keeps one; others (test, metrics_train) always can.
+        donors = [str(s) for s, n in per_split.items() if n >= (2 if s in REQUIRED_SPLITS else 1)]
+        if not donors or n_groups < len(REQUIRED_SPLITS):
+            raise SplitError(
+                f"split {split!r} gets no labeled tile: {len(labeled)} labeled tiles in {n_groups} group(s) "
+                f"({dict(per_split)}) under policy {config.policy!r}; training needs {list(REQUIRED_SPLITS)}. "
+                "Add labeled tiles, turn spatial grouping off, or use policy 'fixed' with your own folders"
+            )
+        candidates = labeled[labeled["split"].isin(donors)].groupby("group")["hash_u"].first()
+        target = 0.0 if split == "train" else 1.0  # train draws are the lowest, val/test above
+        moved = (candidates - target).abs().idxmin()
+        table.loc[table["group"] == moved, "split"] = split
+        labeled = table[table["has_label"]]
     return table
 
 

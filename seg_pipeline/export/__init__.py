@@ -1,4 +1,4 @@
-"""Export a trained stage checkpoint to TorchScript and ONNX with a model card (DESIGN F24).
+"""Export a trained stage checkpoint to TorchScript and ONNX with a model card (F24 in docs/architecture.md).
 
 Deployment targets (a C++/Java service, ONNX Runtime on an edge box, a GIS plugin) cannot run
 our Python wrapper, so the export bakes everything the model needs into the graph and writes the

@@ -1,4 +1,4 @@
-"""SMP model factory and the segmentation wrapper used everywhere else (DESIGN F10).
+"""SMP model factory and the segmentation wrapper used everywhere else (F10 in docs/architecture.md).
 
 The factory turns a small, JSON-friendly :class:`~seg_pipeline.settings.training.ModelSpec` (what
 checkpoints and MLflow params store) into a :class:`SegmentationModel`: an ``nn.Module`` that wraps

@@ -8,7 +8,7 @@ from typing import Literal, Self
 
 from pydantic import Field, field_validator, model_validator
 
-from seg_pipeline.settings.base import Settings
+from seg_pipeline.settings.base import Settings, override
 
 #: A dataset id names folders, so it must not climb out of the data root or hide.
 DATASET_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
@@ -80,7 +80,7 @@ class SplitSettings(Settings):
 
     policy: SplitPolicy = Field(
         default="supervised",
-        description="v0 (labeled: metrics_train/val; unlabeled: train), supervised (train/val/test by "
+        description="v0 (labeled: metrics_train/train/val; unlabeled: train), supervised (train/val/test by "
         "fractions; unlabeled: unlabeled) or fixed (the train|val|test folder a tile came from).",
     )
     seed: int = Field(
@@ -88,6 +88,12 @@ class SplitSettings(Settings):
     )
     metrics_fraction: float = Field(
         default=0.25, ge=0.0, le=1.0, description="v0: share of labeled tiles in metrics_train."
+    )
+    v0_train_fraction: float = Field(
+        default=0.5,
+        ge=0.0,
+        le=1.0,
+        description="v0: share of labeled tiles in train (the stages train on labels); the rest is val.",
     )
     train_fraction: float = Field(
         default=0.7, ge=0.0, le=1.0, description="supervised: share of labeled tiles in train."
@@ -100,9 +106,24 @@ class SplitSettings(Settings):
         description="Spatial grouping block in CRS units (e.g. 256.0 metres): tiles whose centres share a "
         "block share a split. null = off.",
     )
+    group_footprints: bool = Field(
+        default=False,
+        description="Tiles whose ground footprints overlap (same CRS, any units, any resolution) share a "
+        "split: stops leakage between zoom levels and overlapping chips.",
+    )
+    unassigned_split: str | None = Field(
+        default=None,
+        description="fixed: split of tiles outside any train/val/test folder (e.g. train for chips/ beside "
+        "val-chips/); null = refuse them.",
+    )
 
     @model_validator(mode="after")
     def _fractions_sum_to_one(self) -> Self:
+        if self.metrics_fraction + self.v0_train_fraction > 1.0 + 1e-6:
+            raise ValueError(
+                f"metrics_fraction {self.metrics_fraction} + v0_train_fraction {self.v0_train_fraction} "
+                "exceed 1: lower one of them (val gets the rest)"
+            )
         fractions = (self.train_fraction, self.val_fraction, self.test_fraction)
         if not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
             raise ValueError(
@@ -131,9 +152,10 @@ class AuxDatasetSettings(Settings):
     """One auxiliary source, catalogued, split and sharded like the target; its classes stay its own."""
 
     dataset_id: str = Field(description="Dataset name; raw tiles in data_root/raw/dataset_id.")
-    raw_dir: str | None = Field(default=None, description="Override the raw folder.")
-    class_names: list[str] = Field(default=[], description="Class names by id; empty = read classes.txt.")
-    ignore_index: int = Field(default=255, ge=0, le=65535, description="Mask value meaning 'not labelled'.")
+    raw_dir: str | None = override(DatasetSettings, "raw_dir", None)
+    class_names: list[str] = override(DatasetSettings, "class_names", [])
+    ignore_index: int = override(DatasetSettings, "ignore_index", 255)
+    mask_values: dict[int, int] | None = override(DatasetSettings, "mask_values", None)
 
     _check_id = field_validator("dataset_id")(check_dataset_id)
 
@@ -144,6 +166,7 @@ class AuxDatasetSettings(Settings):
             raw_dir=self.raw_dir,
             class_names=self.class_names,
             ignore_index=self.ignore_index,
+            mask_values=self.mask_values,
         )
 
 

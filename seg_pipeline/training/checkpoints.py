@@ -1,4 +1,4 @@
-"""Which checkpoint files a training run writes after each epoch, and the best score so far (DESIGN F14).
+"""Which checkpoint files a training run writes after each epoch, and the best score so far (F14).
 
 ``last.pt`` every epoch, ``best.pt`` when the monitored metric improved, ``epoch-N.pt`` every
 ``save_every`` epochs, ``final.pt`` at the end; the files themselves go through

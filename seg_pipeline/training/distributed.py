@@ -1,4 +1,4 @@
-"""Thin helpers over ``torch.distributed`` for DDP training launched with torchrun (DESIGN F16).
+"""Thin helpers over ``torch.distributed`` for DDP training launched with torchrun (F16).
 
 Every helper also works in a plain single process (rank 0 of 1), so library code can call them
 unconditionally. Data partitioning across ranks is the data loader's job (it reads :func:`rank`

@@ -1,4 +1,4 @@
-"""Exponential moving average of model weights, used for evaluation (DESIGN F12).
+"""Exponential moving average of model weights, used for evaluation (F12 in docs/architecture.md).
 
 Why not ``torch.optim.swa_utils.AveragedModel`` + ``get_ema_multi_avg_fn``: its first update
 overwrites the copy instead of averaging, its decay is fixed (no warmup, so an EMA with decay 0.999

@@ -1,4 +1,4 @@
-"""Segmentation losses by name, class weights and the distillation loss (DESIGN F11, F18).
+"""Segmentation losses by name, class weights and the distillation loss (F11 in docs/architecture.md, F18).
 
 Choices, and why:
 

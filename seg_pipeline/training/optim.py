@@ -1,4 +1,4 @@
-"""Optimizer and learning-rate schedule construction (DESIGN F12).
+"""Optimizer and learning-rate schedule construction (F12 in docs/architecture.md).
 
 AdamW with no weight decay on biases and normalisation parameters (decaying a BatchNorm scale
 towards zero only fights the normalisation) and separate LR multipliers for the encoder and the rest

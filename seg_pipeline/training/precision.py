@@ -1,4 +1,4 @@
-"""Device selection and mixed-precision policy (DESIGN F13, seed 000).
+"""Device selection and mixed-precision policy (F13 in docs/architecture.md, seed 000).
 
 The rule from seed 000: AMP is forced on for CUDA, forced off for MPS and opt-in (``amp=True``,
 bf16 autocast) on CPU. On CUDA the autocast dtype is bf16 where the GPU supports it (no loss

@@ -1,4 +1,4 @@
-"""Per-N-steps progress lines with throughput and ETA (DESIGN F31).
+"""Per-N-steps progress lines with throughput and ETA (F31 in docs/architecture.md).
 
 The running loss is kept as a tensor and only turned into a Python float when a line is printed,
 so on CUDA the loop does not synchronise with the GPU on every step. ``format_duration`` lives in

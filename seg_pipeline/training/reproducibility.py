@@ -1,4 +1,4 @@
-"""Seeding, RNG snapshots and the run manifest (DESIGN F15).
+"""Seeding, RNG snapshots and the run manifest (F15 in docs/architecture.md).
 
 RNG snapshots are stored as tensors and plain numbers so checkpoints load with
 ``torch.load(weights_only=True)``; the manifest records what is needed to re-run a training:

@@ -1,4 +1,4 @@
-"""What a training checkpoint holds, and how a run is restored from one (DESIGN F14).
+"""What a training checkpoint holds, and how a run is restored from one (F14 in docs/architecture.md).
 
 A checkpoint is the whole training state: model, optimizer, scheduler, scaler, EMA, epoch, global
 step, best score and patience, every rank's RNG state and the history, so a killed run resumes where

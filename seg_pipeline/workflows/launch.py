@@ -1,4 +1,4 @@
-"""Run a training stage in this process or on N torchrun ranks, with one call (DESIGN F16).
+"""Run a training stage in this process or on N torchrun ranks, with one call (F16 in docs/architecture.md).
 
 :func:`launch_stage` is what the Dagster training assets call: with ``nproc_per_node=1`` it is
 :func:`~seg_pipeline.workflows.stage.run_stage` in the step's own process; with more it writes the

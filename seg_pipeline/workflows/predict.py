@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from seg_pipeline.contracts import EnsembleMember, PredictionItem, PredictionSet, ShardSet, TrainedModel
-from seg_pipeline.data.shards import ShardRow, read_manifest, read_shard_index, shard_dirs
+from seg_pipeline.data.shards import ShardRow, raster_input, read_manifest, read_shard_index, shard_dirs
 from seg_pipeline.inference.ensemble import ENSEMBLE
 from seg_pipeline.inference.predict import LoadedModel, load_stage_model, predict_files
 from seg_pipeline.progress import default_log_fn
@@ -76,7 +76,7 @@ def predict_split(
     names = [m.name for m in loaded] + [ENSEMBLE] if len(loaded) > 1 else [ENSEMBLE]
     out_dirs = {name: out_root / name for name in names}
     run = predict_files(
-        loaded, [(row.item_id, row.input_path) for row in rows], out_dirs, settings, log_fn=log
+        loaded, [(row.item_id, raster_input(row)) for row in rows], out_dirs, settings, log_fn=log
     )
     log(
         f"predicted {len(rows)} {split} tiles with {len(loaded)} models x "
@@ -88,7 +88,7 @@ def predict_split(
         out_root=str(out_root),
         sets={name: str(folder) for name, folder in out_dirs.items()},
         items=[
-            PredictionItem(item_id=row.item_id, input=str(row.input_path), target=str(row.target_path))
+            PredictionItem(item_id=row.item_id, input=str(raster_input(row)), target=str(row.target_path))
             for row in rows
         ],
         members=members,

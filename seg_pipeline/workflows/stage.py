@@ -46,7 +46,7 @@ from seg_pipeline.training.sources import (
 )
 from seg_pipeline.training.steps import optimizer_steps_per_epoch
 from seg_pipeline.training.trainer import EvaluateFn, FitResult, Trainer, precision_policy
-from seg_pipeline.training.validation import collate_tiles, make_evaluate_fn
+from seg_pipeline.training.validation import STREAM_PIXELS, collate_tiles, make_evaluate_fn
 
 LogFn = Callable[[str], None]
 
@@ -245,6 +245,9 @@ def prepare_stage(job: StageJob, log: LogFn) -> PreparedStage:
     model = _build_model(job, log)
     train_data = _train_data(job, log)
     val_data = build_validation_data(job.target, job.settings.val_split, normalization)
+    streamed = val_data.take_large(STREAM_PIXELS)
+    if streamed:
+        log(f"{job.stage}: {len(streamed)} validation scenes above {STREAM_PIXELS} px are scored from disk")
     loader_settings = job.settings.loader
     weights = None
     if job.settings.loss.class_weighting:
@@ -257,7 +260,12 @@ def prepare_stage(job: StageJob, log: LogFn) -> PreparedStage:
             val_data, loader_settings.replace(cache_mode="none"), collate_fn=collate_tiles
         ),
         evaluate_fn=make_evaluate_fn(
-            catalog.num_classes, catalog.ignore_index, catalog.class_names, job.settings.validation
+            catalog.num_classes,
+            catalog.ignore_index,
+            catalog.class_names,
+            job.settings.validation,
+            streamed=streamed,
+            stats=normalization,
         ),
     )
 

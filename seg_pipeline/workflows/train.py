@@ -33,7 +33,8 @@ def _spec(model: ModelSettings, target: ShardSet) -> ModelSpec:
     if catalog.num_classes < 2:
         raise ValueError(
             f"{target.dataset_id}: {catalog.num_classes} class ({catalog.class_names}); segmentation needs "
-            "at least 2 (background and a class): list them in classes.txt or set class_names"
+            "at least 2 (background and a class): list them in classes.txt or set class_names, and when "
+            "a mask value stands for a class (255 = building) say so in dataset.mask_values"
         )
     return ModelSpec.from_settings(model, in_channels=catalog.bands, num_classes=catalog.num_classes)
 

@@ -1,4 +1,4 @@
-"""Bad input, one test per row of DESIGN section 6 (data rows).
+"""Bad input, one test per data row of docs/bad_inputs_and_faults.md.
 
 A bad tile is quarantined with a reason that names its file and says what is wrong; it never
 raises out of ``build_headers`` and never changes the rows of the good tiles next to it.

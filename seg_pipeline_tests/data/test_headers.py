@@ -1,4 +1,4 @@
-"""Tests for header building (DESIGN F3): catalog columns, statistics, checksums, incremental rebuilds."""
+"""Tests for header building (F3 in docs/architecture.md): catalog columns, statistics, checksums, incremental rebuilds."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from seg_pipeline.data.spec import DatasetSpec
 MakeDataset = Callable[..., Path]
 WriteRaster = Callable[..., Path]
 
-#: Columns DESIGN F3 promises, under the names the catalog uses.
+#: Columns feature F3 promises, under the names the catalog uses.
 F3_COLUMNS = {
     "item_id", "image_path", "mask_path", "width", "height", "bands", "dtype", "crs", "transform",
     "minx", "miny", "maxx", "maxy", "nodata_fraction", "has_label", "class_counts", "image_sha256",

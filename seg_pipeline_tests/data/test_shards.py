@@ -1,4 +1,4 @@
-"""Tests for shards (DESIGN F5): layout, index rows, size bounds, reuse, data version, atomicity."""
+"""Tests for shards (F5 in docs/architecture.md): layout, index rows, size bounds, reuse, data version, atomicity."""
 
 from __future__ import annotations
 
@@ -110,11 +110,16 @@ def test_index_rows_point_inside_the_shard(demo: tuple[HeaderResult, pd.DataFram
 def test_unlabeled_tiles_have_a_null_target(demo: tuple[HeaderResult, pd.DataFrame], tmp_path: Path) -> None:
     headers, splits = demo
     write_shards(headers.catalog, splits, tmp_path / "demo")
-    rows = read_shard_index(tmp_path / "demo" / "train" / "shard-00000")  # v0 sends unlabeled tiles to train
+    rows = read_shard_index(tmp_path / "demo" / "train" / "shard-00000")  # v0: unlabeled tiles and some labeled
     unlabeled = set(headers.catalog.loc[~headers.catalog["has_label"], "item_id"])
-    assert {r.item_id for r in rows} == unlabeled
-    assert all(r.target_path is None and r.extra["has_label"] is False for r in rows)
-    assert list((tmp_path / "demo" / "train" / "shard-00000" / "targets").iterdir()) == []
+    assert unlabeled and unlabeled <= {r.item_id for r in rows}
+    for row in rows:
+        if row.item_id in unlabeled:
+            assert row.target_path is None and row.extra["has_label"] is False
+        else:
+            assert row.target_path is not None and row.target_path.exists()
+    targets = {p.stem for p in (tmp_path / "demo" / "train" / "shard-00000" / "targets").iterdir()}
+    assert targets == {r.item_id for r in rows} - unlabeled
 
 
 def test_max_items_per_shard_bounds_shard_sizes(
@@ -209,7 +214,7 @@ def test_stale_shards_and_splits_are_removed(demo: tuple[HeaderResult, pd.DataFr
     headers, splits = demo
     out = tmp_path / "d"
     write_shards(headers.catalog, splits, out, ShardSettings(max_items_per_shard=2))
-    assert (out / "val" / "shard-00002").is_dir()
+    assert len(list((out / "train").glob("shard-*"))) >= 2  # several shards per split to remove
     assert (out / "metrics_train").is_dir()
     supervised = assign_splits(headers.catalog, SplitSettings(policy="supervised"))
 

@@ -1,4 +1,4 @@
-"""Tests for dataset discovery (DESIGN F2): layouts, pairing, fixed splits, class names, spec errors."""
+"""Tests for dataset discovery (F2 in docs/architecture.md): layouts, pairing, fixed splits, class names, spec errors."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for the seeded synthetic scene generator (DESIGN F9)."""
+"""Tests for the seeded synthetic scene generator (F9 in docs/architecture.md)."""
 
 from __future__ import annotations
 

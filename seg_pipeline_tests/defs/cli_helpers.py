@@ -12,7 +12,7 @@ from pathlib import Path
 from seg_pipeline.data.synthetic import SyntheticSpec, write_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[2]
-#: Every asset of the graph (DESIGN section 2), in pipeline order.
+#: Every asset of the graph, in pipeline order.
 PIPELINE_ASSETS = (
     "tile_headers",
     "dataset_splits",

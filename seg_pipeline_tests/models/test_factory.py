@@ -1,4 +1,4 @@
-"""Tests for the SMP model factory and the SegmentationModel wrapper (DESIGN F10)."""
+"""Tests for the SMP model factory and the SegmentationModel wrapper (F10 in docs/architecture.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for the named segmentation losses, class weights and the KD loss (DESIGN F11, F18)."""
+"""Tests for the named segmentation losses, class weights and the KD loss (F11, F18)."""
 
 from __future__ import annotations
 

@@ -53,6 +53,9 @@ def _catalog_metadata(run: ingest.CatalogueRun) -> dict[str, Any]:
             ]
         ),
         "quarantine": table(run.quarantine[:_SHOWN_QUARANTINE_ROWS], columns=["item_id", "reason"]),
+        # The recoding every mask went through (given or detected): lineage shows what a class id means.
+        "mask_values": dg.MetadataValue.json({str(k): v for k, v in catalog.mask_values.items()}),
+        "warnings": dg.MetadataValue.md("\n".join(f"- {w}" for w in catalog.warnings) or "none"),
     }
 
 
