@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -62,6 +63,7 @@ def predict_settings(args: argparse.Namespace) -> PredictSettings:
             "device": args.device,
             "bf16": args.bf16,
             "write_probabilities": args.probabilities,
+            "color_png": args.preview,
         },
         "predict",
     )
@@ -139,6 +141,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=default_data_root(),
         help=f"data root (default: ${DATA_ROOT_ENV} or ./data); models:/ URIs resolve in its MLflow store",
     )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     p_summary = sub.add_parser("summary", help="print where the pipeline's outputs are")
     p_summary.add_argument("--dataset", default="demo")
@@ -160,8 +163,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     p_predict.add_argument("--overlap", type=int, default=windows.overlap)
     p_predict.add_argument("--batch-size", type=int, default=windows.batch_size)
     p_predict.add_argument("--device", default=predict.device)
-    p_predict.add_argument("--bf16", action="store_true", default=predict.bf16)
+    p_predict.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=predict.bf16,
+        help="bf16 autocast (default: chosen by the device: AMX CPUs and bf16 GPUs)",
+    )
     p_predict.add_argument("--probabilities", action="store_true", help="also write probability GeoTIFFs")
+    p_predict.add_argument(
+        "--preview",
+        action=argparse.BooleanOptionalAction,
+        default=predict.color_png,
+        help="colour PNG quick look beside each class map (decimated to 1024 px)",
+    )
 
     p_eval = sub.add_parser("evaluate", help="evaluate a prediction folder against a ground-truth folder")
     p_eval.add_argument("--pred-dir", type=Path, required=True)
@@ -176,14 +190,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     p_eval.add_argument("--out", type=Path, help="write metrics.json and confusion.csv here")
     args = parser.parse_args(argv)
     configure_logging()
-    if args.command == "summary":
-        print(summary(args.data_root, args.dataset))
-    elif args.command == "predict":
-        predict_command(args)
-    elif args.command == "evaluate":
-        if not args.classes and args.num_classes < 1:
-            parser.error("evaluate needs --classes classes.txt or --num-classes K")
-        evaluate_command(args)
+    try:
+        if args.command == "summary":
+            print(summary(args.data_root, args.dataset))
+        elif args.command == "predict":
+            predict_command(args)
+        elif args.command == "evaluate":
+            if not args.classes and args.num_classes < 1:
+                parser.error("evaluate needs --classes classes.txt or --num-classes K")
+            evaluate_command(args)
+    except (ValueError, OSError, RuntimeError) as exc:
+        # Bad input or settings: one line a user can act on; --debug shows where it came from.
+        if args.debug:
+            raise
+        print(f"seg-pipeline {args.command}: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

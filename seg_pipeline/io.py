@@ -95,6 +95,32 @@ def atomic_dir(final_path: str | os.PathLike[str]) -> Iterator[Path]:
             shutil.rmtree(staging, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def folder_lock(folder: Path | str, what: str, log_fn: Any = None) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (``fcntl.flock`` of ``.<name>.lock`` beside it, so a failed
+    step leaves no empty folder behind) while writing into it.
+
+    Two ingests of one dataset (two ``dagster job execute``, which bypass the run queue's per-dataset
+    limit) would rewrite the same shard folders and sweep each other's temps; the second now waits.
+    The lock dies with its process, so a killed run never leaves the folder locked.
+    """
+    import fcntl
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if log_fn is not None:
+                log_fn(f"{what}: another process is writing {folder}; waiting for it to finish")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

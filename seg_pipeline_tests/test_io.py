@@ -124,3 +124,29 @@ def test_json_round_trip_is_stable(tmp_path: Path) -> None:
     assert read_json(path) == {"a": "/x", "b": [1, 2]}
     write_text(tmp_path / "t.txt", "héllo")
     assert (tmp_path / "t.txt").read_text(encoding="utf-8") == "héllo"
+
+
+def test_folder_lock_makes_a_second_writer_wait_and_leaves_no_folder(tmp_path: Path) -> None:
+    import multiprocessing
+    import time
+
+    from seg_pipeline.io import folder_lock
+
+    target = tmp_path / "processed" / "demo"
+    context = multiprocessing.get_context("spawn")
+    with folder_lock(target, "test"):
+        started = time.monotonic()
+        other = context.Process(target=_hold_lock, args=(str(target), str(tmp_path / "other.txt")))
+        other.start()
+        time.sleep(1.0)
+        assert not (tmp_path / "other.txt").exists()  # still waiting for us
+    other.join(timeout=30)
+    assert (tmp_path / "other.txt").read_text() == "done" and time.monotonic() - started >= 1.0
+    assert not target.exists()  # the lock file sits beside the folder, nothing made inside
+
+
+def _hold_lock(folder: str, marker: str) -> None:
+    from seg_pipeline.io import folder_lock
+
+    with folder_lock(Path(folder), "other"):
+        Path(marker).write_text("done")

@@ -34,8 +34,15 @@ from seg_pipeline.data.catalog import (
     write_catalog,
 )
 from seg_pipeline.data.inspect import empty_row, inspect_tile, quarantine
-from seg_pipeline.data.mask_values import detect_mask_values, empty_classes, label_row, raw_counts
+from seg_pipeline.data.mask_values import (
+    colors_to_values,
+    detect_mask_values,
+    empty_classes,
+    label_row,
+    raw_counts,
+)
 from seg_pipeline.data.spec import DatasetSpec, TileRecord, discover
+from seg_pipeline.io import file_sha256
 from seg_pipeline.progress import ItemProgress
 
 __all__ = [
@@ -68,8 +75,19 @@ def _none_if_na(value: Any) -> Any:
     return None if value is None or (np.isscalar(value) and pd.isna(cast(Any, value))) else value
 
 
-def _reusable(previous: dict[str, dict[str, Any]], record: TileRecord, settings_key: str) -> dict | None:
-    """The previous row for ``record`` if none of its files changed, else ``None``."""
+def _same_checksums(old: dict[str, Any], record: TileRecord) -> bool:
+    for prefix, path in (("image", record.image_path), ("mask", record.mask_path)):
+        if path is not None and _none_if_na(old.get(f"{prefix}_sha256")) != file_sha256(path):
+            return False
+    return True
+
+
+def _reusable(
+    previous: dict[str, dict[str, Any]], record: TileRecord, settings_key: str, verify: bool = False
+) -> dict | None:
+    """The previous row for ``record`` if none of its files changed (size and mtime, and with
+    ``verify`` the sha256 too), else ``None``.
+    """
     old = previous.get(record.item_id)
     if old is None or old.get("settings_key") != settings_key or record.problem:
         return None
@@ -88,6 +106,8 @@ def _reusable(previous: dict[str, dict[str, Any]], record: TileRecord, settings_
         "fixed_split",
     )
     same = all(_none_if_na(old.get(k)) == fresh.get(k) for k in keys)
+    if same and verify:
+        same = _same_checksums(old, record)
     return {k: _none_if_na(v) for k, v in old.items()} if same else None
 
 
@@ -116,6 +136,8 @@ def build_headers(
     if num_classes is None:
         warnings.append("no class names (classes.txt or config): labels are not checked against a class set")
     settings_key = _settings_key(expected_bands)
+    # Checked before any tile is read: a colour naming no class is a settings error.
+    colors = colors_to_values(spec.mask_colors, class_names) if spec.mask_colors else {}
 
     previous: dict[str, dict[str, Any]] = {}
     if previous_catalog is not None and Path(previous_catalog).exists():
@@ -126,7 +148,7 @@ def build_headers(
     rows: list[dict[str, Any] | None] = []
     to_read: list[tuple[int, TileRecord]] = []
     for record in found.records:
-        reused = _reusable(previous, record, settings_key)
+        reused = _reusable(previous, record, settings_key, spec.verify_checksums)
         rows.append(reused)
         if reused is None:
             to_read.append((len(rows) - 1, record))
@@ -156,7 +178,7 @@ def build_headers(
                         "set expected_bands or remove it",
                     )
 
-    mask_values = _label_rows([r for r in rows if r is not None], spec, num_classes, warnings)
+    mask_values = _label_rows([r for r in rows if r is not None], spec, num_classes, warnings, colors)
 
     if num_classes is None:  # infer the class set from the data
         max_len = max(
@@ -172,19 +194,25 @@ def build_headers(
         n_read=len(to_read),
         n_reused=len(rows) - len(to_read),
         seconds=time.perf_counter() - start,
-        warnings=warnings + _class_warnings(catalog, class_names),
+        warnings=warnings + _class_warnings(catalog, class_names) + _crs_warnings(catalog),
         mask_values=mask_values,
     )
 
 
 def _label_rows(
-    rows: list[dict[str, Any]], spec: DatasetSpec, num_classes: int | None, warnings: list[str]
+    rows: list[dict[str, Any]],
+    spec: DatasetSpec,
+    num_classes: int | None,
+    warnings: list[str],
+    colors: dict[int, int],
 ) -> dict[int, int]:
     """Choose the mask recoding, then derive every valid mask's class counts from its raw counts
     (quarantining masks with values that are no class). Returns the recoding used.
     """
     labelled = [r for r in rows if r["status"] == STATUS_OK and r.get("mask_path")]
-    if spec.mask_values is not None:
+    if colors:
+        mask_values = {**colors, **{int(k): int(v) for k, v in (spec.mask_values or {}).items()}}
+    elif spec.mask_values is not None:
         mask_values = {int(k): int(v) for k, v in spec.mask_values.items()}
     else:
         mask_values = detect_mask_values((raw_counts(r) for r in labelled), num_classes, spec.ignore_index)
@@ -204,6 +232,15 @@ def _label_rows(
             "store masks as PNG or GeoTIFF"
         )
     return mask_values
+
+
+def _crs_warnings(catalog: pd.DataFrame) -> list[str]:
+    """A warning when valid tiles come in several CRSs (spatial grouping compares like with like)."""
+    crs = catalog.loc[catalog["status"] == STATUS_OK, "crs"].dropna().value_counts()
+    if len(crs) <= 1:
+        return []
+    counts = ", ".join(f"{name}: {n}" for name, n in crs.items())
+    return [f"tiles are in {len(crs)} CRSs ({counts}); footprints are grouped within one CRS only"]
 
 
 def _class_warnings(catalog: pd.DataFrame, class_names: tuple[str, ...]) -> list[str]:

@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rasterio.transform import Affine
 
 from seg_pipeline.data.catalog import COLUMNS, STATUS_OK, STATUS_QUARANTINED
+from seg_pipeline.data.mask_values import color_keys
 from seg_pipeline.data.raster_io import RasterInfo, RasterReadError, info_from_dataset, open_raster
 from seg_pipeline.data.spec import TileRecord
 from seg_pipeline.io import file_sha256
@@ -97,8 +99,13 @@ def _image_stats(path: Path) -> tuple[RasterInfo, dict[str, Any]]:
 def _mask_problem(mask_info: RasterInfo, image_info: RasterInfo) -> str | None:
     """Why a mask cannot label its image (geometry, bands, dtype), or ``None``."""
     path = mask_info.path
-    if mask_info.count != 1:
-        return f"mask {path} has {mask_info.count} bands; masks must be single-band class ids"
+    if mask_info.count in (3, 4) and mask_info.dtype != "uint8":
+        return f"mask {path} has {mask_info.count} bands of {mask_info.dtype}; colour masks must be 8-bit RGB(A)"
+    if mask_info.count not in (1, 3, 4):
+        return (
+            f"mask {path} has {mask_info.count} bands; masks must be single-band class ids or RGB(A) colours "
+            "(with dataset.mask_colors)"
+        )
     if np.dtype(mask_info.dtype).kind == "f":
         return (
             f"mask {path} has float dtype {mask_info.dtype}; masks must hold integer class ids "
@@ -111,10 +118,11 @@ def _mask_problem(mask_info: RasterInfo, image_info: RasterInfo) -> str | None:
         )
     if mask_info.crs and image_info.crs and mask_info.crs != image_info.crs:
         return f"mask {path} CRS {mask_info.crs} differs from image CRS {image_info.crs}; reproject the mask"
-    if (
-        mask_info.georeferenced
-        and image_info.georeferenced
-        and not np.allclose(mask_info.transform, image_info.transform, atol=_TRANSFORM_TOLERANCE, rtol=0)
+    # Both carry a real transform (with or without a CRS: a shift is a shift): they must agree.
+    identity = tuple(Affine.identity())
+    both_placed = tuple(mask_info.transform)[:6] != identity[:6] and tuple(image_info.transform)[:6] != identity[:6]
+    if both_placed and not np.allclose(
+        mask_info.transform, image_info.transform, atol=_TRANSFORM_TOLERANCE, rtol=0
     ):
         return f"mask {path} transform {mask_info.transform} differs from the image's {image_info.transform}"
     return None
@@ -126,6 +134,8 @@ def _mask_counts(path: Path) -> dict[int, int]:
 
     counts = np.zeros(1, dtype=np.int64)
     with open_raster(path) as src:
+        if src.count >= 3:  # a colour mask: one key per colour (see mask_values.color_keys)
+            return _color_counts(src, path)
         for r0, r1 in _row_blocks(src.height, src.width, 1):
             try:
                 block = src.read(1, window=Window(0, r0, src.width, r1 - r0))
@@ -142,6 +152,21 @@ def _mask_counts(path: Path) -> dict[int, int]:
                 counts = np.pad(counts, (0, len(values) - len(counts)))
             counts[: len(values)] += values
     return {int(v): int(counts[v]) for v in np.nonzero(counts)[0]}
+
+
+def _color_counts(src: Any, path: Path) -> dict[int, int]:
+    from rasterio.windows import Window
+
+    totals: dict[int, int] = {}
+    for r0, r1 in _row_blocks(src.height, src.width, 3):
+        try:
+            block = src.read([1, 2, 3], window=Window(0, r0, src.width, r1 - r0))
+        except Exception as exc:
+            raise RasterReadError(path, f"pixel data is corrupt or truncated ({exc}); re-export it") from exc
+        keys, counts = np.unique(color_keys(block), return_counts=True)
+        for key, n in zip(keys.tolist(), counts.tolist(), strict=True):
+            totals[key] = totals.get(key, 0) + n
+    return totals
 
 
 def inspect_tile(record: TileRecord, expected_bands: int | None, settings_key: str = "") -> dict[str, Any]:

@@ -18,6 +18,44 @@ import numpy as np
 
 #: Raw values the automatic detection reads as a binary foreground (0 background, 255 foreground).
 BINARY_255 = {255: 1}
+#: Colour masks (3 or 4 bands of uint8) are counted and recoded by one value per colour,
+#: ``r << 16 | g << 8 | b``: above every single-band value, so the two kinds never collide.
+COLOR_BASE = 1 << 16
+
+
+def color_key(rgb: Sequence[int]) -> int:
+    """The value a colour-mask pixel of colour ``rgb`` is counted and recoded under."""
+    r, g, b = (int(c) for c in rgb)
+    return COLOR_BASE + (r << 16 | g << 8 | b)
+
+
+def color_keys(block: np.ndarray) -> np.ndarray:
+    """``(bands >= 3, H, W)`` uint8 colour-mask pixels -> one int64 key per pixel (alpha ignored)."""
+    r, g, b = (block[i].astype(np.int64) for i in range(3))
+    return COLOR_BASE + (r << 16 | g << 8 | b)
+
+
+def describe_value(value: int) -> str:
+    """A raw value as users know it: the number, or ``rgb(r, g, b)`` for a colour."""
+    if value < COLOR_BASE:
+        return str(value)
+    rgb = value - COLOR_BASE
+    return f"rgb({rgb >> 16}, {(rgb >> 8) & 255}, {rgb & 255})"
+
+
+def colors_to_values(colors: Mapping[str, Sequence[int]], class_names: Sequence[str]) -> dict[int, int]:
+    """``mask_colors`` (class name -> rgb) as a recoding of colour keys to class ids.
+
+    Raises:
+        ValueError: a name that is no class (the message lists the classes).
+    """
+    unknown = [name for name in colors if name not in class_names]
+    if unknown:
+        raise ValueError(
+            f"mask_colors names {unknown}, which are not classes {list(class_names)}: name the classes "
+            "in class_names or classes.txt"
+        )
+    return {color_key(rgb): list(class_names).index(name) for name, rgb in colors.items()}
 
 
 def mask_lookup(mask_values: Mapping[int, int], max_value: int) -> np.ndarray:
@@ -29,7 +67,15 @@ def mask_lookup(mask_values: Mapping[int, int], max_value: int) -> np.ndarray:
 
 
 def recode_mask(mask: np.ndarray, mask_values: Mapping[int, int]) -> np.ndarray:
-    """``mask`` with its raw values recoded, in the smallest dtype holding the result."""
+    """``mask`` with its raw values recoded, in the smallest dtype holding the result.
+
+    A ``(bands >= 3, H, W)`` colour mask becomes one band of class ids.
+    """
+    if mask.ndim == 3 and mask.shape[0] >= 3:
+        keys, inverse = np.unique(color_keys(mask), return_inverse=True)
+        labels = np.array([mask_values.get(int(k), int(k)) for k in keys], dtype=np.int64)
+        out = labels[inverse].reshape(mask.shape[1:])[np.newaxis]
+        return out.astype(np.min_scalar_type(int(out.max(initial=0))))
     if not mask_values:
         return mask
     table = mask_lookup(mask_values, int(mask.max(initial=0)))
@@ -64,7 +110,7 @@ def class_counts(
         label = int(mask_values.get(value, value))
         if label == ignore_index:
             ignored += n
-        elif num_classes is not None and label >= num_classes:
+        elif label >= COLOR_BASE or (num_classes is not None and label >= num_classes):
             bad.append(int(value))
         else:
             counts[label] = counts.get(label, 0) + n
@@ -81,10 +127,16 @@ def label_row(
     raw = raw_counts(row)
     counts, ignored, bad = class_counts(raw, mask_values, num_classes, ignore_index)
     if bad:
-        assert num_classes is not None
+        if bad[0] >= COLOR_BASE:
+            colours = ", ".join(describe_value(v) for v in bad[:10])
+            return (
+                f"mask {row['mask_path']} is colour-coded and has colours {colours} that dataset.mask_colors "
+                "does not name; add them (class name -> [r, g, b]) or fix the mask"
+            )
         recoded = f" after mask_values {dict(mask_values)}" if mask_values else ""
+        top = (num_classes or 0) - 1
         return (
-            f"mask {row['mask_path']} has labels {bad[:10]} outside the class set 0..{num_classes - 1}"
+            f"mask {row['mask_path']} has labels {bad[:10]} outside the class set 0..{top}"
             f"{recoded} (ignore value {ignore_index}); fix the mask, the class list or dataset.mask_values"
         )
     labelled = sum(counts)

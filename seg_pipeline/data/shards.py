@@ -99,11 +99,15 @@ def _convert(
     block, never decoding it whole.
     """
     with open_raster(src) as ds:
-        shape = (ds.count, ds.height, ds.width)
+        colour = recode is not None and ds.count >= 3  # colour masks become one band of class ids
+        bands = 1 if colour else ds.count
+        shape = (bands, ds.height, ds.width)
         rows = max(1, _BLOCK_PIXELS // max(ds.width * ds.count, 1))
         blocks = [Window(0, top, ds.width, min(rows, ds.height - top)) for top in range(0, ds.height, rows)]
         dtype = np.dtype(ds.dtypes[0])
-        if recode is not None:
+        if colour:
+            dtype = np.dtype(np.min_scalar_type(recoded_max))
+        elif recode is not None:
             dtype = np.result_type(dtype, np.min_scalar_type(recoded_max))
         if tile_format == "npy":
             dst = dst_stem.with_suffix(".npy")
@@ -117,7 +121,7 @@ def _convert(
             return dst
         dst = dst_stem.with_suffix(".tif")
         profile = {
-            "driver": "GTiff", "width": ds.width, "height": ds.height, "count": ds.count, "dtype": dtype.name,
+            "driver": "GTiff", "width": ds.width, "height": ds.height, "count": bands, "dtype": dtype.name,
             "crs": ds.crs, "transform": ds.transform, "nodata": ds.nodata if recode is None else None,
             "compress": "deflate", "tiled": True, "blockxsize": 256, "blockysize": 256,
         }  # fmt: skip

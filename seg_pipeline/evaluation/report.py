@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from seg_pipeline.data.raster_io import RASTER_EXTENSIONS, read_array
+from seg_pipeline.data.raster_io import RASTER_EXTENSIONS, open_raster, read_array
 from seg_pipeline.io import atomic_write
 from seg_pipeline.metrics import ConfusionMatrix, SegmentationMetrics
 from seg_pipeline.progress import ItemProgress
@@ -48,6 +48,31 @@ def _rasters(folder: Path) -> dict[str, Path]:
     return found
 
 
+def _single_band(path: Path) -> np.ndarray:
+    """The one band of a mask; several bands (an RGB picture of the labels) cannot be scored."""
+    array = read_array(path)
+    if array.shape[0] != 1:
+        raise EvaluationInputError(
+            f"{path} has {array.shape[0]} bands; ground truth must be one band of class ids "
+            "(recode colour masks with dataset.mask_colors at ingest)"
+        )
+    return array[0]
+
+
+def _class_map(path: Path) -> tuple[np.ndarray, int | None]:
+    """A prediction's class ids and its nodata value (input nodata pixels): the declared one, else the
+    dtype's largest value (255 for uint8), which class maps use by convention.
+    """
+    classes = _single_band(path)
+    declared = None
+    if path.suffix != ".npy":
+        with open_raster(path) as src:
+            declared = src.nodata
+    if declared is not None:
+        return classes, int(declared)
+    return classes, int(np.iinfo(classes.dtype).max) if classes.dtype.kind in "ui" else None
+
+
 def evaluate_pairs(
     pairs: Sequence[tuple[Path, Path]],
     num_classes: int,
@@ -65,13 +90,24 @@ def evaluate_pairs(
     matrix = ConfusionMatrix(num_classes, ignore_index=ignore_index, ignore_nonpositive=ignore_nonpositive)
     unpredicted = 0
     for pred_path, truth_path in pairs:
-        pred, truth = read_array(pred_path)[0], read_array(truth_path)[0]
+        pred, nodata = _class_map(pred_path)
+        truth = _single_band(truth_path)
         if pred.shape != truth.shape:
             raise EvaluationInputError(
                 f"{pred_path} is {pred.shape[::-1]} but {truth_path} is {truth.shape[::-1]} (W x H); "
                 "predict at the mask's resolution"
             )
         predicted = pred < num_classes
+        stray = (
+            np.unique(pred[~predicted & (pred != nodata)])
+            if nodata is not None
+            else np.unique(pred[~predicted])
+        )
+        if stray.size:
+            raise EvaluationInputError(
+                f"{pred_path} holds class values {stray[:10].tolist()} outside 0..{num_classes - 1} "
+                f"(nodata {nodata}); they cannot be scored: check --num-classes / classes.txt"
+            )
         unpredicted += int((~predicted).sum())
         matrix.update(pred[predicted].astype(np.int64), truth[predicted].astype(np.int64))
         if progress is not None:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from seg_pipeline.hardware import AMX_FLAG, cpu_bf16_is_fast
 from seg_pipeline.inference.tta import TTAConfig, member_term, merge_terms, tta_predict
 
 __all__ = ["ENSEMBLE", "EnsemblePredictor", "resolve_device"]
@@ -122,3 +123,19 @@ class EnsemblePredictor:
     def __call__(self, x: Tensor) -> Tensor:
         """Ensemble probabilities: the ``predict_fn`` contract of ``predict_raster``."""
         return self.predict_probabilities(x)
+
+
+def inference_dtype(device: torch.device, bf16: bool | None) -> tuple[torch.dtype | None, str]:
+    """The autocast dtype of forward-only passes and why: ``bf16=None`` picks bf16 on CUDA GPUs that
+    support it and on CPUs with AMX, fp32 elsewhere; ``True``/``False`` force it.
+    """
+    if bf16 is not None:
+        return (torch.bfloat16 if bf16 else None), f"bf16={bf16} set"
+    if device.type == "cuda":
+        fast = torch.cuda.is_bf16_supported()
+        return (
+            torch.bfloat16 if fast else None
+        ), "bf16: GPU supports it" if fast else "fp32: GPU has no bf16"
+    if device.type == "cpu" and cpu_bf16_is_fast():
+        return torch.bfloat16, f"bf16 chosen: CPU has {AMX_FLAG}"
+    return None, f"fp32 chosen: no {AMX_FLAG} on this CPU" if device.type == "cpu" else "fp32 on MPS"

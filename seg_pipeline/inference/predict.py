@@ -7,6 +7,7 @@ prediction set (each model on its own, and the ensemble) is written in one pass 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -14,18 +15,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import rasterio
 import torch
+from rasterio.enums import Resampling
 from torch import nn
 
 from seg_pipeline.data.normalization import BandStats, normalize
-from seg_pipeline.data.raster_io import RASTER_EXTENSIONS, read_array
-from seg_pipeline.inference.ensemble import ENSEMBLE, EnsemblePredictor
+from seg_pipeline.data.raster_io import RASTER_EXTENSIONS
+from seg_pipeline.inference.ensemble import ENSEMBLE, EnsemblePredictor, inference_dtype, resolve_device
 from seg_pipeline.inference.tiling import SetTarget, predict_raster_sets
 from seg_pipeline.inference.tta import TTAConfig
 from seg_pipeline.inference.writers import default_palette, save_color_png
 from seg_pipeline.models.loading import checkpoint_info, load_trained_model
 from seg_pipeline.progress import ItemProgress
 from seg_pipeline.settings import PredictSettings
+
+logger = logging.getLogger(__name__)
 
 LogFn = Callable[[str], None]
 
@@ -66,6 +71,33 @@ def list_rasters(folder: Path | str) -> list[Path]:
     return files
 
 
+def check_outputs(inputs: Sequence[tuple[str, Path]], out_dirs: Mapping[str, Path | str]) -> None:
+    """Refuse, before any work, outputs that would overwrite an input or each other.
+
+    Each item writes ``<folder>/<item_id>.tif`` (+ ``.png``, ``.probs.tif``): two inputs with one
+    stem (``a.png`` and ``a.tif``) would write one file, and an output folder equal to the input
+    folder could replace ``a.tif`` itself.
+    """
+    seen: dict[str, Path] = {}
+    for item_id, path in inputs:
+        if item_id in seen:
+            raise ValueError(
+                f"{seen[item_id]} and {path} share the name {item_id!r}: their predictions would be one "
+                "file; rename one or predict them separately"
+            )
+        seen[item_id] = path
+    sources = {Path(path).resolve() for _, path in inputs}
+    for folder in out_dirs.values():
+        for item_id in seen:
+            for suffix in (".tif", ".png", ".probs.tif"):
+                target = (Path(folder) / f"{item_id}{suffix}").resolve()
+                if target in sources:
+                    raise ValueError(
+                        f"output {target} would overwrite its input; choose an output folder other than "
+                        "the input folder"
+                    )
+
+
 def check_compatible(models: Sequence[LoadedModel]) -> LoadedModel:
     """The first model, after checking every model shares its classes and band statistics."""
     if not models:
@@ -88,7 +120,9 @@ def build_predictor(
 ) -> EnsemblePredictor:
     """The ensemble of ``models`` with the TTA, device and precision of ``settings``."""
     first = check_compatible(models)
-    tta = TTAConfig.from_settings(settings.tta, amp_dtype=torch.bfloat16 if settings.bf16 else None)
+    amp_dtype, reason = inference_dtype(resolve_device(settings.device), settings.bf16)
+    logger.info("inference precision: %s", reason)
+    tta = TTAConfig.from_settings(settings.tta, amp_dtype=amp_dtype)
     suppressed = first.ignore_index if first.ignore_index < len(first.class_names) else None
     return EnsemblePredictor(
         [m.model for m in models],
@@ -116,8 +150,16 @@ class PredictionRun:
         return count / max(self.seconds, 1e-9)
 
 
+#: Longest side of a colour preview: a quick look, read decimated (nearest), so its memory stays
+#: bounded (about 120 bytes per preview pixel with the legend) whatever the raster's size.
+PREVIEW_MAX_SIDE = 1024
+
+
 def _write_preview(summary: Mapping[str, Any], path: Path, class_names: Sequence[str]) -> None:
-    classes = read_array(summary["dst_path"])[0]
+    with rasterio.open(summary["dst_path"]) as src:
+        scale = max(src.height, src.width) / PREVIEW_MAX_SIDE
+        shape = (max(1, round(src.height / scale)), max(1, round(src.width / scale))) if scale > 1 else None
+        classes = src.read(1, out_shape=shape, resampling=Resampling.nearest)
     palette = default_palette(len(class_names))
     save_color_png(path, classes, palette, class_names, nodata_value=summary["class_nodata"])
 
@@ -137,6 +179,7 @@ def predict_files(
     ``<item_id>.tif`` class maps (plus ``.png`` previews and ``.probs.tif`` as ``settings`` ask).
     """
     first = check_compatible(models)
+    check_outputs(inputs, out_dirs)
     predictor = build_predictor(models, settings, weights)
     unknown = sorted(set(out_dirs) - {*predictor.names, ENSEMBLE})
     if unknown:

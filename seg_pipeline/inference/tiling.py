@@ -123,6 +123,11 @@ def _open_writers(
         if target.probabilities_path is not None:
             prob_path = outputs.enter_context(atomic_write(target.probabilities_path))
             prob_dst = outputs.enter_context(rasterio.open(prob_path, "w", **prob_profile))
+        gcps, gcp_crs = raster.src.gcps
+        if gcps:  # georeferenced by ground control points (no transform): the outputs keep them
+            for dst in (class_dst, prob_dst):
+                if dst is not None:
+                    dst.gcps = (gcps, gcp_crs)
         writers[name] = _SetWriter(
             target, class_dst, prob_dst, StripBuffer(num_classes, width), np.zeros(num_classes, np.int64),
             probability_dtype=probability_dtype,

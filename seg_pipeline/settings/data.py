@@ -53,11 +53,21 @@ class DatasetSettings(Settings):
         description="Raw mask value -> class id (or the ignore value), e.g. {255: 1} for 0/255 masks; "
         "unlisted values are class ids. null = detect: binary masks holding only 0 and 255 get {255: 1}.",
     )
+    mask_colors: dict[str, list[int]] = Field(
+        default={},
+        description="Colour-coded RGB masks: class name -> [r, g, b] (as many public datasets ship); "
+        "pixels are recoded to the class ids.",
+    )
     expected_bands: int | None = Field(
         default=None, ge=1, description="Band count every image must have; null = the majority count."
     )
     incremental: bool = Field(
         default=True, description="Reuse catalog rows of files whose size and mtime did not change."
+    )
+    verify_checksums: bool = Field(
+        default=False,
+        description="Incremental rebuilds also compare sha256 checksums: catches in-place edits that keep "
+        "size and mtime (reads every file once more).",
     )
     max_quarantine_fraction: float = Field(
         default=0.5,
@@ -67,6 +77,14 @@ class DatasetSettings(Settings):
     )
 
     _check_id = field_validator("dataset_id")(check_dataset_id)
+
+    @field_validator("mask_colors")
+    @classmethod
+    def _rgb_triplets(cls, value: dict[str, list[int]]) -> dict[str, list[int]]:
+        for name, rgb in value.items():
+            if len(rgb) != 3 or not all(0 <= c <= 255 for c in rgb):
+                raise ValueError(f"mask_colors[{name!r}]={rgb}: give [r, g, b] with values 0..255")
+        return value
 
     @model_validator(mode="after")
     def _globs_together(self) -> Self:

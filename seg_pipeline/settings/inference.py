@@ -80,7 +80,10 @@ class PredictSettings(Settings):
     tta: TTASettings = Field(default_factory=TTASettings, description="Test-time augmentation.")
     windows: WindowSettings = Field(default_factory=WindowSettings, description="Sliding windows.")
     device: str = Field(default="auto", pattern=DEVICE_PATTERN, description="auto, cpu, mps, cuda or cuda:N.")
-    bf16: bool = Field(default=False, description="bf16 autocast for the forward passes.")
+    bf16: bool | None = Field(
+        default=None,
+        description="bf16 autocast for the forward passes; null = on for bf16 GPUs and AMX CPUs, else fp32.",
+    )
     extra_checkpoints: list[str] = Field(
         default=[], description="More ensemble members: stage checkpoints or MLflow model URIs."
     )

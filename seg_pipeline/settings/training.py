@@ -122,7 +122,7 @@ class LoopSettings(Settings):
     amp: bool | None = Field(
         default=None,
         description="Mixed precision. null = policy: on for CUDA (bf16, or fp16 with loss scaling), off for "
-        "MPS and CPU; true on CPU = bf16 autocast.",
+        "MPS, on CPU bf16 autocast where the CPU has AMX (amx_bf16) else fp32; true on CPU = bf16.",
     )
     channels_last: bool | None = Field(
         default=None, description="channels_last memory format; null = policy."

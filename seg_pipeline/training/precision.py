@@ -4,10 +4,12 @@ The rule from seed 000: AMP is forced on for CUDA, forced off for MPS and opt-in
 bf16 autocast) on CPU. On CUDA the autocast dtype is bf16 where the GPU supports it (no loss
 scaling needed), otherwise fp16 with a :class:`torch.amp.GradScaler`.
 
-CPU default = fp32 + ``channels_last``. Measured for Unet-resnet18 training on our 2-core
-AVX512-BF16 CPU (batch 8 x 256x256, quiet machine, see ``bench/bench_train_step.py``):
-fp32 1.99 s/step, fp32 + channels_last 1.51 s (1.3x faster), bf16 autocast 2.12 s, bf16 +
-channels_last 1.94 s. bf16 autocast does not pay off on this CPU (no AMX), so it stays opt-in.
+CPU default (``amp=None``): chosen by capability, because machines differ. oneDNN runs bf16
+convolutions on AMX tiles (``amx_bf16`` in ``/proc/cpuinfo``): there bf16 autocast + channels_last
+trained Unet-resnet18 2.83x faster than fp32 (issue 13's measurement, ``bench/bench_train_step.py``).
+Without AMX it does not pay: on a 2-core AVX512-BF16 CPU (no AMX) fp32 + channels_last took 1.51
+s/step and bf16 + channels_last 1.94 s; on AVX2 CPUs bf16 is emulated. So CPUs with AMX get bf16
+autocast, others fp32 + ``channels_last``; the choice and its reason are in :meth:`describe`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from seg_pipeline.hardware import AMX_FLAG, cpu_bf16_is_fast
 
 DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
 
@@ -92,12 +96,13 @@ class PrecisionPolicy:
         amp: bool | None = None,
         channels_last: bool | None = None,
         cuda_bf16_supported: bool | None = None,
+        cpu_bf16_fast: bool | None = None,
     ) -> PrecisionPolicy:
         """The seed-000 rule for an already resolved device; ``None`` means "the device default".
 
         CUDA: AMP always (bf16 when supported, else fp16 + GradScaler), channels_last by default.
-        MPS: AMP never, contiguous by default. CPU: fp32 unless ``amp=True`` (bf16 autocast);
-        channels_last by default either way.
+        MPS: AMP never, contiguous by default. CPU: ``amp=None`` = bf16 autocast where the CPU has
+        AMX (``cpu_bf16_fast``, detected when ``None``), else fp32; channels_last by default.
         """
         notes: list[str] = []
         if device.type == "cuda":
@@ -113,6 +118,11 @@ class PrecisionPolicy:
             amp_dtype = None
             default_channels_last = False
         else:
+            if amp is None:
+                amp = cpu_bf16_is_fast() if cpu_bf16_fast is None else cpu_bf16_fast
+                notes.append(
+                    f"bf16 chosen: CPU has {AMX_FLAG}" if amp else f"fp32 chosen: no {AMX_FLAG} on this CPU"
+                )
             amp_dtype = torch.bfloat16 if amp else None
             default_channels_last = True
         use_channels_last = default_channels_last if channels_last is None else bool(channels_last)

@@ -34,7 +34,7 @@ from seg_pipeline.data.splits import (
     split_counts,
     write_split_table,
 )
-from seg_pipeline.io import file_sha256, write_json
+from seg_pipeline.io import file_sha256, folder_lock, write_json
 from seg_pipeline.progress import default_log_fn
 from seg_pipeline.settings import AuxiliarySettings, DatasetSettings, ShardSettings, SplitSettings
 from seg_pipeline.workflows.layout import DataLayout
@@ -65,9 +65,14 @@ def catalogue(settings: DatasetSettings, layout: DataLayout, log_fn: LogFn | Non
     spec = DatasetSpec.from_settings(settings, layout.raw_dir(settings.dataset_id, settings.raw_dir))
     out_dir = layout.processed_dir(settings.dataset_id)
     catalog_path = out_dir / "headers.parquet"
-    result = build_headers(spec, previous_catalog=catalog_path if settings.incremental else None, log_fn=log)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_catalog(result.catalog, catalog_path, result.class_names, settings.model_dump(), result.mask_values)
+    with folder_lock(out_dir, f"{settings.dataset_id} headers", log):
+        result = build_headers(
+            spec, previous_catalog=catalog_path if settings.incremental else None, log_fn=log
+        )
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_catalog(
+            result.catalog, catalog_path, result.class_names, settings.model_dump(), result.mask_values
+        )
     quarantine = [
         {"item_id": str(row["item_id"]), "reason": str(row["reason"])}
         for row in result.quarantined[["item_id", "reason"]].to_dict("records")
@@ -143,14 +148,15 @@ def shard(
     log = log_fn or default_log_fn()
     dataset_dir = Path(catalog.catalog_path).parent
     started = time.perf_counter()
-    manifest = write_shards(
-        read_catalog(catalog.catalog_path),
-        read_split_table(splits.splits_path),
-        dataset_dir,
-        settings,
-        mask_values=catalog.mask_values,
-        log_fn=log,
-    )
+    with folder_lock(dataset_dir, f"{catalog.dataset_id} shards", log):
+        manifest = write_shards(
+            read_catalog(catalog.catalog_path),
+            read_split_table(splits.splits_path),
+            dataset_dir,
+            settings,
+            mask_values=catalog.mask_values,
+            log_fn=log,
+        )
     seconds = time.perf_counter() - started
     items = {name: sum(s["items"] for s in shards) for name, shards in manifest["splits"].items()}
     stats = manifest["stats"]

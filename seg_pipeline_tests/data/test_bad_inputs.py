@@ -214,7 +214,8 @@ def test_multi_band_mask(dataset: Dataset) -> None:
     dataset.image("bad")
     mask = dataset.mask("bad", np.zeros((3, 32, 32), np.uint8))
     result = dataset.build()
-    _quarantined(result, "bad", mask, "3 bands", "single-band")
+    # Three bands are read as a colour-coded mask, which needs dataset.mask_colors to mean classes.
+    _quarantined(result, "bad", mask, "colour-coded", "rgb(0, 0, 0)", "mask_colors")
     dataset.assert_good_tiles_unaffected(result, "bad")
 
 
@@ -420,3 +421,34 @@ def test_bad_shard_settings_name_the_field(fields: dict, message: str) -> None:
 def test_bad_split_settings_name_the_field(fields: dict, message: str) -> None:
     with pytest.raises(SettingsError, match=message):
         SplitSettings.parse(fields)
+
+
+def test_a_shifted_mask_without_crs_is_quarantined_like_one_with_a_crs(
+    tmp_path: Path, write_tif: WriteRaster
+) -> None:
+    import rasterio
+
+    placed = rasterio.transform.from_origin(100.0, 200.0, 1.0, 1.0)
+    shifted = rasterio.transform.from_origin(105.0, 200.0, 1.0, 1.0)
+    for name, transform in (("image", placed), ("mask", shifted)):
+        folder = tmp_path / ("images" if name == "image" else "masks")
+        folder.mkdir(exist_ok=True)
+        bands = 3 if name == "image" else 1
+        profile = {"driver": "GTiff", "width": 8, "height": 8, "count": bands, "dtype": "uint8"}
+        with rasterio.open(folder / "a.tif", "w", transform=transform, **profile) as dst:
+            dst.write(np.zeros((bands, 8, 8), np.uint8))
+    result = build_headers(DatasetSpec(dataset_id="d", root=tmp_path, class_names=("bg", "fg")))
+    _quarantined(result, "a", tmp_path / "masks" / "a.tif", "transform", "differs")
+
+
+def test_tiles_in_several_crs_get_a_warning(tmp_path: Path, write_tif: WriteRaster) -> None:
+    import rasterio
+
+    for name, crs in (("a", "EPSG:32636"), ("b", "EPSG:4326")):
+        (tmp_path / "images").mkdir(exist_ok=True)
+        profile = {"driver": "GTiff", "width": 8, "height": 8, "count": 3, "dtype": "uint8", "crs": crs}
+        transform = rasterio.transform.from_origin(1.0, 1.0, 0.1, 0.1)
+        with rasterio.open(tmp_path / "images" / f"{name}.tif", "w", transform=transform, **profile) as dst:
+            dst.write(np.zeros((3, 8, 8), np.uint8))
+    warnings = build_headers(DatasetSpec(dataset_id="d", root=tmp_path, class_names=("bg", "fg"))).warnings
+    assert any("2 CRSs" in w and "EPSG:4326: 1" in w for w in warnings), warnings

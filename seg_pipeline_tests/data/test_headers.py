@@ -319,3 +319,23 @@ def test_tile_quarantined_for_a_minority_band_count_is_judged_again(
     second = _build(tmp_path / "d", catalog_path)
 
     assert sorted(second.ok["item_id"]) == ["x", "y"]
+
+
+def test_verify_checksums_catches_an_edit_that_keeps_size_and_mtime(
+    tmp_path: Path, write_tif: WriteRaster
+) -> None:
+    write_tif(tmp_path / "d" / "images" / "a.tif", np.ones((3, 16, 16), np.uint8))
+    mask = tmp_path / "d" / "masks" / "a.tif"
+    write_tif(mask, np.zeros((16, 16), np.uint8))
+    catalog_path = tmp_path / "catalog.parquet"
+    spec = DatasetSpec(dataset_id="d", root=tmp_path / "d", class_names=("bg", "fg"))
+    first = build_headers(spec)
+    write_catalog(first.catalog, catalog_path, first.class_names)
+    stat = mask.stat()
+    write_tif(mask, np.ones((16, 16), np.uint8))  # same size, new labels
+    os.utime(mask, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert mask.stat().st_size == stat.st_size
+    missed = build_headers(spec, previous_catalog=catalog_path)
+    assert missed.n_read == 0 and missed.class_histogram()["fg"] == 0  # size + mtime cannot see it
+    caught = build_headers(spec.model_copy(update={"verify_checksums": True}), previous_catalog=catalog_path)
+    assert caught.n_read == 1 and caught.class_histogram()["fg"] == 256

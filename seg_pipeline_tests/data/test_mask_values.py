@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import rasterio
 
 from seg_pipeline.data.headers import STATUS_OK, STATUS_QUARANTINED, build_headers
@@ -89,3 +90,49 @@ def test_jpeg_masks_get_a_warning(tmp_path: Path, write_tif: WriteRaster) -> Non
         dst.write(np.zeros((1, 16, 16), np.uint8))
     result = build_headers(DatasetSpec(dataset_id="d", root=tmp_path, class_names=BINARY))
     assert any("JPEG" in w and "PNG or GeoTIFF" in w for w in result.warnings), result.warnings
+
+
+COLORS = {"background": [0, 0, 0], "building": [255, 0, 0], "road": [255, 255, 255]}
+
+
+def _colour_dataset(root: Path, write_tif: WriteRaster, extra_colour: bool = False) -> np.ndarray:
+    """One RGB image and its colour-coded mask (black / red / white stripes); returns the class ids."""
+    ids = (np.arange(16)[:, None] // 4 % 3 + np.zeros((1, 16), int)).astype(np.uint8)
+    palette = np.array([COLORS["background"], COLORS["building"], COLORS["road"]], dtype=np.uint8)
+    rgb = palette[ids].transpose(2, 0, 1).copy()
+    if extra_colour:
+        rgb[:, 0, 0] = [0, 128, 0]
+    write_tif(root / "images" / "a.tif", np.ones((3, 16, 16), np.uint8))
+    write_tif(root / "masks" / "a.tif", rgb)
+    return ids
+
+
+def test_colour_masks_are_recoded_to_class_ids(tmp_path: Path, write_tif: WriteRaster) -> None:
+    ids = _colour_dataset(tmp_path / "raw", write_tif)
+    spec = DatasetSpec(dataset_id="c", root=tmp_path / "raw", class_names=list(COLORS), mask_colors=COLORS)
+    result = build_headers(spec)
+    assert (result.catalog["status"] == STATUS_OK).all()
+    assert result.class_histogram() == {name: int((ids == k).sum()) for k, name in enumerate(COLORS)}
+    splits = pd.DataFrame({"item_id": ["a"], "split": "train"})
+    for fmt in ("npy", "tif"):
+        from seg_pipeline.settings import ShardSettings
+
+        out = tmp_path / fmt
+        write_shards(result.catalog, splits, out, ShardSettings(tile_format=fmt), mask_values=result.mask_values)
+        (row,) = read_shard_index(shard_dirs(out, "train")[0])
+        _image, mask, _ = read_raw_tile(row)
+        np.testing.assert_array_equal(mask, ids)
+
+
+def test_an_unnamed_colour_is_quarantined_by_its_rgb(tmp_path: Path, write_tif: WriteRaster) -> None:
+    _colour_dataset(tmp_path, write_tif, extra_colour=True)
+    spec = DatasetSpec(dataset_id="c", root=tmp_path, class_names=list(COLORS), mask_colors=COLORS)
+    (reason,) = build_headers(spec).catalog["reason"]
+    assert "rgb(0, 128, 0)" in reason and "mask_colors" in reason
+
+
+def test_colours_naming_no_class_fail_before_reading(tmp_path: Path, write_tif: WriteRaster) -> None:
+    _colour_dataset(tmp_path, write_tif)
+    spec = DatasetSpec(dataset_id="c", root=tmp_path, class_names=["background"], mask_colors=COLORS)
+    with pytest.raises(ValueError, match=r"mask_colors names \['building', 'road'\]"):
+        build_headers(spec)

@@ -68,3 +68,15 @@ def test_resolve_device_and_bad_arguments() -> None:
         EnsemblePredictor([])
     with pytest.raises(ValueError, match=r"models\[1\]"):
         EnsemblePredictor([ConstantLogits([0.0]), "model.ckpt"])  # type: ignore[list-item]
+
+
+def test_inference_precision_follows_the_cpu_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    from seg_pipeline.inference import ensemble
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(ensemble, "cpu_bf16_is_fast", lambda: True)
+    assert ensemble.inference_dtype(cpu, None) == (torch.bfloat16, "bf16 chosen: CPU has amx_bf16")
+    assert ensemble.inference_dtype(cpu, False)[0] is None
+    monkeypatch.setattr(ensemble, "cpu_bf16_is_fast", lambda: False)
+    assert ensemble.inference_dtype(cpu, None) == (None, "fp32 chosen: no amx_bf16 on this CPU")
+    assert ensemble.inference_dtype(cpu, True)[0] is torch.bfloat16

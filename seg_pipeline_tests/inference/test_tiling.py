@@ -387,3 +387,26 @@ def test_predict_raster_memory_is_bounded_by_window_rows(
     assert max(buffered_rows) <= 64 + 256
     with rasterio.open(tmp_path / "classes.tif") as dst:
         assert np.array_equal(dst.read(1), whole_image_probabilities(model, image).argmax(axis=0))
+
+
+def test_a_raster_georeferenced_by_gcps_keeps_them_in_its_class_map(tmp_path: Path) -> None:
+    from rasterio.control import GroundControlPoint
+
+    gcps = [
+        GroundControlPoint(row=0, col=0, x=32.50, y=0.40),
+        GroundControlPoint(row=0, col=40, x=32.51, y=0.40),
+        GroundControlPoint(row=30, col=0, x=32.50, y=0.39),
+    ]
+    src = tmp_path / "gcp.tif"
+    profile = {"driver": "GTiff", "width": 40, "height": 30, "count": 3, "dtype": "uint8"}
+    with rasterio.open(src, "w", gcps=gcps, crs="EPSG:4326", **profile) as dst:
+        dst.write(np.zeros((3, 30, 40), np.uint8))
+
+    def two_classes(batch: torch.Tensor) -> torch.Tensor:
+        return torch.stack([batch[:, 0] * 0 + 0.7, batch[:, 0] * 0 + 0.3], dim=1)
+
+    predict_raster(src, tmp_path / "out.tif", two_classes, num_classes=2, window=32, overlap=8)
+    with rasterio.open(tmp_path / "out.tif") as out:
+        written, crs = out.gcps
+    assert [(p.row, p.col, p.x, p.y) for p in written] == [(p.row, p.col, p.x, p.y) for p in gcps]
+    assert crs == "EPSG:4326"

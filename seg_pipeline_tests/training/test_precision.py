@@ -14,7 +14,16 @@ CPU, CUDA, MPS = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
 @pytest.mark.parametrize(
     ("device", "amp", "channels_last", "bf16_ok", "expected_dtype", "expected_cl", "scaler"),
     [
-        (CPU, None, None, None, None, True, False),  # CPU default: fp32 + channels_last (measured fastest)
+        (
+            CPU,
+            None,
+            None,
+            False,
+            None,
+            True,
+            False,
+        ),  # CPU without AMX: fp32 + channels_last (measured fastest)
+        (CPU, None, None, True, torch.bfloat16, True, False),  # CPU with AMX: bf16 (2.83x measured)
         (CPU, True, None, None, torch.bfloat16, True, False),  # opt-in bf16 autocast
         (CPU, False, None, None, None, True, False),
         (CPU, False, False, None, None, False, False),
@@ -27,7 +36,9 @@ CPU, CUDA, MPS = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
     ],
 )
 def test_policy_table(device, amp, channels_last, bf16_ok, expected_dtype, expected_cl, scaler) -> None:
-    policy = PrecisionPolicy.from_rule(device, amp, channels_last, cuda_bf16_supported=bf16_ok)
+    policy = PrecisionPolicy.from_rule(
+        device, amp, channels_last, cuda_bf16_supported=bf16_ok, cpu_bf16_fast=bf16_ok
+    )
     assert policy.amp_dtype == expected_dtype
     assert policy.channels_last is expected_cl
     assert policy.uses_grad_scaler is scaler
@@ -39,7 +50,12 @@ def test_overridden_requests_are_explained() -> None:
     )
     assert "AMP is always off for MPS" in PrecisionPolicy.from_rule(MPS, True).note
     assert PrecisionPolicy.from_rule(CPU, False).note == ""
-    assert PrecisionPolicy.from_rule(CPU).describe() == "cpu fp32 channels_last"
+    assert PrecisionPolicy.from_rule(CPU, cpu_bf16_fast=False).describe() == (
+        "cpu fp32 channels_last (fp32 chosen: no amx_bf16 on this CPU)"
+    )
+    assert PrecisionPolicy.from_rule(CPU, cpu_bf16_fast=True).describe() == (
+        "cpu bf16-autocast channels_last (bf16 chosen: CPU has amx_bf16)"
+    )
     assert PrecisionPolicy.from_rule(CPU, True, False).describe() == "cpu bf16-autocast contiguous"
 
 
@@ -74,3 +90,12 @@ def test_autocast_context_and_tensor_preparation_on_cpu() -> None:
     conv = policy.prepare_model(nn.Conv2d(3, 4, 3))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert not policy.make_grad_scaler().is_enabled()
+
+
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path) -> None:
+    from seg_pipeline.hardware import cpu_flags
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor : 0\nflags\t\t: fpu avx2 amx_bf16 amx_tile\n")
+    assert {"avx2", "amx_bf16"} <= cpu_flags(str(info))
+    assert cpu_flags(str(tmp_path / "missing")) == set()

@@ -1,0 +1,246 @@
+"""Does the three-stage recipe pay off? ``full_pipeline_job`` beside a bare SMP loop on real data.
+
+Runs ``dagster job execute -m seg_pipeline.definitions -j full_pipeline_job -c configs/kampala.yaml``
+(Kampala target, Nairobi auxiliary source; fresh DAGSTER_HOME and data root) and times it, then
+trains a plain segmentation-models-pytorch loop, written out below, on the *same* train split the
+pipeline used (Unet-resnet18, CE + Dice, AdamW, cosine, h/v flips, fp32, the pipeline's patch size
+and batch size) and scores it on the same evaluation split with the same confusion matrix:
+
+- at equal epochs (pretrain epochs + KD epochs of the config), with and without flip TTA;
+- at equal wall time (the loop keeps training until it has used the pipeline's whole wall time).
+
+    .venv/bin/python bench/bench_quality.py                       # about 45 minutes on 2 CPU cores
+    .venv/bin/python bench/bench_quality.py --reuse /tmp/run      # score a finished pipeline run again
+
+The pipeline's figures come from its own evaluation report (``evaluation_report`` asset).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import rasterio
+import segmentation_models_pytorch as smp
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DAGSTER = Path(sys.executable).with_name("dagster")
+
+
+def cpu_line() -> str:
+    """CPU model, cores and the flags that decide precision choices."""
+    text = Path("/proc/cpuinfo").read_text()
+    model = next(
+        (ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "?"
+    )
+    flags = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags]
+    return f"{model}, {os.cpu_count()} cores, flags {' '.join(wanted) or 'none'}, torch {torch.__version__}"
+
+
+def run_pipeline(work: Path, config: Path) -> float:
+    """The pipeline as a user runs it; returns its wall time in seconds."""
+    (work / "home").mkdir(parents=True)
+    (work / "home" / "dagster.yaml").write_text((REPO / "dagster.yaml").read_text())
+    env = {**os.environ, "DAGSTER_HOME": str(work / "home"), "SEG_PIPELINE_DATA_ROOT": str(work / "data")}
+    started = time.perf_counter()
+    done = subprocess.run(
+        [str(DAGSTER), "job", "execute", "-m", "seg_pipeline.definitions", "-j", "full_pipeline_job", "-c",
+         str(config)], cwd=REPO, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    seconds = time.perf_counter() - started
+    (work / "pipeline.log").write_text(done.stdout + done.stderr)
+    if done.returncode != 0:
+        raise SystemExit(f"the pipeline failed; see {work / 'pipeline.log'}")
+    (work / "wall.json").write_text(json.dumps({"seconds": seconds}))
+    return seconds
+
+
+def stored(work: Path, asset: str) -> dict:
+    """An asset value as the JSON IO manager stored it."""
+    (path,) = [p for p in (work / "home" / "storage").rglob(f"{asset}*") if p.is_file()]
+    return json.loads(path.read_text())["value"]
+
+
+def read_tiles(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, 3, H, W) uint8 and masks (N, H, W) of the catalog rows (Kampala chips are 256 px)."""
+    images, masks = [], []
+    for row in rows.itertuples():
+        with rasterio.open(row.image_path) as src:
+            images.append(src.read())
+        with rasterio.open(row.mask_path) as src:
+            masks.append(src.read(1))
+    return np.stack(images), np.stack(masks).astype(np.int64)
+
+
+def bare_model() -> torch.nn.Module:
+    return smp.Unet("resnet18", encoder_weights=None, in_channels=3, classes=2)
+
+
+def predict(model: torch.nn.Module, images: torch.Tensor, flips: bool) -> np.ndarray:
+    """Class maps of normalised images, optionally averaged over none/h/v flips."""
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(images), 8):
+            x = images[start : start + 8]
+            probs = model(x).softmax(1)
+            if flips:
+                probs = probs + model(x.flip(-1)).softmax(1).flip(-1) + model(x.flip(-2)).softmax(1).flip(-2)
+            out.append(probs.argmax(1).numpy())
+    model.train()
+    return np.concatenate(out)
+
+
+def scores(predicted: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    from seg_pipeline.metrics import ConfusionMatrix
+
+    matrix = ConfusionMatrix(2, ignore_index=255)
+    matrix.update(predicted, truth)
+    metrics = matrix.compute().to_dict(["background", "building"])
+    return {
+        "miou": metrics["miou"],
+        "background": metrics["iou/background"],
+        "building": metrics["iou/building"],
+    }
+
+
+def _row(name: str, epoch: int, seconds: float, model: torch.nn.Module, x: torch.Tensor, truth: np.ndarray,
+         flips: bool) -> dict:  # fmt: skip
+    label = name + (", flip TTA" if flips else "")
+    return {"run": label, "epochs": epoch, "seconds": seconds, **scores(predict(model, x, flips), truth)}
+
+
+def points(a: dict, b: dict) -> str:
+    """``a`` minus ``b`` in mIoU points."""
+    return f"{100 * (a['miou'] - b['miou']):+.2f} mIoU points"
+
+
+def bare_loop(
+    train: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
+    epochs: int,
+    budget_s: float,
+    batch: int,
+) -> list[dict]:
+    """A plain SMP loop; evaluated after ``epochs`` and again when ``budget_s`` is spent."""
+    torch.manual_seed(0)
+    x = torch.from_numpy(train[0]).float()
+    mean, std = x.mean((0, 2, 3), keepdim=True), x.std((0, 2, 3), keepdim=True)
+    x, y = (x - mean) / std, torch.from_numpy(train[1])
+    x_test = (torch.from_numpy(test[0]).float() - mean) / std
+    model = bare_model()
+    steps_per_epoch = -(-len(x) // batch)
+    total_epochs = max(epochs, 200)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    dice, ce = smp.losses.DiceLoss("multiclass"), torch.nn.CrossEntropyLoss()
+    results, started, epoch = [], time.perf_counter(), 0
+    schedule_epochs = epochs  # first the equal-epoch run's cosine, then a new cosine over the budget
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, schedule_epochs * steps_per_epoch)
+    while epoch < total_epochs:
+        order = torch.randperm(len(x))
+        for start in range(0, len(x), batch):
+            idx = order[start : start + batch]
+            xb, yb = x[idx], y[idx]
+            if torch.rand(()) < 0.5:
+                xb, yb = xb.flip(-1), yb.flip(-1)
+            if torch.rand(()) < 0.5:
+                xb, yb = xb.flip(-2), yb.flip(-2)
+            logits = model(xb)
+            loss = 0.5 * ce(logits, yb) + 0.5 * dice(logits, yb)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+        epoch += 1
+        elapsed = time.perf_counter() - started
+        if epoch == epochs:
+            for flips in (False, True):
+                results.append(
+                    _row(f"bare loop, {epochs} epochs", epoch, elapsed, model, x_test, test[1], flips)
+                )
+            # Equal wall time: restart the schedule over the epochs the remaining budget allows.
+            per_epoch = elapsed / epoch
+            remaining = max(int((budget_s - elapsed) / per_epoch), 0)
+            if remaining == 0:
+                break
+            total_epochs = epoch + remaining
+            for group in optimizer.param_groups:
+                group["lr"] = 1e-3
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, remaining * steps_per_epoch)
+    elapsed = time.perf_counter() - started
+    name = f"bare loop, equal wall time ({epoch} epochs)"
+    for flips in (False, True):
+        results.append(_row(name, epoch, elapsed, model, x_test, test[1], flips))
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=REPO / "configs" / "kampala.yaml")
+    parser.add_argument("--reuse", type=Path, help="a work folder of an earlier run: skip the pipeline")
+    args = parser.parse_args()
+    print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M} | {platform.platform()} | {cpu_line()}")
+    work = args.reuse or Path(tempfile.mkdtemp(prefix="bench_quality_"))
+    wall = (
+        json.loads((work / "wall.json").read_text())["seconds"]
+        if args.reuse
+        else run_pipeline(work, args.config)
+    )
+    config = yaml.safe_load(args.config.read_text())["ops"]
+    epochs = (
+        config["pretrained_model"]["config"]["loop"]["epochs"]
+        + config["kd_student_model"]["config"]["loop"]["epochs"]
+    )
+    batch = config["pretrained_model"]["config"]["loader"]["batch_size"]
+
+    report, predictions = stored(work, "evaluation_report"), stored(work, "ensemble_predictions")
+    catalog = pd.read_parquet(next((work / "data" / "processed").glob("*/headers.parquet")))
+    splits = pd.read_parquet(next((work / "data" / "processed").glob("*/splits.parquet")))
+    rows = catalog.merge(splits[["item_id", "split"]], on="item_id")
+    train = read_tiles(rows[rows["split"] == "train"])
+    test = read_tiles(rows[rows["split"] == predictions["split"]])
+    print(f"work folder {work}; pipeline wall time {wall:.0f} s; train {len(train[0])} tiles, "
+          f"{predictions['split']} {len(test[0])} tiles; bare loop: {epochs} epochs, "
+          f"batch {batch}")  # fmt: skip
+
+    table = [
+        {"run": f"pipeline: {s['name']}", "epochs": "", "seconds": wall if s["name"] == "ensemble" else "",
+         "miou": s["miou"], "background": s["iou"]["background"], "building": s["iou"]["building"]}
+        for s in report["scores"]
+    ]  # fmt: skip
+    table += bare_loop(train, test, epochs, wall, batch)
+    print("\n| run | epochs | wall s | mIoU | IoU background | IoU building |\n|---|---|---|---|---|---|")
+    for r in table:
+        seconds = f"{r['seconds']:.0f}" if r["seconds"] != "" else ""
+        print(
+            f"| {r['run']} | {r['epochs']} | {seconds} | {r['miou']:.4f} | {r['background']:.4f} "
+            f"| {r['building']:.4f} |"
+        )
+    ensemble = next(r for r in table if r["run"] == "pipeline: ensemble")
+    equal_epochs = next(r for r in table if r["run"] == f"bare loop, {epochs} epochs")
+    equal_wall = next(
+        r for r in table if r["run"].startswith("bare loop, equal wall time") and "flip" not in r["run"]
+    )
+    singles = [r for r in table if r["run"].startswith("pipeline:") and r is not ensemble]
+    print(f"\nensemble - bare loop at equal epochs: {points(ensemble, equal_epochs)}")
+    print(f"ensemble - bare loop at equal wall time: {points(ensemble, equal_wall)}")
+    if singles:
+        best = max(singles, key=lambda r: r["miou"])
+        print(f"ensemble - best single ({best['run']}): {points(ensemble, best)}")
+
+
+if __name__ == "__main__":
+    main()
