@@ -18,10 +18,11 @@ Policies:
 Grouping: ``group_block_size`` keeps the tiles of one grid block together, ``group_footprints``
 the tiles whose ground overlaps (:mod:`~seg_pipeline.data.footprints`).
 
-Small datasets: training needs labeled tiles in ``train`` and ``val``. When the hash leaves one of
-them empty, a group moves there from ``test`` / ``metrics_train``, or from the other required split
-when it has two groups or more: the group whose draw lies nearest the empty split's range. With
-fewer labeled groups than required splits the error says how many there are and what to change.
+Small datasets: training needs labeled tiles in ``train`` and ``val``, and the report needs a
+``test`` split apart from ``val`` (``supervised`` with three labeled groups or more). When the hash
+leaves one of them empty, a group moves there from a split that keeps at least one group: the group
+whose draw lies nearest the empty split's range. With fewer labeled groups than required splits the
+error says how many there are and what to change.
 """
 
 from __future__ import annotations
@@ -138,7 +139,9 @@ REQUIRED_SPLITS = ("train", "val")
 
 
 def ensure_training_splits(table: pd.DataFrame, config: SplitSettings) -> pd.DataFrame:
-    """Give ``train`` and ``val`` labeled tiles on small datasets, moving whole groups (see module doc).
+    """Give ``train`` and ``val`` labeled tiles on small datasets, moving whole groups (see module doc);
+    with ``supervised`` and a ``test_fraction`` also ``test`` once there are three labeled groups, so
+    the report never scores on the split that picked the checkpoint.
 
     Raises:
         SplitError: fewer labeled groups than required splits; the message says what to change.
@@ -146,12 +149,15 @@ def ensure_training_splits(table: pd.DataFrame, config: SplitSettings) -> pd.Dat
     table = table.copy()
     labeled = table[table["has_label"]]
     n_groups = labeled["group"].nunique()
-    for split in REQUIRED_SPLITS:
+    required = list(REQUIRED_SPLITS)
+    if config.policy == "supervised" and config.test_fraction > 0 and n_groups >= 3:
+        required.append("test")
+    for split in required:
         if (labeled["split"] == split).any():
             continue
         per_split = labeled.groupby("split")["group"].nunique()
-        # A required split gives a group only when it keeps one; others (test, metrics_train) always can.
-        donors = [str(s) for s, n in per_split.items() if n >= (2 if s in REQUIRED_SPLITS else 1)]
+        # A required split gives a group only when it keeps one; others (metrics_train) always can.
+        donors = [str(s) for s, n in per_split.items() if n >= (2 if s in required else 1)]
         if not donors or n_groups < len(REQUIRED_SPLITS):
             raise SplitError(
                 f"split {split!r} gets no labeled tile: {len(labeled)} labeled tiles in {n_groups} group(s) "

@@ -286,3 +286,11 @@ def test_a_test_tile_moves_to_an_empty_val_before_train_gives_one_up() -> None:
     for seed in range(50):
         table = assign_splits(_catalog(2), SplitSettings(seed=seed))
         assert set(table["split"]) == {"train", "val"}, (seed, _assignment(table))
+
+
+def test_three_labeled_groups_give_train_val_and_test_apart() -> None:
+    # Seven footprint groups (Kampala: one per zoom-19 tile) must still leave a test split apart from
+    # val, which picks the checkpoint; repairs move whole groups.
+    for seed in range(30):
+        table = assign_splits(_catalog(7), SplitSettings(seed=seed))
+        assert {"train", "val", "test"} <= set(table["split"]), (seed, _assignment(table))

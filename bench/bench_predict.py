@@ -1,0 +1,130 @@
+"""Sliding-window ensemble TTA against the bare forward passes over exactly the same pixels.
+
+Two SMP Unet-resnet18 models (2 classes, random init), 3 scales x 3 flips = 18 views per window, as
+``ensemble_predictions`` runs them (``predict_files``: every member's and the ensemble's class map
+from one set of forward passes, blended windows, GeoTIFF writers). The baseline runs the same
+forward passes (same window batches, same scales and flips, same precision) and nothing else.
+``overhead_pct`` = (ours - bare) / bare x 100; window overlap is counted as overhead (the bare
+passes see each window once, with no overlap). Cases:
+
+- ``tiles``: a folder of ``--tiles`` 480 x 320 RGB photos (one window each);
+- ``raster``: one ``--side`` x ``--side`` GeoTIFF (windows of 512, overlap 64).
+
+    .venv/bin/python bench/bench_predict.py --tiles 8 --side 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import rasterio
+import segmentation_models_pytorch as smp
+import torch
+
+from seg_pipeline.data.normalization import BandStats
+from seg_pipeline.hardware import cpu_flags
+from seg_pipeline.inference.ensemble import inference_dtype
+from seg_pipeline.inference.predict import LoadedModel, predict_files
+from seg_pipeline.inference.tta import TTAConfig, apply_transform, invert_transform
+from seg_pipeline.inference.windows import window_grid
+from seg_pipeline.settings import PredictSettings
+
+SCALES, FLIPS = (0.75, 1.0, 1.25), ("none", "h", "v")
+
+
+def write_rgb(path: Path, height: int, width: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    profile = {"driver": "GTiff", "height": height, "width": width, "count": 3, "dtype": "uint8",
+               "tiled": True, "blockxsize": 256, "blockysize": 256}  # fmt: skip
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(rng.integers(0, 255, (3, height, width), dtype=np.uint8))
+
+
+def models() -> list[LoadedModel]:
+    stats = BandStats((120.0, 120.0, 120.0), (60.0, 60.0, 60.0))
+    out = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        net = smp.Unet("resnet18", encoder_weights=None, classes=2).eval()
+        out.append(LoadedModel(f"m{seed}", net, ("background", "building"), stats, f"seed {seed}"))
+    return out
+
+
+def bare_passes(
+    members: list[LoadedModel], paths: list[Path], window: int, batch: int, tta: TTAConfig
+) -> float:
+    """Seconds of the forward passes alone over the same windows, views and precision."""
+    started = time.perf_counter()
+    for path in paths:
+        with rasterio.open(path) as src:
+            grid = window_grid(src.height, src.width, window, 0)
+            for start in range(0, len(grid), batch):
+                crops = [src.read(window=w).astype(np.float32) for w in grid[start : start + batch]]
+                x = torch.from_numpy(np.stack(crops))
+                with torch.inference_mode(), torch.autocast("cpu", dtype=tta.amp_dtype or torch.float32,
+                                                            enabled=tta.amp_dtype is not None):  # fmt: skip
+                    for member in members:
+                        for scale in SCALES:
+                            size = [max(32, round(s * scale / 32) * 32) for s in x.shape[-2:]]
+                            scaled = torch.nn.functional.interpolate(x, size=size, mode="bilinear")
+                            for flip in FLIPS:
+                                invert_transform(member.model(apply_transform(scaled, flip)), flip)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiles", type=int, default=8)
+    parser.add_argument("--side", type=int, default=2000)
+    parser.add_argument("--batch-size", type=int, default=4)
+    args = parser.parse_args()
+    flags = " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in cpu_flags())
+    now, cpu = f"{datetime.datetime.now():%Y-%m-%d %H:%M}", platform.processor() or platform.machine()
+    print(f"# {now} | {cpu} | {os.cpu_count()} cores | flags: {flags} | torch {torch.__version__} | "
+          f"threads {torch.get_num_threads()}")  # fmt: skip
+    members = models()
+    tta_settings = {"scales": list(SCALES), "flips": list(FLIPS)}
+    settings = PredictSettings.parse(
+        {"tta": tta_settings, "windows": {"batch_size": args.batch_size}, "color_png": False}
+    )
+    amp_dtype, reason = inference_dtype(torch.device("cpu"), settings.bf16)
+    tta = TTAConfig.from_settings(settings.tta, amp_dtype=amp_dtype)
+    print(f"precision: {reason}")
+    overheads = []
+    with tempfile.TemporaryDirectory(prefix="bench_predict_") as tmp:
+        work = Path(tmp)
+        cases = {
+            "tiles": [work / f"tile_{i}.tif" for i in range(args.tiles)],
+            "raster": [work / "raster.tif"],
+        }
+        for i, path in enumerate(cases["tiles"]):
+            write_rgb(path, 320, 480, i)
+        write_rgb(cases["raster"][0], args.side, args.side, 99)
+        print(
+            "| case | pixels | ours s | bare forwards s | overhead_pct | Mpx/s |\n|---|---|---|---|---|---|"
+        )
+        for name, paths in cases.items():
+            outs = {m.name: work / name / m.name for m in members} | {"ensemble": work / name / "ensemble"}
+            started = time.perf_counter()
+            predict_files(members, [(p.stem, p) for p in paths], outs, settings)
+            ours = time.perf_counter() - started
+            bare = bare_passes(members, paths, settings.windows.window, args.batch_size, tta)
+            pixels = sum(rasterio.open(p).width * rasterio.open(p).height for p in paths)
+            overhead = 100 * (ours - bare) / bare
+            overheads.append(overhead)
+            mpx = pixels / 1e6
+            print(f"| {name} | {mpx:.2f} M | {ours:.1f} | {bare:.1f} | {overhead:.1f} | {mpx / ours:.3f} |")
+    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    print(f"overhead_pct={max(overheads):.1f}")
+
+
+if __name__ == "__main__":
+    main()
