@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import rasterio
+import rasterio.enums
 from rasterio.errors import RasterioIOError
 from rasterio.transform import Affine
 
@@ -26,8 +27,14 @@ RASTER_EXTENSIONS: frozenset[str] = frozenset(
 )
 
 #: GDAL settings for opening many files: skipping the sibling-file listing roughly halves
-#: open cost on big folders (GDAL otherwise lists the directory on every open).
-GDAL_ENV: dict[str, Any] = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR", "CPL_LOG": os.devnull}
+#: open cost on big folders (GDAL otherwise lists the directory on every open). The block cache is
+#: capped at 256 MB (GDAL's default is 5 % of RAM per process, 1.2 GB here, which a scene read in
+#: blocks fills for nothing); a ``GDAL_CACHEMAX`` in the environment wins.
+GDAL_ENV: dict[str, Any] = {
+    "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
+    "CPL_LOG": os.devnull,
+    **({} if "GDAL_CACHEMAX" in os.environ else {"GDAL_CACHEMAX": 256}),
+}
 
 
 class RasterReadError(ValueError):
@@ -121,6 +128,30 @@ def read_array(path: Path | str, window: rasterio.windows.Window | None = None) 
             return src.read(window=window)
         except RasterioIOError as exc:
             raise RasterReadError(path, f"pixel data is corrupt or truncated ({exc})") from exc
+
+
+def raster_shape(path: Path | str) -> tuple[int, int, int]:
+    """``(bands, height, width)`` of a raster or ``.npy`` shard file, without reading its pixels."""
+    if Path(path).suffix == ".npy":
+        shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
+        return (1, *shape) if len(shape) == 2 else (shape[0], shape[1], shape[2])
+    with open_raster(path) as src:
+        return src.count, src.height, src.width
+
+
+def read_decimated(path: Path | str, max_side: int) -> np.ndarray:
+    """All bands, nearest-decimated so the longest side is at most ``max_side`` (quick looks: their
+    memory stays bounded whatever the raster's size).
+    """
+    bands, height, width = raster_shape(path)
+    step = max(1, -(-max(height, width) // max_side))
+    if Path(path).suffix == ".npy":
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+        array = array[np.newaxis] if array.ndim == 2 else array
+        return np.array(array[:, ::step, ::step])
+    with open_raster(path) as src:
+        shape = (bands, -(-height // step), -(-width // step))
+        return src.read(out_shape=shape, resampling=rasterio.enums.Resampling.nearest)
 
 
 def write_geotiff(

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rasterio.windows import Window
 
-from seg_pipeline.data.raster_io import RASTER_EXTENSIONS, open_raster, read_array
+from seg_pipeline.data.raster_io import RASTER_EXTENSIONS, open_raster, raster_shape, read_array
 from seg_pipeline.io import atomic_write
 from seg_pipeline.metrics import ConfusionMatrix, SegmentationMetrics
 from seg_pipeline.progress import ItemProgress
@@ -48,29 +49,32 @@ def _rasters(folder: Path) -> dict[str, Path]:
     return found
 
 
-def _single_band(path: Path) -> np.ndarray:
-    """The one band of a mask; several bands (an RGB picture of the labels) cannot be scored."""
-    array = read_array(path)
-    if array.shape[0] != 1:
+#: Rows of a prediction and its mask scored at a time: memory follows the block, not the scene.
+_ROWS = 1024
+
+
+def _check_single_band(path: Path) -> tuple[int, int]:
+    """``(height, width)`` of a one-band mask; several bands (an RGB picture of labels) cannot be scored."""
+    bands, height, width = raster_shape(path)
+    if bands != 1:
         raise EvaluationInputError(
-            f"{path} has {array.shape[0]} bands; ground truth must be one band of class ids "
+            f"{path} has {bands} bands; ground truth must be one band of class ids "
             "(recode colour masks with dataset.mask_colors at ingest)"
         )
-    return array[0]
+    return height, width
 
 
-def _class_map(path: Path) -> tuple[np.ndarray, int | None]:
-    """A prediction's class ids and its nodata value (input nodata pixels): the declared one, else the
-    dtype's largest value (255 for uint8), which class maps use by convention.
+def _nodata(path: Path, dtype: np.dtype) -> int | None:
+    """A class map's nodata value (input nodata pixels): the declared one, else the dtype's largest
+    value (255 for uint8), which class maps use by convention.
     """
-    classes = _single_band(path)
     declared = None
     if path.suffix != ".npy":
         with open_raster(path) as src:
             declared = src.nodata
     if declared is not None:
-        return classes, int(declared)
-    return classes, int(np.iinfo(classes.dtype).max) if classes.dtype.kind in "ui" else None
+        return int(declared)
+    return int(np.iinfo(dtype).max) if dtype.kind in "ui" else None
 
 
 def evaluate_pairs(
@@ -90,26 +94,27 @@ def evaluate_pairs(
     matrix = ConfusionMatrix(num_classes, ignore_index=ignore_index, ignore_nonpositive=ignore_nonpositive)
     unpredicted = 0
     for pred_path, truth_path in pairs:
-        pred, nodata = _class_map(pred_path)
-        truth = _single_band(truth_path)
-        if pred.shape != truth.shape:
+        pred_size, truth_size = _check_single_band(pred_path), _check_single_band(truth_path)
+        if pred_size != truth_size:
             raise EvaluationInputError(
-                f"{pred_path} is {pred.shape[::-1]} but {truth_path} is {truth.shape[::-1]} (W x H); "
+                f"{pred_path} is {pred_size[::-1]} but {truth_path} is {truth_size[::-1]} (W x H); "
                 "predict at the mask's resolution"
             )
-        predicted = pred < num_classes
-        stray = (
-            np.unique(pred[~predicted & (pred != nodata)])
-            if nodata is not None
-            else np.unique(pred[~predicted])
-        )
-        if stray.size:
-            raise EvaluationInputError(
-                f"{pred_path} holds class values {stray[:10].tolist()} outside 0..{num_classes - 1} "
-                f"(nodata {nodata}); they cannot be scored: check --num-classes / classes.txt"
-            )
-        unpredicted += int((~predicted).sum())
-        matrix.update(pred[predicted].astype(np.int64), truth[predicted].astype(np.int64))
+        nodata: int | None = None
+        for top in range(0, pred_size[0], _ROWS):
+            window = Window(0, top, pred_size[1], min(_ROWS, pred_size[0] - top))
+            pred, truth = read_array(pred_path, window)[0], read_array(truth_path, window)[0]
+            nodata = _nodata(pred_path, pred.dtype) if top == 0 else nodata
+            predicted = pred < num_classes
+            outside = ~predicted if nodata is None else ~predicted & (pred != nodata)
+            if outside.any():
+                raise EvaluationInputError(
+                    f"{pred_path} holds class values {np.unique(pred[outside])[:10].tolist()} outside "
+                    f"0..{num_classes - 1} (nodata {nodata}); they cannot be scored: check --num-classes / "
+                    "classes.txt"
+                )
+            unpredicted += int((~predicted).sum())
+            matrix.update(pred[predicted].astype(np.int64), truth[predicted].astype(np.int64))
         if progress is not None:
             progress.advance(detail=f"{pred_path.parent.name}/{pred_path.stem}")
     return FolderEvaluation(matrix.compute(), matrix, list(pairs), list(missing), unpredicted)

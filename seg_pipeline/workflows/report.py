@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from seg_pipeline.contracts import ClassDelta, EvaluationReport, ModelScores, PredictionSet
-from seg_pipeline.data.raster_io import read_array
+from seg_pipeline.data.raster_io import read_decimated
 from seg_pipeline.evaluation.plots import plot_confusion_matrix, plot_overlay
 from seg_pipeline.evaluation.report import (
     FolderEvaluation,
@@ -79,16 +79,20 @@ def model_scores(name: str, metrics: SegmentationMetrics, class_names: Sequence[
     )
 
 
+#: Longest side of the rasters drawn in an overlay (read decimated: a scene costs what a tile does).
+OVERLAY_SIDE = 1024
+
+
 def _overlays(predictions: PredictionSet, report_dir: Path, count: int) -> list[Path]:
     palette = default_palette(len(predictions.class_names))
     paths = []
     for item in predictions.items[:count]:
-        prediction = read_array(predictions.folder(ENSEMBLE) / f"{item.item_id}.tif")[0]
+        prediction = read_decimated(predictions.folder(ENSEMBLE) / f"{item.item_id}.tif", OVERLAY_SIDE)[0]
         paths.append(
             plot_overlay(
                 report_dir / f"overlay_{item.item_id}.png",
-                read_array(item.input),
-                read_array(item.target or "")[0],
+                read_decimated(item.input, OVERLAY_SIDE),
+                read_decimated(item.target or "", OVERLAY_SIDE)[0],
                 prediction,
                 palette,
                 predictions.class_names,
