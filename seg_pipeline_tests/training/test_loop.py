@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from seg_pipeline.hardware import cpu_bf16_is_fast
 from seg_pipeline.models.checkpoint import load_checkpoint, load_model_weights
 from seg_pipeline.settings import LoopSettings, SettingsError
 from seg_pipeline.training.objectives import SupervisedObjective
@@ -230,7 +231,12 @@ def test_fit_overfits_tiny_unet_with_default_cpu_policy_and_writes_files(tmp_pat
         model_spec={"arch": "unet", "encoder": "resnet18", "classes": 3},
         run_config={"dataset": "tiny"},
     )
-    assert result.precision == "cpu fp32 channels_last"
+    # The CPU default follows the machine (bf16 only where AMX makes it fast) and says why.
+    fast = cpu_bf16_is_fast()
+    expected = (
+        "cpu bf16-autocast channels_last (bf16 chosen" if fast else "cpu fp32 channels_last (fp32 chosen"
+    )
+    assert result.precision.startswith(expected)
     assert epochs_seen == [1, 2, 3, 4] and result.epochs_run == 4 and not result.stopped_early
     losses = [h["train/loss"] for h in result.history]
     assert all(later < earlier for earlier, later in itertools.pairwise(losses))
