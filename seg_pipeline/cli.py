@@ -71,12 +71,14 @@ def predict_settings(args: argparse.Namespace) -> PredictSettings:
 
 def predict_command(args: argparse.Namespace) -> None:
     """Predict a folder of rasters with one or more models (ensemble when several)."""
+    from seg_pipeline.hardware import resolve_device
     from seg_pipeline.inference.ensemble import ENSEMBLE
     from seg_pipeline.inference.predict import list_rasters, load_stage_model, predict_files
     from seg_pipeline.tracking import TrackingSettings
     from seg_pipeline.workflows.resolve import resolve_model_checkpoint
 
     settings = predict_settings(args)
+    resolve_device(settings.device)  # a missing GPU is one line before any model is loaded
     tracking = TrackingSettings.from_data_root(args.data_root)
     models = [
         load_stage_model(resolve_model_checkpoint(m, tracking), f"model_{i}")

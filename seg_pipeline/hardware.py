@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 #: The CPU flag that makes bf16 autocast pay off (Intel AMX tiles with bf16 support).
 AMX_FLAG = "amx_bf16"
 
@@ -21,3 +23,44 @@ def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
 def cpu_bf16_is_fast() -> bool:
     """Whether this CPU has AMX bf16 tiles (bf16 autocast then beats fp32; without them it does not)."""
     return AMX_FLAG in cpu_flags()
+
+
+DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
+
+
+def mps_available() -> bool:
+    """Whether Apple's MPS backend exists in this torch build and can run here."""
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """Turn ``auto|cuda|mps|cpu`` (or ``cuda:1``) into a usable :class:`torch.device`.
+
+    ``auto`` prefers CUDA, then MPS, then CPU. Asking for an accelerator that is not there raises
+    instead of silently training on the CPU for hours.
+    """
+    if isinstance(name, torch.device):
+        name = str(name)
+    if not isinstance(name, str) or name.split(":")[0] not in DEVICE_CHOICES:
+        raise ValueError(f"device={name!r} is not one of {DEVICE_CHOICES} (optionally 'cuda:<index>').")
+    kind = name.split(":")[0]
+    if kind == "auto":
+        if ":" in name:
+            raise ValueError(f"device={name!r}: 'auto' takes no index; use 'cuda:<index>' instead.")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device={name!r} but torch.cuda.is_available() is False (torch {torch.__version__}); "
+            "use device='auto' or 'cpu', or install a CUDA build of torch on a GPU machine."
+        )
+    if kind == "mps" and not mps_available():
+        raise ValueError(f"device={name!r} but the MPS backend is not available; use 'auto' or 'cpu'.")
+    device = torch.device(name)
+    if kind == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device={name!r} but only {torch.cuda.device_count()} CUDA device(s) are visible.")
+    return device

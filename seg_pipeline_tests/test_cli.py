@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from seg_pipeline.data.raster_io import write_geotiff
 from seg_pipeline.inference.predict import check_outputs
@@ -63,3 +64,13 @@ def test_predictions_never_overwrite_inputs_or_each_other(tmp_path: Path) -> Non
     with pytest.raises(ValueError, match="would overwrite its input"):
         check_outputs([("a", raster)], {"ensemble": tmp_path})
     check_outputs([("a", raster)], {"ensemble": tmp_path / "out"})  # a separate folder is fine
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_predict_on_cuda_without_a_gpu_is_refused_before_loading_anything(tmp_path: Path) -> None:
+    done = cli("predict", "--model", str(tmp_path / "never_read.pt"), "--input", str(tmp_path),
+               "--output", str(tmp_path / "out"), "--device", "cuda")  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert "device='cuda' but torch.cuda.is_available() is False" in line and "use device='auto'" in line
+    assert not (tmp_path / "out").exists()

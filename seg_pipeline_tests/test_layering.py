@@ -49,11 +49,21 @@ def test_the_definitions_load_in_a_fresh_interpreter_without_import_tricks() -> 
         "from seg_pipeline.defs.definitions import defs\n"
         "defs.resolve_job_def('full_pipeline_job')\n"
         "from seg_pipeline.definitions import defs as same\n"
-        "print(type(defs).__name__, same is defs)\n"
+        "print(type(defs).__name__, same is defs, seg_pipeline.dagster_defs is defs)\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip() == "Definitions True"
+    assert done.stdout.strip() == "Definitions True True"
+
+
+def test_dagster_finds_the_jobs_with_the_package_name_alone() -> None:
+    """``dagster job execute -m seg_pipeline`` works as well as ``-m seg_pipeline.definitions``."""
+    dagster_cli = Path(sys.executable).with_name("dagster")
+    done = subprocess.run(
+        [str(dagster_cli), "job", "list", "-m", "seg_pipeline"], capture_output=True, text=True, cwd=REPO
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "full_pipeline_job" in done.stdout and "train_job" in done.stdout
 
 
 def test_dg_loads_the_same_definitions_from_pyproject() -> None:

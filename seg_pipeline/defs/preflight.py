@@ -15,6 +15,7 @@ from typing import Any
 import dagster as dg
 from pydantic import ValidationError
 
+from seg_pipeline.defs.config import to_settings
 from seg_pipeline.settings import SettingsError, format_errors
 
 
@@ -40,9 +41,18 @@ def run_config_problems(run_config: Mapping[str, Any], classes: Mapping[str, typ
         if config_cls is None or not isinstance(entry, Mapping):
             continue
         try:
-            config_cls(**(entry.get("config") or {}))
+            config = config_cls(**(entry.get("config") or {}))
         except ValidationError as error:
             problems.append(format_errors(error, op_name))
+            continue
+        # The library schema holds the validators a Dagster config class cannot carry (dataset ids,
+        # cross-field rules of nested settings): parse it too, as the step will.
+        settings_cls = getattr(config_cls, "__settings_class__", None)
+        if settings_cls is not None:
+            try:
+                to_settings(config, settings_cls, op_name)
+            except SettingsError as error:
+                problems.append(str(error))
     return problems
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import rasterio
 import torch
 from rasterio.enums import Resampling
+from rasterio.errors import RasterioIOError
 from torch import nn
 
 from seg_pipeline.data.normalization import BandStats, normalize
@@ -98,6 +99,28 @@ def check_outputs(inputs: Sequence[tuple[str, Path]], out_dirs: Mapping[str, Pat
                     )
 
 
+def check_band_counts(inputs: Sequence[tuple[str, Path]], bands: int) -> None:
+    """Refuse, before any output, rasters the models cannot read: unreadable or another band count.
+
+    Headers only, so a folder of large scenes is checked in moments; every bad file is named at
+    once instead of stopping after some predictions were written.
+    """
+    wrong: list[str] = []
+    for _, path in inputs:
+        try:
+            with rasterio.open(path) as src:
+                if src.count != bands:
+                    wrong.append(f"{path} has {src.count} band{'s' if src.count != 1 else ''}")
+        except RasterioIOError as error:
+            wrong.append(f"{path} cannot be read ({error})")
+    if wrong:
+        shown = "; ".join(wrong[:5]) + (f"; and {len(wrong) - 5} more" if len(wrong) > 5 else "")
+        raise ValueError(
+            f"{len(wrong)} of {len(inputs)} input raster(s) do not fit the model, which takes {bands} "
+            f"band(s): {shown}. Give rasters with the bands it was trained on; nothing was written"
+        )
+
+
 def check_compatible(models: Sequence[LoadedModel]) -> LoadedModel:
     """The first model, after checking every model shares its classes and band statistics."""
     if not models:
@@ -116,7 +139,10 @@ def check_compatible(models: Sequence[LoadedModel]) -> LoadedModel:
 
 
 def build_predictor(
-    models: Sequence[LoadedModel], settings: PredictSettings, weights: Sequence[float] | None = None
+    models: Sequence[LoadedModel],
+    settings: PredictSettings,
+    weights: Sequence[float] | None = None,
+    class_bias: Sequence[float] | None = None,
 ) -> EnsemblePredictor:
     """The ensemble of ``models`` with the TTA, device and precision of ``settings``."""
     first = check_compatible(models)
@@ -131,6 +157,7 @@ def build_predictor(
         names=[m.name for m in models],
         weights=weights,
         suppressed_class=suppressed,
+        class_bias=class_bias,
     )
 
 
@@ -171,6 +198,7 @@ def predict_files(
     settings: PredictSettings,
     *,
     weights: Sequence[float] | None = None,
+    class_bias: Sequence[float] | None = None,
     log_fn: LogFn | None = None,
 ) -> PredictionRun:
     """Predict every ``(item_id, path)`` into each requested prediction set, in one pass.
@@ -180,7 +208,8 @@ def predict_files(
     """
     first = check_compatible(models)
     check_outputs(inputs, out_dirs)
-    predictor = build_predictor(models, settings, weights)
+    check_band_counts(inputs, len(first.normalization.mean))
+    predictor = build_predictor(models, settings, weights, class_bias)
     unknown = sorted(set(out_dirs) - {*predictor.names, ENSEMBLE})
     if unknown:
         raise ValueError(f"unknown prediction sets {unknown}; choose among {[*predictor.names, ENSEMBLE]}")

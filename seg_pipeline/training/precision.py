@@ -21,46 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from seg_pipeline.hardware import AMX_FLAG, cpu_bf16_is_fast
+from seg_pipeline.hardware import AMX_FLAG, DEVICE_CHOICES, cpu_bf16_is_fast, resolve_device
 
-DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
-
-
-def _mps_available() -> bool:
-    backend = getattr(torch.backends, "mps", None)
-    return bool(backend is not None and backend.is_available())
-
-
-def resolve_device(name: str | torch.device = "auto") -> torch.device:
-    """Turn ``auto|cuda|mps|cpu`` (or ``cuda:1``) into a usable :class:`torch.device`.
-
-    ``auto`` prefers CUDA, then MPS, then CPU. Asking for an accelerator that is not there raises
-    instead of silently training on the CPU for hours.
-    """
-    if isinstance(name, torch.device):
-        name = str(name)
-    if not isinstance(name, str) or name.split(":")[0] not in DEVICE_CHOICES:
-        raise ValueError(f"device={name!r} is not one of {DEVICE_CHOICES} (optionally 'cuda:<index>').")
-    kind = name.split(":")[0]
-    if kind == "auto":
-        if ":" in name:
-            raise ValueError(f"device={name!r}: 'auto' takes no index; use 'cuda:<index>' instead.")
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if _mps_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            f"device={name!r} but torch.cuda.is_available() is False (torch {torch.__version__}); "
-            "use device='auto' or 'cpu', or install a CUDA build of torch on a GPU machine."
-        )
-    if kind == "mps" and not _mps_available():
-        raise ValueError(f"device={name!r} but the MPS backend is not available; use 'auto' or 'cpu'.")
-    device = torch.device(name)
-    if kind == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"device={name!r} but only {torch.cuda.device_count()} CUDA device(s) are visible.")
-    return device
+__all__ = ["DEVICE_CHOICES", "PrecisionPolicy", "resolve_device"]
 
 
 @dataclass(frozen=True)

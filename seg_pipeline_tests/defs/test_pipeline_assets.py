@@ -236,6 +236,25 @@ def test_champion_gate_both_ways(materialized) -> None:
     assert trk.get_alias_version("seg_pipeline_student", "champion", settings=settings).version == new_version
 
 
+def test_the_gate_uses_the_mlflow_copy_when_the_champion_checkpoint_is_gone(materialized, tmp_path) -> None:
+    from seg_pipeline import tracking as trk
+    from seg_pipeline.workflows.champion import champion_checkpoint
+
+    root, result = materialized
+    settings = trk.TrackingSettings.from_data_root(root)
+    champion = trk.get_alias_version("seg_pipeline_student", "champion", settings=settings)
+    assert champion is not None
+    local = Path(result.output_for_node("kd_student_model").checkpoint)
+    assert champion_checkpoint(champion, tmp_path, settings) == local  # the local file while it exists
+    original = local.read_bytes()
+    local.rename(local.with_suffix(".moved"))
+    try:
+        fetched = champion_checkpoint(champion, tmp_path, settings)
+    finally:
+        local.with_suffix(".moved").rename(local)
+    assert fetched != local and fetched.is_relative_to(tmp_path) and fetched.read_bytes() == original
+
+
 def test_registered_model_uris_resolve_to_the_exact_stage_checkpoint(materialized) -> None:
     from seg_pipeline.tracking import TrackingSettings
     from seg_pipeline.workflows.resolve import ModelReferenceError, resolve_model_checkpoint
