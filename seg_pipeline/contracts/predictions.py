@@ -27,6 +27,19 @@ class EnsembleMember(Contract):
     registered_version: str | None = None
 
 
+class EnsembleTuning(Contract):
+    """What was tuned on which split, and the tuning-split scores that decided it."""
+
+    split: str
+    pixels: int = Field(description="Labelled pixels sampled from the tuning split.")
+    weights: dict[str, float] = Field(description="Member name -> ensemble weight (0 = dropped).")
+    class_bias: list[float] = Field(
+        description="Per-class offsets added to the ensemble's log-probabilities."
+    )
+    scores: dict[str, float] = Field(description="Tuning-split mIoU of every candidate that was scored.")
+    notes: list[str] = Field(default_factory=list, description="Each decision and why, in words.")
+
+
 class PredictionSet(Contract):
     """Class maps of one split by each single model (``sets[name]``) and by the ensemble."""
 
@@ -41,6 +54,7 @@ class PredictionSet(Contract):
     views_per_input: int
     settings: PredictSettings
     seconds: dict[str, float] = Field(default_factory=dict)
+    tuning: EnsembleTuning | None = Field(default=None, description="Choices tuned before predicting.")
 
     def member(self, name: str) -> EnsembleMember:
         """The member called ``name``."""

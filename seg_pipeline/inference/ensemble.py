@@ -12,27 +12,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from seg_pipeline.hardware import AMX_FLAG, cpu_bf16_is_fast
+from seg_pipeline.hardware import AMX_FLAG, cpu_bf16_is_fast, resolve_device
 from seg_pipeline.inference.tta import TTAConfig, member_term, merge_terms, tta_predict
 
 __all__ = ["ENSEMBLE", "EnsemblePredictor", "resolve_device"]
 
 #: The name of the merged output among :meth:`EnsemblePredictor.predict_sets`'s results.
 ENSEMBLE = "ensemble"
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` picks CUDA, then MPS, then CPU; anything else goes to ``torch.device``."""
-    if isinstance(device, str) and device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as error:
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda[:N]' or 'mps', got {device!r}.") from error
 
 
 class EnsemblePredictor:
@@ -50,6 +36,8 @@ class EnsemblePredictor:
         weights: Ensemble weight per model (default: equal).
         suppressed_class: A class id that is never predicted (a ``ignore_index`` inside the class
             range means "not labelled": the models never learnt it).
+        class_bias: Per-class offsets added to the ensemble's log-probabilities (tuned decision
+            thresholds, :mod:`~seg_pipeline.inference.tuning`); the single models stay as trained.
     """
 
     def __init__(
@@ -61,6 +49,7 @@ class EnsemblePredictor:
         names: Sequence[str] | None = None,
         weights: Sequence[float] | None = None,
         suppressed_class: int | None = None,
+        class_bias: Sequence[float] | None = None,
     ) -> None:
         models = list(models)
         if not models:
@@ -75,6 +64,7 @@ class EnsemblePredictor:
             )
         self.weights = list(weights) if weights is not None else None
         self.suppressed_class = suppressed_class
+        self.class_bias = None if class_bias is None or not any(class_bias) else list(class_bias)
         self.tta = tta or TTAConfig()
         self.device = resolve_device(device)
         memory_format = torch.channels_last if self.tta.channels_last else torch.preserve_format
@@ -95,6 +85,18 @@ class EnsemblePredictor:
         probabilities[:, self.suppressed_class] = 0.0
         return probabilities / probabilities.sum(dim=1, keepdim=True).clamp_min(1e-12)
 
+    def _biased(self, probabilities: Tensor) -> Tensor:
+        """The ensemble's probabilities re-weighted by ``exp(class_bias)`` (argmax of log p + bias)."""
+        if self.class_bias is None:
+            return probabilities
+        if len(self.class_bias) != probabilities.shape[1]:
+            raise ValueError(
+                f"class_bias has {len(self.class_bias)} values for {probabilities.shape[1]} classes"
+            )
+        factors = torch.tensor(self.class_bias, dtype=probabilities.dtype, device=probabilities.device).exp()
+        probabilities = probabilities * factors.view(1, -1, 1, 1)
+        return probabilities / probabilities.sum(dim=1, keepdim=True).clamp_min(1e-12)
+
     def predict_sets(self, x: Tensor) -> dict[str, Tensor]:
         """Each model's probabilities by name, and the ensemble's under ``"ensemble"`` (one pass)."""
         x = x.to(self.device, dtype=torch.float32)
@@ -104,7 +106,7 @@ class EnsemblePredictor:
                 name: self._suppress(merge_terms([term], self.tta))
                 for name, term in zip(self.names, terms, strict=True)
             }
-            outputs[ENSEMBLE] = self._suppress(merge_terms(terms, self.tta, self.weights))
+            outputs[ENSEMBLE] = self._suppress(self._biased(merge_terms(terms, self.tta, self.weights)))
         return outputs
 
     def predict_probabilities(self, x: Tensor) -> Tensor:
@@ -112,9 +114,9 @@ class EnsemblePredictor:
         x = x.to(self.device, dtype=torch.float32)
         with torch.inference_mode():  # _suppress edits in place: inference tensors only allow that here
             if self.weights is None:
-                return self._suppress(tta_predict(self.models, x, self.tta))
+                return self._suppress(self._biased(tta_predict(self.models, x, self.tta)))
             terms = [member_term(model, x, self.tta) for model in self.models]
-            return self._suppress(merge_terms(terms, self.tta, self.weights))
+            return self._suppress(self._biased(merge_terms(terms, self.tta, self.weights)))
 
     def predict(self, x: Tensor) -> Tensor:
         """Class indices (B, H, W) int64: the argmax of ``predict_probabilities``."""

@@ -14,7 +14,13 @@ from seg_pipeline.settings.data import (
     SplitSettings,
 )
 from seg_pipeline.settings.evaluation import ChampionSettings, EvaluationSettings
-from seg_pipeline.settings.inference import PredictSettings, TTASettings, ValidationSettings, WindowSettings
+from seg_pipeline.settings.inference import (
+    PredictSettings,
+    TTASettings,
+    TuningSettings,
+    ValidationSettings,
+    WindowSettings,
+)
 from seg_pipeline.settings.models import ModelSettings, ModelSpec
 from seg_pipeline.settings.training import (
     DistillSettings,
@@ -52,6 +58,7 @@ __all__ = [
     "SplitSettings",
     "StageSettings",
     "TTASettings",
+    "TuningSettings",
     "ValidationSettings",
     "WindowSettings",
     "format_errors",

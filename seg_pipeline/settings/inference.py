@@ -73,6 +73,35 @@ class ValidationSettings(Settings):
     )
 
 
+class TuningSettings(Settings):
+    """Ensemble choices made on a labelled split other than the evaluated one, before predicting it."""
+
+    split: str = Field(
+        default="val", description="Labelled split the choices are scored on (never the evaluated split)."
+    )
+    members: bool = Field(
+        default=True, description="Give weight 0 to ensemble members that lower its mIoU on the tuning split."
+    )
+    class_bias: bool = Field(
+        default=True,
+        description="Tune per-class decision offsets (log-prior bias) of the ensemble for mIoU on the "
+        "tuning split; the single models stay as trained.",
+    )
+    max_pixels: int = Field(
+        default=1_000_000,
+        ge=1000,
+        description="Labelled pixels sampled from the tuning split (bounds memory).",
+    )
+    max_side: int = Field(
+        default=2048, ge=64, description="Larger tuning tiles are scored on one seeded window of this side."
+    )
+
+    @property
+    def enabled(self) -> bool:
+        """Whether anything is tuned (else no tuning pass runs)."""
+        return self.members or self.class_bias
+
+
 class PredictSettings(Settings):
     """Predicting a split (or a folder) with single models and their TTA ensemble."""
 
@@ -83,6 +112,9 @@ class PredictSettings(Settings):
     bf16: bool | None = Field(
         default=None,
         description="bf16 autocast for the forward passes; null = on for bf16 GPUs and AMX CPUs, else fp32.",
+    )
+    tuning: TuningSettings = Field(
+        default_factory=TuningSettings, description="Member weights and decision offsets tuned on validation."
     )
     extra_checkpoints: list[str] = Field(
         default=[], description="More ensemble members: stage checkpoints or MLflow model URIs."

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from seg_pipeline.contracts import EnsembleMember, PredictionItem, PredictionSet, ShardSet, TrainedModel
+import numpy as np
+import torch
+
+from seg_pipeline.contracts import (
+    EnsembleMember,
+    EnsembleTuning,
+    PredictionItem,
+    PredictionSet,
+    ShardSet,
+    TrainedModel,
+)
+from seg_pipeline.data.normalization import normalize
 from seg_pipeline.data.shards import ShardRow, raster_input, read_manifest, read_shard_index, shard_dirs
 from seg_pipeline.inference.ensemble import ENSEMBLE
-from seg_pipeline.inference.predict import LoadedModel, load_stage_model, predict_files
+from seg_pipeline.inference.predict import LoadedModel, build_predictor, load_stage_model, predict_files
+from seg_pipeline.inference.tuning import choose_members, collect_sample, combine, tune_class_bias
 from seg_pipeline.progress import default_log_fn
 from seg_pipeline.settings import PredictSettings
 from seg_pipeline.tracking import TrackingSettings
@@ -29,6 +42,107 @@ def labeled_rows(shards: ShardSet, split: str) -> tuple[str, list[ShardRow]]:
             f"(the dataset has {sorted(available)})"
         )
     return chosen, labeled
+
+
+def tune_ensemble(
+    settings: PredictSettings,
+    shards: ShardSet,
+    loaded: Sequence[LoadedModel],
+    evaluated_split: str,
+    log: LogFn,
+) -> EnsembleTuning | None:
+    """Member weights and the ensemble's class offsets, scored on ``settings.tuning.split``.
+
+    Returns ``None`` (and says why) when nothing is tuned or the tuning split is missing, unlabeled
+    or the evaluated split itself: choices tuned on the reported split would inflate its scores.
+    """
+    tuning = settings.tuning
+    if not tuning.enabled:
+        return None
+    available = read_manifest(shards.dataset_dir)["splits"]
+    if tuning.split == evaluated_split or tuning.split not in available:
+        reason = "is the evaluated split" if tuning.split == evaluated_split else "does not exist"
+        log(f"ensemble tuning skipped: split {tuning.split!r} {reason} (splits: {sorted(available)})")
+        return None
+    rows = [r for d in shard_dirs(shards.dataset_dir, tuning.split) for r in read_shard_index(d)]
+    rows = [row for row in rows if row.target_path is not None]
+    if not rows:
+        log(f"ensemble tuning skipped: split {tuning.split!r} has no labeled tile")
+        return None
+    first = loaded[0]
+    predictor = build_predictor(loaded, settings)
+
+    def members_fn(batch: torch.Tensor) -> torch.Tensor:
+        sets = predictor.predict_sets(batch)
+        return torch.cat([sets[m.name] for m in loaded], dim=1)
+
+    sample = collect_sample(
+        members_fn,
+        rows,
+        lambda image: np.asarray(normalize(image, first.normalization)),
+        settings.windows,
+        tuning,
+        len(first.class_names),
+        len(loaded),
+        first.ignore_index,
+    )
+    probabilities, truth = sample.arrays()
+    if truth.size == 0:
+        log(f"ensemble tuning skipped: split {tuning.split!r} has no labelled pixel")
+        return None
+    record = _decide(settings, [m.name for m in loaded], list(first.class_names), probabilities, truth)
+    record = record.model_copy(update={"pixels": sample.pixels})
+    for note in record.notes:
+        log(f"ensemble tuning on {tuning.split} ({sample.pixels} pixels of {len(rows)} tiles): {note}")
+    return record
+
+
+def _decide(
+    settings: PredictSettings,
+    names: list[str],
+    classes: list[str],
+    probabilities: np.ndarray,
+    truth: np.ndarray,
+) -> EnsembleTuning:
+    """The member weights and class offsets the sample supports, with the scores and reasons."""
+    split, merge = settings.tuning.split, settings.tta.merge
+    scores: dict[str, float] = {}
+    notes: list[str] = []
+    weights = [1.0] * len(names)
+    if settings.tuning.members and len(names) > 1:
+        choice = choose_members(probabilities, truth, merge)
+        scores.update({" + ".join(names[i] for i in subset): s for subset, s in choice.scores.items()})
+        weights = list(choice.weights)
+        everyone = choice.scores[tuple(range(len(names)))]
+        kept = tuple(i for i, w in enumerate(weights) if w)
+        if len(kept) < len(names):
+            dropped = ", ".join(n for n, w in zip(names, weights, strict=True) if not w)
+            notes.append(
+                f"dropped {dropped} from the ensemble: {split} mIoU {choice.scores[kept]:.4f} without, "
+                f"{everyone:.4f} with"
+            )
+        else:
+            notes.append(f"kept all {len(names)} members: no subset beat their {split} mIoU {everyone:.4f}")
+    bias = [0.0] * len(classes)
+    if settings.tuning.class_bias:
+        tuned = tune_class_bias(combine(probabilities, weights, merge), truth)
+        bias = list(tuned.bias)
+        scores["ensemble, no class bias"], scores["ensemble, class bias"] = tuned.before, tuned.after
+        offsets = ", ".join(f"{c} {b:+.2f}" for c, b in zip(classes, bias, strict=True))
+        notes.append(
+            f"class offsets {offsets}: {split} mIoU {tuned.before:.4f} -> {tuned.after:.4f}"
+            if any(bias)
+            else f"no class offset: none raised the {split} mIoU {tuned.before:.4f}"
+        )
+    weights_by_name = dict(zip(names, weights, strict=True))
+    return EnsembleTuning(
+        split=split,
+        pixels=int(truth.size),
+        weights=weights_by_name,
+        class_bias=bias,
+        scores=scores,
+        notes=notes,
+    )
 
 
 def _members(
@@ -73,10 +187,19 @@ def predict_split(
     loaded, members = _members(models, settings, tracking)
     if candidate not in {m.name for m in members}:
         raise ValueError(f"candidate {candidate!r} is not among the members {[m.name for m in members]}")
+    started = time.perf_counter()
+    tuning = tune_ensemble(settings, shards, loaded, split, log)
+    tune_seconds = time.perf_counter() - started
     names = [m.name for m in loaded] + [ENSEMBLE] if len(loaded) > 1 else [ENSEMBLE]
     out_dirs = {name: out_root / name for name in names}
     run = predict_files(
-        loaded, [(row.item_id, raster_input(row)) for row in rows], out_dirs, settings, log_fn=log
+        loaded,
+        [(row.item_id, raster_input(row)) for row in rows],
+        out_dirs,
+        settings,
+        weights=list(tuning.weights.values()) if tuning else None,
+        class_bias=tuning.class_bias if tuning else None,
+        log_fn=log,
     )
     log(
         f"predicted {len(rows)} {split} tiles with {len(loaded)} models x "
@@ -97,5 +220,6 @@ def predict_split(
         ignore_index=first.ignore_index,
         views_per_input=run.views_per_input,
         settings=settings,
-        seconds={"predict": round(run.seconds, 3)},
+        seconds={"predict": round(run.seconds, 3), "tune": round(tune_seconds, 3)},
+        tuning=tuning,
     )

@@ -134,6 +134,13 @@ def _write_files(
         f"{evaluations[ENSEMBLE].unpredicted_pixels} input-nodata pixels have no prediction "
         "and are not scored",
     ]
+    tuning = predictions.tuning
+    if tuning is None:
+        notes.append("ensemble: every member at equal weight, no class offsets (tuning off or skipped)")
+    else:
+        notes += [
+            f"ensemble tuned on `{tuning.split}` ({tuning.pixels} sampled pixels): {n}" for n in tuning.notes
+        ]
     images = {"Confusion matrix (ensemble)": confusion_png.name}
     images.update({f"Overlay {p.stem.removeprefix('overlay_')}": p.name for p in overlays})
     markdown = write_markdown_report(
@@ -166,6 +173,15 @@ def _track(
                 "models": [m.name for m in predictions.members],
                 "views_per_input": predictions.views_per_input,
                 "ignore_nonpositive": settings.ignore_nonpositive,
+                **(
+                    {
+                        "tuning_split": predictions.tuning.split,
+                        "ensemble_weights": predictions.tuning.weights,
+                        "class_bias": predictions.tuning.class_bias,
+                    }
+                    if predictions.tuning
+                    else {}
+                ),
             }
         )
         metrics = {}

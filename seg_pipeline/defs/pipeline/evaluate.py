@@ -74,7 +74,11 @@ def ensemble_predictions(
         "views_per_input": value.views_per_input,
         "seconds": round(value.seconds.get("predict", 0.0), 1),
         "predictions": dg.MetadataValue.path(value.out_root),
+        "tuning": "; ".join(value.tuning.notes) if value.tuning else "off or skipped (see the log)",
     }
+    if value.tuning:
+        metadata["ensemble_weights"] = dg.MetadataValue.json(value.tuning.weights)
+        metadata["class_bias"] = dg.MetadataValue.json(value.tuning.class_bias)
     return dg.Output(value, metadata=metadata)
 
 
