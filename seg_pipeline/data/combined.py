@@ -96,13 +96,20 @@ class InterleavedSources(IterableDataset):
     """Draw samples from several sources in a seeded random order, proportional to their size.
 
     Chaining sources would train on one, then the other; interleaving keeps every batch mixed.
+    ``limits`` caps the samples a source gives per epoch (each epoch reshuffles it, so the capped
+    source shows another part of itself every epoch).
     """
 
-    def __init__(self, sources: Sequence[RemappedSource], seed: int = 0) -> None:
+    def __init__(
+        self, sources: Sequence[RemappedSource], seed: int = 0, limits: Sequence[int | None] | None = None
+    ) -> None:
         super().__init__()
         if not sources:
             raise ValueError("InterleavedSources needs at least one source")
         self.sources = list(sources)
+        self.limits = list(limits) if limits is not None else [None] * len(self.sources)
+        if len(self.limits) != len(self.sources) or any(n is not None and n < 1 for n in self.limits):
+            raise ValueError(f"limits={self.limits} must give one positive count (or None) per source")
         self.seed = seed
         self.epoch = 0
 
@@ -112,18 +119,33 @@ class InterleavedSources(IterableDataset):
         for source in self.sources:
             source.set_epoch(epoch)
 
+    def per_epoch(self, workers: int = 1) -> list[int]:
+        """Samples each source gives one reader (of ``workers``) per epoch."""
+        return [
+            -(-(len(s) if n is None else min(len(s), n)) // workers)
+            for s, n in zip(self.sources, self.limits, strict=True)
+        ]
+
     def __len__(self) -> int:
-        return sum(len(s) for s in self.sources)
+        return sum(self.per_epoch())
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         rng = random.Random(f"{self.seed}:{self.epoch}:{info.id if info else 0}")
         iterators = [iter(s) for s in self.sources]
-        remaining = [max(len(s), 1) for s in self.sources]
+        # each worker reads its own share of every source, so each takes its share of a cap
+        remaining = [max(n, 1) for n in self.per_epoch(info.num_workers if info else 1)]
+        capped = [n is not None for n in self.limits]
         while iterators:
             pick = rng.choices(range(len(iterators)), weights=remaining)[0]
             try:
                 yield next(iterators[pick])
-                remaining[pick] = max(remaining[pick] - 1, 1)
             except StopIteration:
-                del iterators[pick], remaining[pick]
+                del iterators[pick], remaining[pick], capped[pick]
+                continue
+            remaining[pick] -= 1
+            if remaining[pick] <= 0:
+                if capped[pick]:
+                    del iterators[pick], remaining[pick], capped[pick]
+                else:
+                    remaining[pick] = 1

@@ -160,6 +160,12 @@ class PretrainSettings(StageSettings):
     """Stage 1: supervised on the target's train split plus the auxiliary sources."""
 
     use_auxiliary: bool = Field(default=True, description="Train on the auxiliary sources too.")
+    aux_ratio: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="Auxiliary patches per epoch as a multiple of the target's (a fresh draw each epoch, "
+        "shared by the sources by size); null = every auxiliary patch every epoch.",
+    )
     aux_class_remaps: dict[str, dict[str, str]] = Field(
         default={},
         description="Per auxiliary dataset: source class -> target class ('' = ignore). Classes with the "

@@ -21,7 +21,7 @@ from seg_pipeline.data.combined import InterleavedSources, RemappedSource, remap
 from seg_pipeline.data.datasets import ShardIterableDataset, ShardMapDataset
 from seg_pipeline.data.headers import read_catalog
 from seg_pipeline.data.normalization import BandStats
-from seg_pipeline.settings import StageSettings
+from seg_pipeline.settings import PretrainSettings, StageSettings
 from seg_pipeline.settings.batches import MIN_PATCH, PatchSettings
 
 #: The automatic patch side stays within these bounds: below, encoders lose their deepest maps;
@@ -119,7 +119,26 @@ def build_training_data(
                 read_size=read_size,
             )
             streams.append(RemappedSource(dataset, lookup, name=f"{source.name}/{split}"))
-    return InterleavedSources(streams, seed=seed)
+    return InterleavedSources(streams, seed=seed, limits=_aux_limits(sources, streams, settings))
+
+
+def _aux_limits(
+    sources: Sequence[TrainingSource], streams: Sequence[RemappedSource], settings: StageSettings
+) -> list[int | None] | None:
+    """Per-epoch caps of the auxiliary streams (``aux_ratio`` x the target's patches, shared by size).
+
+    The first source is the target: its streams are never capped.
+    """
+    ratio = settings.aux_ratio if isinstance(settings, PretrainSettings) else None
+    target_streams = len(sources[0].splits) if sources else 0
+    aux = list(streams[target_streams:])
+    if ratio is None or not aux:
+        return None
+    budget = ratio * sum(len(s) for s in streams[:target_streams])
+    total = max(sum(len(s) for s in aux), 1)
+    caps: list[int | None] = [None] * target_streams
+    caps += [max(1, min(len(s), round(budget * len(s) / total))) for s in aux]
+    return caps
 
 
 def build_validation_data(target: ShardSet, split: str, normalization: BandStats) -> ShardMapDataset:

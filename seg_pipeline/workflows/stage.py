@@ -162,7 +162,11 @@ def _train_data(job: StageJob, log: LogFn) -> InterleavedSources:
             include_unlabeled=True,
             size=size,
         )
-        data = InterleavedSources([*data.sources, *extra.sources], seed=settings.loop.seed)
+        data = InterleavedSources(
+            [*data.sources, *extra.sources], seed=settings.loop.seed, limits=[*data.limits, *extra.limits]
+        )
+    shares = ", ".join(f"{s.name} {n}" for s, n in zip(data.sources, data.per_epoch(), strict=True))
+    log(f"{job.stage}: patches per epoch: {shares}")
     return data
 
 

@@ -60,3 +60,35 @@ def test_interleaving_yields_every_sample_once_mixed_and_seeded() -> None:
     assert first != sorted(first, key=lambda x: x[0])  # not one source after the other
     assert [s["item_id"] for s in InterleavedSources([_source("t", 20), _source("a", 10)], seed=3)] == first
     assert len(combined) == 30
+
+
+def test_a_capped_source_gives_its_limit_per_epoch_and_the_rest_everything() -> None:
+    combined = InterleavedSources([_source("t", 20), _source("a", 50)], seed=3, limits=[None, 10])
+    drawn = [s["item_id"] for s in combined]
+    assert len(combined) == 30 and len(drawn) == 30
+    assert sorted(i for i in drawn if i.startswith("t")) == sorted(f"t{i}" for i in range(20))
+    assert sum(i.startswith("a") for i in drawn) == 10
+    assert combined.per_epoch() == [20, 10] and combined.per_epoch(workers=4) == [5, 3]
+    with pytest.raises(ValueError, match="one positive count"):
+        InterleavedSources([_source("t", 2)], limits=[0])
+
+
+def test_aux_ratio_caps_auxiliary_patches_by_the_targets(tmp_path) -> None:
+    from seg_pipeline.data.synthetic import SyntheticSpec
+    from seg_pipeline.settings import PretrainSettings
+    from seg_pipeline.training.sources import TrainingSource, build_training_data
+    from seg_pipeline_tests.conftest import ingest_synthetic, tiny_stage
+
+    target = ingest_synthetic(tmp_path, "demo", SyntheticSpec(grid_rows=4, grid_cols=4, tile_size=32), seed=1)
+    aux = ingest_synthetic(
+        tmp_path, "aux", SyntheticSpec(grid_rows=8, grid_cols=8, tile_size=32, class_scheme="aux"), seed=2
+    )
+    sources = [TrainingSource(shards=target), TrainingSource(shards=aux, class_remap=AUX_TO_TARGET)]
+    every = build_training_data(sources, TARGET_CLASSES, 255, PretrainSettings.parse(tiny_stage()))
+    half = build_training_data(
+        sources, TARGET_CLASSES, 255, PretrainSettings.parse({**tiny_stage(), "aux_ratio": 0.5})
+    )
+    target_patches, aux_patches = every.per_epoch()
+    assert aux_patches > 2 * target_patches > 4  # without a cap the auxiliary set outweighs the target
+    assert half.per_epoch() == [target_patches, round(0.5 * target_patches)]
+    assert sum(1 for s in half if s["source"].startswith("aux")) == round(0.5 * target_patches)
