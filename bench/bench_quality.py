@@ -9,7 +9,7 @@ and batch size) and scores it on the same evaluation split with the same confusi
 - at equal epochs (pretrain epochs + KD epochs of the config), with and without flip TTA;
 - at equal wall time (the loop keeps training until it has used the pipeline's whole wall time).
 
-    .venv/bin/python bench/bench_quality.py                       # about 45 minutes on 2 CPU cores
+    .venv/bin/python bench/bench_quality.py                       # about 30 minutes on 2 CPU cores
     .venv/bin/python bench/bench_quality.py --reuse /tmp/run      # score a finished pipeline run again
 
 The pipeline's figures come from its own evaluation report (``evaluation_report`` asset).

@@ -57,8 +57,8 @@ class PixelSample:
     def add(self, probabilities: np.ndarray, truth: np.ndarray, ignore_index: int) -> None:
         """Sample pixels of one tile: ``probabilities`` ``(M, K, H, W)``, ``truth`` ``(H, W)``.
 
-        Reservoir-style rate: each tile keeps at most ``max_pixels`` / (tiles so far) of its
-        labelled pixels, then the whole sample is thinned back to ``max_pixels``.
+        A tile gives at most ``max_pixels`` of its labelled pixels; whenever the sample passes twice
+        that it is thinned uniformly, and :meth:`arrays` thins it to ``max_pixels``.
         """
         labelled = (truth != ignore_index) & (truth >= 0) & (truth < self.num_classes)
         flat = np.flatnonzero(labelled.reshape(-1))
@@ -75,14 +75,17 @@ class PixelSample:
             self._thin(rng)
 
     def _thin(self, rng: np.random.Generator) -> None:
-        probabilities, truth = self.arrays()
+        probabilities = np.concatenate(self._probabilities, axis=1)
+        truth = np.concatenate(self._truth)
         keep = np.sort(rng.choice(truth.size, self.max_pixels, replace=False))
         self._probabilities, self._truth = [probabilities[:, keep]], [truth[keep]]
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(M, N, K)`` float32 probabilities and ``(N,)`` int64 truth of the sample so far."""
+        """``(M, N, K)`` float32 probabilities and ``(N,)`` int64 truth, ``N <= max_pixels``."""
         if not self._truth:
             return np.zeros((self.members, 0, self.num_classes), np.float32), np.zeros(0, np.int64)
+        if self.pixels > self.max_pixels:
+            self._thin(np.random.default_rng((self.seed, self._seen, 1)))
         return np.concatenate(self._probabilities, axis=1), np.concatenate(self._truth)
 
     @property
