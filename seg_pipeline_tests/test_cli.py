@@ -74,3 +74,16 @@ def test_predict_on_cuda_without_a_gpu_is_refused_before_loading_anything(tmp_pa
     (line,) = done.stderr.strip().splitlines()
     assert "device='cuda' but torch.cuda.is_available() is False" in line and "use device='auto'" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_the_data_root_defaults_to_the_environment_like_the_dagster_resources(tmp_path: Path) -> None:
+    import os
+
+    env = {**os.environ, "SEG_PIPELINE_DATA_ROOT": str(tmp_path / "store")}
+    done = subprocess.run(
+        [sys.executable, "-m", "seg_pipeline.cli", "summary", "--dataset", "demo"],
+        capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert f"under {(tmp_path / 'store').resolve()}" in done.stdout.splitlines()[0]
+    assert not (tmp_path / "data").exists()  # nothing was made where the command happened to run
