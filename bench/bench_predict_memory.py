@@ -12,6 +12,7 @@ default 3 scales x 3 flips would take about 9 times longer on a CPU, so ``--view
 ``--scales 1 --flips none`` (the issue's own measurement); ``--views default`` runs all 9.
 
     .venv/bin/python bench/bench_predict_memory.py --side 10000
+    .venv/bin/python bench/bench_predict_memory.py --side 10000 --batch-size 1
     .venv/bin/python bench/bench_predict_memory.py --side 3000 --views default
 """
 
@@ -70,9 +71,12 @@ def write_checkpoint(path: Path) -> Path:
     )
 
 
-def predict(checkpoint: Path, folder: Path, out: Path, views: str) -> tuple[float, float]:
+def predict(
+    checkpoint: Path, folder: Path, out: Path, views: str, batch_size: int | None
+) -> tuple[float, float]:
     """Run the CLI in a child process; return (its peak RSS in MB, its wall seconds)."""
     extra = [] if views == "default" else ["--scales", "1", "--flips", "none"]
+    extra += [] if batch_size is None else ["--batch-size", str(batch_size)]
     command = [sys.executable, "-c",
                "import resource, runpy, sys; sys.argv = ['seg-pipeline', *sys.argv[1:]]\n"
                "try:\n    runpy.run_module('seg_pipeline.cli', run_name='__main__')\nfinally:\n"
@@ -92,6 +96,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--side", type=int, default=10000)
     parser.add_argument("--views", choices=["one", "default"], default="one")
+    parser.add_argument("--batch-size", type=int, help="windows per forward pass (default: the CLI's)")
     args = parser.parse_args()
     flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma"})
     cache = os.environ.get("GDAL_CACHEMAX", "default")
@@ -102,10 +107,11 @@ def main() -> None:
         checkpoint = write_checkpoint(work / "model.pt")
         write_scene(work / "small" / "small.tif", 256)
         write_scene(work / "scene" / "scene.tif", args.side)
-        floor, floor_s = predict(checkpoint, work / "small", work / "out_small", args.views)
-        peak, seconds = predict(checkpoint, work / "scene", work / "out_scene", args.views)
+        floor, floor_s = predict(checkpoint, work / "small", work / "out_small", args.views, args.batch_size)
+        peak, seconds = predict(checkpoint, work / "scene", work / "out_scene", args.views, args.batch_size)
     decoded = 3 * args.side**2 / 2**20
     views = "3 scales x 3 flips" if args.views == "default" else "--scales 1 --flips none"
+    views += f", --batch-size {args.batch_size}" if args.batch_size else ", default batch size"
     print("\n| case | peak RSS MB | wall s |\n|---|---|---|")
     print(f"| floor: 256 px raster | {floor:.0f} | {floor_s:.1f} |")
     print(f"| {args.side} px scene ({decoded:.0f} MB decoded RGB), {views} | {peak:.0f} | {seconds:.1f} |")

@@ -163,7 +163,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     p_predict.add_argument("--merge", choices=["mean_prob", "mean_logit"], default=tta.merge)
     p_predict.add_argument("--window", type=int, default=windows.window)
     p_predict.add_argument("--overlap", type=int, default=windows.overlap)
-    p_predict.add_argument("--batch-size", type=int, default=windows.batch_size)
+    p_predict.add_argument(
+        "--batch-size",
+        type=int,
+        default=windows.batch_size,
+        help="windows per pass (default: 4 on CUDA, 1 else)",
+    )
     p_predict.add_argument("--device", default=predict.device)
     p_predict.add_argument(
         "--bf16",

@@ -228,6 +228,7 @@ def predict_files(
         return {name: outputs[name] for name in folders}
 
     stats = first.normalization
+    windows = settings.windows.for_device(predictor.device.type)
     for item_id, path in inputs:
         targets = {
             name: SetTarget(
@@ -243,7 +244,7 @@ def predict_files(
             num_classes=len(first.class_names),
             window=settings.windows.window,
             overlap=settings.windows.overlap,
-            batch_size=settings.windows.batch_size,
+            batch_size=windows.windows_per_pass,
             normalize=lambda array: np.asarray(normalize(array, stats)),
             log_fn=log_fn,
         )

@@ -26,8 +26,9 @@ def sliding_probabilities(predict: PredictFn, image: Tensor, windows: WindowSett
     weights = torch.from_numpy(blend_weights(grid[0].height, grid[0].width, windows.overlap))
     total: Tensor | None = None
     weight_sum = torch.zeros((height, width))
-    for start in range(0, len(grid), windows.batch_size):
-        chunk = grid[start : start + windows.batch_size]
+    step = windows.windows_per_pass
+    for start in range(0, len(grid), step):
+        chunk = grid[start : start + step]
         crops = [image[:, w.row_off : w.row_off + w.height, w.col_off : w.col_off + w.width] for w in chunk]
         probabilities = predict(torch.stack(crops)).float().cpu()
         if total is None:
@@ -51,8 +52,8 @@ def predict_tiles(predict: PredictFn, images: Sequence[Tensor], windows: WindowS
         else:
             results[index] = sliding_probabilities(predict, image, windows)
     for indices in small.values():
-        for start in range(0, len(indices), windows.batch_size):
-            part = indices[start : start + windows.batch_size]
+        for start in range(0, len(indices), windows.windows_per_pass):
+            part = indices[start : start + windows.windows_per_pass]
             probabilities = predict(torch.stack([images[i] for i in part])).float().cpu()
             for i, p in zip(part, probabilities, strict=True):
                 results[i] = p

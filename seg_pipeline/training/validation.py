@@ -61,7 +61,7 @@ def _score_streamed(
             num_classes=matrix.num_classes,
             window=settings.windows.window,
             overlap=settings.windows.overlap,
-            batch_size=settings.windows.batch_size,
+            batch_size=settings.windows.for_device(predictor.device.type).windows_per_pass,
             normalize=lambda array: np.asarray(normalize(array, stats)),
             progress_delay_s=60.0,
         )["model"]
@@ -104,7 +104,7 @@ def make_evaluate_fn(
         for batch in loader:
             images = [sample["image"] for sample in batch]
             for sample, probabilities in zip(
-                batch, predict_tiles(predictor, images, settings.windows), strict=True
+                batch, predict_tiles(predictor, images, settings.windows.for_device(device.type)), strict=True
             ):
                 matrix.update(probabilities.argmax(0).numpy(), sample["mask"].numpy())
         for row in streamed:

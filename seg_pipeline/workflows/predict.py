@@ -80,7 +80,7 @@ def tune_ensemble(
         members_fn,
         rows,
         lambda image: np.asarray(normalize(image, first.normalization)),
-        settings.windows,
+        settings.windows.for_device(predictor.device.type),
         tuning,
         len(first.class_names),
         len(loaded),

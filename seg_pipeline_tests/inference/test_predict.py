@@ -64,3 +64,12 @@ def test_the_preview_is_decimated_and_can_be_turned_off(tmp_path: Path) -> None:
         [_model()], [("scene", scene)], {"ensemble": tmp_path / "without"}, _settings(color_png=False)
     )
     assert sorted(p.name for p in (tmp_path / "without").iterdir()) == ["scene.tif"]
+
+
+def test_windows_per_pass_follow_the_device_unless_set() -> None:
+    from seg_pipeline.settings import WindowSettings
+
+    default = WindowSettings()
+    assert default.batch_size is None and default.windows_per_pass == 1
+    assert default.for_device("cuda").batch_size == 4 and default.for_device("cpu").batch_size == 1
+    assert WindowSettings(batch_size=8).for_device("cpu").batch_size == 8  # a set value always wins
