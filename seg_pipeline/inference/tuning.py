@@ -113,11 +113,6 @@ def miou(predicted: np.ndarray, truth: np.ndarray, num_classes: int) -> float:
     return float(matrix.compute().miou)
 
 
-def biased_argmax(probabilities: np.ndarray, bias: np.ndarray) -> np.ndarray:
-    """Class ids of ``(N, K)`` probabilities after adding ``bias`` to their logarithms."""
-    return np.argmax(np.log(np.clip(probabilities, 1e-12, None)) + bias, axis=1)
-
-
 @dataclass(frozen=True)
 class MemberChoice:
     """Ensemble weights (1 kept, 0 dropped) and the tuning-split mIoU of every subset scored."""
@@ -143,10 +138,10 @@ def choose_members(probabilities: np.ndarray, truth: np.ndarray, merge: str) -> 
                 scores[subset] = score(subset)
     else:
         chosen: tuple[int, ...] = ()
-        while len(chosen) < count:
-            best = max((tuple(sorted((*chosen, m))) for m in everyone if m not in chosen), key=score)
-            scores[best] = score(best)
-            chosen = best
+        while len(chosen) < count - 1:  # the last step would add everyone, scored above
+            trials = {t: score(t) for t in (tuple(sorted((*chosen, m))) for m in everyone if m not in chosen)}
+            chosen = max(trials, key=trials.__getitem__)
+            scores[chosen] = trials[chosen]
     best = max(scores, key=lambda s: (scores[s], len(s)))
     if scores[best] < scores[everyone] + MIN_GAIN:
         best = everyone

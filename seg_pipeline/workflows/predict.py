@@ -30,12 +30,17 @@ from seg_pipeline.workflows.resolve import resolve_model_checkpoint
 LogFn = Callable[[str], None]
 
 
+def _labeled(shards: ShardSet, split: str) -> list[ShardRow]:
+    """The rows of ``split`` that have a mask."""
+    rows = [row for folder in shard_dirs(shards.dataset_dir, split) for row in read_shard_index(folder)]
+    return [row for row in rows if row.target_path is not None]
+
+
 def labeled_rows(shards: ShardSet, split: str) -> tuple[str, list[ShardRow]]:
     """The labeled tiles of ``split`` (or of ``val`` when the dataset has no such split)."""
     available = read_manifest(shards.dataset_dir)["splits"]
     chosen = split if split in available else "val"
-    rows = [row for folder in shard_dirs(shards.dataset_dir, chosen) for row in read_shard_index(folder)]
-    labeled = [row for row in rows if row.target_path is not None]
+    labeled = _labeled(shards, chosen)
     if not labeled:
         raise ValueError(
             f"split {chosen!r} of {shards.dataset_dir} has no labeled tile to evaluate; choose another split "
@@ -64,8 +69,7 @@ def tune_ensemble(
         reason = "is the evaluated split" if tuning.split == evaluated_split else "does not exist"
         log(f"ensemble tuning skipped: split {tuning.split!r} {reason} (splits: {sorted(available)})")
         return None
-    rows = [r for d in shard_dirs(shards.dataset_dir, tuning.split) for r in read_shard_index(d)]
-    rows = [row for row in rows if row.target_path is not None]
+    rows = _labeled(shards, tuning.split)
     if not rows:
         log(f"ensemble tuning skipped: split {tuning.split!r} has no labeled tile")
         return None
@@ -91,9 +95,8 @@ def tune_ensemble(
         log(f"ensemble tuning skipped: split {tuning.split!r} has no labelled pixel")
         return None
     record = _decide(settings, [m.name for m in loaded], list(first.class_names), probabilities, truth)
-    record = record.model_copy(update={"pixels": sample.pixels})
-    for note in record.notes:
-        log(f"ensemble tuning on {tuning.split} ({sample.pixels} pixels of {len(rows)} tiles): {note}")
+    for note in record.notes:  # record.pixels is the sample's size: arrays() thinned it
+        log(f"ensemble tuning on {tuning.split} ({record.pixels} pixels of {len(rows)} tiles): {note}")
     return record
 
 

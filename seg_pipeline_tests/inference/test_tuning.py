@@ -41,6 +41,16 @@ def test_a_member_that_hurts_the_ensemble_is_dropped_and_equal_ones_are_kept() -
     assert twins.weights == (1.0, 1.0)  # a subset must beat everyone by MIN_GAIN to win
 
 
+def test_more_than_four_members_are_chosen_greedily() -> None:
+    rng = np.random.default_rng(4)
+    truth = rng.integers(0, 2, 4000)
+    good = np.stack([1 - truth, truth], axis=1) * 0.8 + 0.1
+    noise = [_softmax(rng.normal(scale=8.0, size=(4000, 2))) for _ in range(5)]
+    choice = choose_members(np.stack([*noise[:2], good, *noise[2:]]).astype(np.float32), truth, "mean_prob")
+    assert choice.weights == (0.0, 0.0, 1.0, 0.0, 0.0, 0.0)
+    assert choice.scores[(2,)] == pytest.approx(1.0) and len(choice.scores) == 6  # everyone + 5 steps
+
+
 def test_class_offsets_recover_an_under_confident_rare_class() -> None:
     rng = np.random.default_rng(2)
     truth = (rng.random(20000) < 0.1).astype(np.int64)  # 10 % foreground
