@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -56,11 +57,18 @@ def test_the_definitions_load_in_a_fresh_interpreter_without_import_tricks() -> 
     assert done.stdout.strip() == "Definitions True True"
 
 
-def test_dagster_finds_the_jobs_with_the_package_name_alone() -> None:
+def test_dagster_finds_the_jobs_with_the_package_name_alone(tmp_path: Path) -> None:
     """``dagster job execute -m seg_pipeline`` works as well as ``-m seg_pipeline.definitions``."""
+    from seg_pipeline_tests.defs.cli_helpers import new_dagster_home
+
     dagster_cli = Path(sys.executable).with_name("dagster")
+    env = {**os.environ, "DAGSTER_HOME": str(new_dagster_home(tmp_path / "home"))}  # a clean clone has none
     done = subprocess.run(
-        [str(dagster_cli), "job", "list", "-m", "seg_pipeline"], capture_output=True, text=True, cwd=REPO
+        [str(dagster_cli), "job", "list", "-m", "seg_pipeline"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "full_pipeline_job" in done.stdout and "train_job" in done.stdout
