@@ -39,8 +39,12 @@ from seg_pipeline.inference.windows import blend_weights, window_grid
 from seg_pipeline.inference.writers import geotiff_profile, scale_probabilities
 from seg_pipeline.io import atomic_write
 from seg_pipeline.progress import ItemProgress
+from seg_pipeline.settings.inference import WindowSettings
 
 __all__ = ["SetTarget", "blend_weights", "predict_raster", "predict_raster_sets", "window_grid"]
+
+#: The window defaults of the settings schema, so the library functions and the configs agree.
+DEFAULT_WINDOWS = WindowSettings()
 
 logger = logging.getLogger(__name__)
 
@@ -220,8 +224,8 @@ def predict_raster_sets(
     predict_fn: SetsPredictFn,
     *,
     num_classes: int,
-    window: int | Sequence[int] = 512,
-    overlap: int = 64,
+    window: int | Sequence[int] = DEFAULT_WINDOWS.window,
+    overlap: int = DEFAULT_WINDOWS.overlap,
     batch_size: int = 4,
     bands: Sequence[int] | None = None,
     normalize: Normalize | None = None,
@@ -296,8 +300,8 @@ def predict_raster(
     predict_fn: PredictFn,
     *,
     num_classes: int,
-    window: int | Sequence[int] = 512,
-    overlap: int = 64,
+    window: int | Sequence[int] = DEFAULT_WINDOWS.window,
+    overlap: int = DEFAULT_WINDOWS.overlap,
     batch_size: int = 4,
     bands: Sequence[int] | None = None,
     normalize: Normalize | None = None,

@@ -1,9 +1,13 @@
 """Window geometry of sliding-window inference: the grid of windows and their blending weights.
 
-The raster is cut into overlapping windows (:func:`window_grid`); the last window of every row and
-column is flush with the raster edge, so every pixel is predicted. Window predictions are blended
-with smooth weights (:func:`blend_weights`) that never reach 0, so pixels seen by one window only
-keep their prediction.
+The raster is cut into the fewest windows of at most the configured size that overlap by at least
+``overlap`` pixels (:func:`window_grid`); the windows are then shrunk to the smallest multiple of
+:data:`ALIGN` that still covers the raster and spaced at equal strides, first flush with one edge
+and last flush with the other. So a 2000 px axis with windows of 1024 (overlap 32) gets two windows
+of 1024, and a 1100 px axis two of 576 instead of two of 1024: the forward passes see close to the
+raster's own pixels, not the configured window's multiples. Window predictions are blended with
+smooth weights (:func:`blend_weights`) that never reach 0, so pixels seen by one window only keep
+their prediction.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 from rasterio.windows import Window
 
-__all__ = ["blend_weights", "window_grid"]
+__all__ = ["ALIGN", "blend_weights", "window_grid"]
 
 
 def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
@@ -23,13 +27,25 @@ def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
     return int(pair[0]), int(pair[1])
 
 
-def _axis_starts(size: int, window: int, overlap: int) -> list[int]:
-    """Window starts along one axis: stride ``window - overlap``, last start flush with the edge."""
+#: Window sides are rounded up to this multiple: SMP encoders downsample by 32, so a window of any
+#: other size would be padded to it anyway.
+ALIGN = 32
+
+
+def _axis_windows(size: int, window: int, overlap: int) -> tuple[list[int], int]:
+    """Starts and common length of the windows along one axis of ``size`` pixels.
+
+    The count is the fewest windows of ``window`` pixels that overlap by ``overlap``; the length is
+    then the smallest multiple of :data:`ALIGN` (at most ``window``) that still covers the axis
+    with that count and overlap, and the starts are spread evenly from 0 to ``size - length``.
+    """
     if size <= window:
-        return [0]
-    starts = list(range(0, size - window, window - overlap))
-    starts.append(size - window)
-    return starts
+        return [0], size
+    count = -(-(size - overlap) // (window - overlap))
+    needed = -(-(size + (count - 1) * overlap) // count)
+    length = min(window, -(-needed // ALIGN) * ALIGN, size)
+    starts = [(index * (size - length)) // (count - 1) for index in range(count)]
+    return starts, length
 
 
 def window_grid(height: int, width: int, window: int | Sequence[int], overlap: int = 0) -> list[Window]:
@@ -42,8 +58,9 @@ def window_grid(height: int, width: int, window: int | Sequence[int], overlap: i
         overlap: Pixels shared by neighbouring windows (stride = window - overlap).
 
     Returns:
-        ``rasterio.windows.Window`` objects. Along an axis the raster is smaller than the window,
-        the single window has the raster's size (the predictor pads it as its model needs).
+        ``rasterio.windows.Window`` objects, all of one shape (so one set of blend weights fits
+        every window). Along an axis the raster is smaller than the window, the single window has
+        the raster's size (the predictor pads it as its model needs).
     """
     win_h, win_w = _pair(window, "window")
     if height < 1 or width < 1:
@@ -54,12 +71,10 @@ def window_grid(height: int, width: int, window: int | Sequence[int], overlap: i
         raise ValueError(f"overlap must be an int >= 0, got {overlap!r}.")
     if overlap >= min(win_h, win_w):
         raise ValueError(f"overlap={overlap} must be smaller than window={window!r}; lower the overlap.")
-    rows = _axis_starts(height, win_h, overlap)
-    cols = _axis_starts(width, win_w, overlap)
+    rows, row_length = _axis_windows(height, win_h, overlap)
+    cols, col_length = _axis_windows(width, win_w, overlap)
     return [
-        Window(col_off=col, row_off=row, width=min(win_w, width), height=min(win_h, height))
-        for row in rows
-        for col in cols
+        Window(col_off=col, row_off=row, width=col_length, height=row_length) for row in rows for col in cols
     ]
 
 

@@ -44,9 +44,17 @@ class TTASettings(Settings):
 class WindowSettings(Settings):
     """Sliding windows over rasters of any size; memory depends on the window, not the raster."""
 
-    window: int = Field(default=512, ge=16, description="Window side in pixels.")
+    window: int = Field(
+        default=1024,
+        ge=16,
+        description="Largest window side in pixels (windows shrink to fit the raster). A CPU runs "
+        "Unet-resnet18 at about the same Mpx/s from 512 to 1280 px, and larger windows share fewer pixels.",
+    )
     overlap: int = Field(
-        default=64, ge=0, description="Pixels shared by neighbouring windows (must be < window)."
+        default=32,
+        ge=0,
+        description="Least pixels shared by neighbouring windows (must be < window); blended with a cosine "
+        "ramp. Every overlapping pixel is predicted twice: 32 of 1024 costs about 6 %, 64 of 512 about 30 %.",
     )
     batch_size: int | None = Field(
         default=None,

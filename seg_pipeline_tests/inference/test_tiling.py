@@ -75,8 +75,11 @@ def scale_to_unit(window: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- window_grid
 
 
-@pytest.mark.parametrize(("height", "width", "window", "overlap"), [(1000, 777, 256, 32), (513, 512, 128, 0)])
-def test_window_grid_covers_every_pixel_and_ends_flush(
+GRID_CASES = [(1000, 777, 256, 32), (513, 512, 128, 0), (2000, 2000, 1024, 32), (4000, 3001, 512, 64)]
+
+
+@pytest.mark.parametrize(("height", "width", "window", "overlap"), GRID_CASES)
+def test_window_grid_covers_every_pixel_with_at_least_the_overlap(
     height: int, width: int, window: int, overlap: int
 ) -> None:
     windows = window_grid(height, width, window, overlap)
@@ -84,18 +87,45 @@ def test_window_grid_covers_every_pixel_and_ends_flush(
     for w in windows:
         assert w.row_off >= 0 and w.col_off >= 0
         assert w.row_off + w.height <= height and w.col_off + w.width <= width
-        assert (w.height, w.width) == (window, window)
+        assert (w.height, w.width) == (windows[0].height, windows[0].width)  # one set of blend weights
+        assert w.height <= window and w.width <= window
         coverage[w.row_off : w.row_off + w.height, w.col_off : w.col_off + w.width] += 1
     assert coverage.min() >= 1
     assert max(w.row_off + w.height for w in windows) == height
     assert max(w.col_off + w.width for w in windows) == width
+    for starts, length in (
+        (sorted({w.row_off for w in windows}), windows[0].height),
+        (sorted({w.col_off for w in windows}), windows[0].width),
+    ):
+        assert all(length - (b - a) >= overlap for a, b in zip(starts, starts[1:], strict=False))
 
 
-def test_window_grid_starts_for_1000_by_777() -> None:
-    # stride 224: rows 0, 224, 448, 672 then flush 744; cols 0, 224, 448 then flush 521.
+@pytest.mark.parametrize(("height", "width", "window", "overlap"), GRID_CASES)
+def test_window_grid_uses_the_fewest_windows_the_overlap_allows(
+    height: int, width: int, window: int, overlap: int
+) -> None:
+    def fewest(size: int) -> int:
+        return 1 if size <= window else -(-(size - overlap) // (window - overlap))
+
+    assert len(window_grid(height, width, window, overlap)) == fewest(height) * fewest(width)
+
+
+def test_window_grid_shrinks_windows_to_the_raster() -> None:
+    # 1100 px needs two windows of 1024 (overlap 32); two of 576 (a multiple of 32) cover it as well,
+    # so the forward passes see 1152 px per axis instead of 2048.
+    windows = window_grid(1100, 1100, 1024, 32)
+    assert len(windows) == 4
+    assert (windows[0].height, windows[0].width) == (576, 576)
+    assert sorted({w.row_off for w in windows}) == [0, 524]
+
+
+def test_window_grid_spaces_windows_evenly() -> None:
+    # 1000 rows, windows of 256 overlapping by 32: 5 windows at equal strides, not 4 plus a flush one
+    # that overlaps its neighbour by 184 px; 777 columns: 4 windows of 224.
     windows = window_grid(1000, 777, 256, 32)
-    assert sorted({w.row_off for w in windows}) == [0, 224, 448, 672, 744]
-    assert sorted({w.col_off for w in windows}) == [0, 224, 448, 521]
+    assert sorted({w.row_off for w in windows}) == [0, 186, 372, 558, 744]
+    assert sorted({w.col_off for w in windows}) == [0, 184, 368, 553]
+    assert (windows[0].height, windows[0].width) == (256, 224)
     assert len(windows) == 20
 
 
