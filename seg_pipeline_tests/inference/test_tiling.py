@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -97,7 +98,7 @@ def test_window_grid_covers_every_pixel_with_at_least_the_overlap(
         (sorted({w.row_off for w in windows}), windows[0].height),
         (sorted({w.col_off for w in windows}), windows[0].width),
     ):
-        assert all(length - (b - a) >= overlap for a, b in zip(starts, starts[1:], strict=False))
+        assert all(length - (b - a) >= overlap for a, b in itertools.pairwise(starts))
 
 
 @pytest.mark.parametrize(("height", "width", "window", "overlap"), GRID_CASES)
