@@ -8,9 +8,13 @@ forward passes (same window batches, same scales and flips, same precision) and 
 passes see each window once, with no overlap). Cases:
 
 - ``tiles``: a folder of ``--tiles`` 480 x 320 RGB photos (one window each);
-- ``raster``: one ``--side`` x ``--side`` GeoTIFF (windows of 512, overlap 64).
+- ``raster``: one ``--side`` x ``--side`` GeoTIFF (default windows: up to 1024 px, overlap >= 32).
 
-    .venv/bin/python bench/bench_predict.py --tiles 8 --side 2000
+A smaller overlap is cheaper but blends fewer pixels, so the script also prints how much of a
+``--seam-side`` crop's class map differs from one whole-crop forward pass (one member, one view)
+for the default windows and for the former 512 px / 64 px ones: what the windows cost in agreement.
+
+    .venv/bin/python bench/bench_predict.py --tiles 8 --side 4000
 """
 
 from __future__ import annotations
@@ -33,9 +37,11 @@ from seg_pipeline.data.normalization import BandStats
 from seg_pipeline.hardware import cpu_flags
 from seg_pipeline.inference.ensemble import inference_dtype
 from seg_pipeline.inference.predict import LoadedModel, predict_files
+from seg_pipeline.inference.sliding import sliding_probabilities
 from seg_pipeline.inference.tta import TTAConfig, apply_transform, invert_transform
 from seg_pipeline.inference.windows import window_grid
 from seg_pipeline.settings import PredictSettings
+from seg_pipeline.settings.inference import WindowSettings
 
 SCALES, FLIPS = (0.75, 1.0, 1.25), ("none", "h", "v")
 
@@ -80,11 +86,25 @@ def bare_passes(
     return time.perf_counter() - started
 
 
+def seam_disagreement(member: LoadedModel, side: int, windows: WindowSettings) -> float:
+    """Percent of a ``side`` px crop whose windowed class differs from one whole-crop forward pass."""
+    image = torch.from_numpy(np.random.default_rng(7).normal(0.0, 1.0, (3, side, side)).astype(np.float32))
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        return member.model(x).softmax(1)
+
+    with torch.inference_mode():
+        whole = predict(image[None])[0].argmax(0)
+        windowed = sliding_probabilities(predict, image, windows).argmax(0)
+    return 100.0 * float((whole != windowed).float().mean())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiles", type=int, default=8)
     parser.add_argument("--side", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seam-side", type=int, default=1536, help="crop side of the seam check (0 = skip)")
     args = parser.parse_args()
     flags = " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in cpu_flags())
     now, cpu = f"{datetime.datetime.now():%Y-%m-%d %H:%M}", platform.processor() or platform.machine()
@@ -122,6 +142,15 @@ def main() -> None:
             overheads.append(overhead)
             mpx = pixels / 1e6
             print(f"| {name} | {mpx:.2f} M | {ours:.1f} | {bare:.1f} | {overhead:.1f} | {mpx / ours:.3f} |")
+    if args.seam_side:
+        for label, windows in (
+            ("default", settings.windows),
+            ("512/64", WindowSettings(window=512, overlap=64)),
+        ):
+            grid = window_grid(args.seam_side, args.seam_side, windows.window, windows.overlap)
+            pct = seam_disagreement(members[0], args.seam_side, windows)
+            print(f"seams {label}: {len(grid)} windows of {grid[0].height} px (overlap >= {windows.overlap})"
+                  f" over {args.seam_side} px: {pct:.3f} % differ from one whole-crop pass")  # fmt: skip
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     print(f"overhead_pct={max(overheads):.1f}")
 
