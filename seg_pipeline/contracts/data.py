@@ -29,6 +29,10 @@ class Catalog(Contract):
     quarantine_path: str
     class_names: list[str]
     ignore_index: int
+    class_colors: list[list[int]] = Field(
+        default_factory=list,
+        description="Display colour [r, g, b] of each class by id, resolved at ingest ([] = by class name).",
+    )
     mask_values: dict[int, int] = Field(
         default_factory=dict, description="Raw mask value -> class id applied at ingest ({} = none)."
     )

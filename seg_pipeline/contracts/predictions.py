@@ -50,6 +50,9 @@ class PredictionSet(Contract):
     members: list[EnsembleMember]
     candidate: str = Field(description="The member the champion gate may promote.")
     class_names: list[str]
+    class_colors: list[list[int]] = Field(
+        default_factory=list, description="Display colour [r, g, b] of each class ([] = by class name)."
+    )
     ignore_index: int
     views_per_input: int
     settings: PredictSettings

@@ -101,21 +101,49 @@ class Discovery:
     layout: str = ""
 
 
-def read_class_names(path: Path) -> tuple[str, ...]:
-    """Parse ``classes.txt``: ``"<id> <name>"`` lines (ids must be 0..N-1) or one name per line."""
+def read_classes(path: Path) -> tuple[tuple[str, ...], dict[str, tuple[int, int, int]]]:
+    """Parse ``classes.txt``: names by id, and the display colours some lines give.
+
+    Lines are ``"<id> <name>"`` (ids must be 0..N-1) or one name per line; either may end with a
+    ``#rrggbb`` colour (``"1 water #0064c8"``) that outputs use for that class.
+    """
     lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
     names: dict[int, str] = {}
+    colors: dict[str, tuple[int, int, int]] = {}
     for position, line in enumerate(lines):
+        body, _, last = line.rpartition(" ")
+        color = None
+        if body and last.startswith("#"):
+            try:
+                color = _hex_rgb(last)
+            except ValueError as error:
+                raise DatasetSpecError(f"{path}: line {line!r}: {error}") from error
+            line = body.strip()
         head, _, rest = line.partition(" ")
         if head.isdigit() and rest.strip():
-            names[int(head)] = rest.strip()
+            index, name = int(head), rest.strip()
         else:
-            names[position] = line
+            index, name = position, line
+        names[index] = name
+        if color is not None:
+            colors[name] = color
     if sorted(names) != list(range(len(names))):
         raise DatasetSpecError(
             f"{path}: class ids must be 0..{len(names) - 1} without gaps, got {sorted(names)}"
         )
-    return tuple(names[i] for i in range(len(names)))
+    return tuple(names[i] for i in range(len(names))), colors
+
+
+def read_class_names(path: Path) -> tuple[str, ...]:
+    """The class names of ``classes.txt`` by id (see :func:`read_classes`)."""
+    return read_classes(path)[0]
+
+
+def _hex_rgb(text: str) -> tuple[int, int, int]:
+    digits = text.removeprefix("#")
+    if len(digits) != 6 or any(c not in "0123456789abcdefABCDEF" for c in digits):
+        raise ValueError(f"colour {text!r} is not #rrggbb (six hex digits, e.g. #0064c8 for water blue)")
+    return int(digits[0:2], 16), int(digits[2:4], 16), int(digits[4:6], 16)
 
 
 def _is_raster(path: Path) -> bool:

@@ -24,9 +24,11 @@ from torch import nn
 from seg_pipeline.data.normalization import BandStats, normalize
 from seg_pipeline.data.raster_io import RASTER_EXTENSIONS
 from seg_pipeline.inference.ensemble import ENSEMBLE, EnsemblePredictor, inference_dtype, resolve_device
+from seg_pipeline.inference.gis import ClassStyle, write_mosaic_vrt, write_qml
+from seg_pipeline.inference.palette import class_palette
 from seg_pipeline.inference.tiling import SetTarget, predict_raster_sets
 from seg_pipeline.inference.tta import TTAConfig
-from seg_pipeline.inference.writers import default_palette, save_color_png
+from seg_pipeline.inference.writers import save_color_png
 from seg_pipeline.models.loading import checkpoint_info, load_trained_model
 from seg_pipeline.progress import ItemProgress
 from seg_pipeline.settings import PredictSettings
@@ -46,6 +48,14 @@ class LoadedModel:
     normalization: BandStats
     source: str
     ignore_index: int = 255
+    class_colors: tuple[tuple[int, int, int], ...] = ()
+
+    @property
+    def palette(self) -> np.ndarray:
+        """``(K, 3)`` display colours: the dataset's, stored with the model, else by class name."""
+        if len(self.class_colors) == len(self.class_names):
+            return np.asarray(self.class_colors, dtype=np.uint8).reshape(-1, 3)
+        return class_palette(self.class_names)
 
 
 def load_stage_model(checkpoint: Path | str, name: str | None = None) -> LoadedModel:
@@ -58,6 +68,7 @@ def load_stage_model(checkpoint: Path | str, name: str | None = None) -> LoadedM
         normalization=BandStats(info.normalization_mean, info.normalization_std),
         source=str(checkpoint),
         ignore_index=info.ignore_index,
+        class_colors=info.class_colors,
     )
 
 
@@ -181,14 +192,32 @@ class PredictionRun:
 #: bounded (about 120 bytes per preview pixel with the legend) whatever the raster's size.
 PREVIEW_MAX_SIDE = 1024
 
+#: The VRT over all class maps of a prediction set (written when they share a CRS).
+MOSAIC_NAME = "mosaic.vrt"
 
-def _write_preview(summary: Mapping[str, Any], path: Path, class_names: Sequence[str]) -> None:
+
+def _write_preview(summary: Mapping[str, Any], path: Path, model: LoadedModel) -> None:
     with rasterio.open(summary["dst_path"]) as src:
         scale = max(src.height, src.width) / PREVIEW_MAX_SIDE
         shape = (max(1, round(src.height / scale)), max(1, round(src.width / scale))) if scale > 1 else None
         classes = src.read(1, out_shape=shape, resampling=Resampling.nearest)
-    palette = default_palette(len(class_names))
-    save_color_png(path, classes, palette, class_names, nodata_value=summary["class_nodata"])
+    save_color_png(path, classes, model.palette, model.class_names, nodata_value=summary["class_nodata"])
+
+
+def _write_mosaics(run: PredictionRun, model: LoadedModel, log_fn: LogFn | None) -> None:
+    """``mosaic.vrt`` (+ ``.qml``) in each set's folder when its class maps share a CRS: one layer in QGIS."""
+    for name, folder in run.out_dirs.items():
+        items = run.items[name]
+        if len(items) < 2:
+            continue
+        style = ClassStyle(model.class_names, model.palette, int(items[0]["class_nodata"]))
+        vrt, reason = write_mosaic_vrt(
+            [Path(item["dst_path"]) for item in items], folder / MOSAIC_NAME, style
+        )
+        if vrt is not None:
+            write_qml(vrt.with_suffix(".qml"), style)
+        elif log_fn is not None:
+            log_fn(f"{name}: no {MOSAIC_NAME}: {reason}")
 
 
 def predict_files(
@@ -247,12 +276,15 @@ def predict_files(
             batch_size=windows.windows_per_pass,
             normalize=lambda array: np.asarray(normalize(array, stats)),
             log_fn=log_fn,
+            class_names=first.class_names,
+            palette=first.palette,
         )
         for name, summary in summaries.items():
             if settings.color_png:
-                _write_preview(summary, folders[name] / f"{item_id}.png", first.class_names)
+                _write_preview(summary, folders[name] / f"{item_id}.png", first)
             run.items[name].append({"item_id": item_id, "input": str(path), **summary})
         progress.advance(detail=item_id)
+    _write_mosaics(run, first, log_fn)
     views = predictor.forward_views
     progress.done(f"{views} forward view{'s' if views != 1 else ''} per file")
     run.seconds = time.perf_counter() - started

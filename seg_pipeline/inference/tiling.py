@@ -28,6 +28,8 @@ import torch
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window
 
+from seg_pipeline.inference.gis import ClassStyle, describe_class_band, to_cog, write_qml
+from seg_pipeline.inference.palette import class_palette
 from seg_pipeline.inference.strips import (
     StripBuffer,
     band_nodata,
@@ -37,7 +39,7 @@ from seg_pipeline.inference.strips import (
 )
 from seg_pipeline.inference.windows import blend_weights, window_grid
 from seg_pipeline.inference.writers import geotiff_profile, scale_probabilities
-from seg_pipeline.io import atomic_write
+from seg_pipeline.io import atomic_write, temp_name
 from seg_pipeline.progress import ItemProgress
 from seg_pipeline.settings.inference import WindowSettings
 
@@ -103,6 +105,29 @@ class _Raster:
     georeference: dict[str, Any] = field(default_factory=dict)
 
 
+def _cog_staging(outputs: contextlib.ExitStack, final: Path, kind: str = "classes") -> Path:
+    """Where to stream one output: a staging GeoTIFF that becomes ``final`` as a COG on success.
+
+    Rows are written as windows finish (a COG cannot be written that way), so the staging file is
+    copied with the COG driver into ``final``'s temp name when the stack closes without error, then
+    renamed into place; on error neither file is left.
+    """
+    temporary = outputs.enter_context(atomic_write(final))
+    staging = temp_name(final)  # a second temp of the same scheme: swept if a killed run leaves it
+
+    def finish(exc_type: type[BaseException] | None, *_: object) -> bool:
+        try:
+            if exc_type is None:
+                to_cog(staging, temporary, kind)
+        finally:
+            for leftover in (staging, Path(f"{staging}.aux.xml")):
+                leftover.unlink(missing_ok=True)
+        return False
+
+    outputs.push(finish)
+    return staging
+
+
 def _open_writers(
     outputs: contextlib.ExitStack,
     raster: _Raster,
@@ -111,6 +136,7 @@ def _open_writers(
     dtype: str,
     nodata: int,
     probability_dtype: str,
+    style: ClassStyle,
 ) -> dict[str, _SetWriter]:
     height, width = raster.src.height, raster.src.width
     class_profile = geotiff_profile(height, width, 1, dtype, nodata=nodata, **raster.georeference)
@@ -121,11 +147,12 @@ def _open_writers(
     writers = {}
     for name, target in targets.items():
         class_dst = outputs.enter_context(
-            rasterio.open(outputs.enter_context(atomic_write(target.class_path)), "w", **class_profile)
+            rasterio.open(_cog_staging(outputs, target.class_path), "w", **class_profile)
         )
+        describe_class_band(class_dst, style)
         prob_dst = None
         if target.probabilities_path is not None:
-            prob_path = outputs.enter_context(atomic_write(target.probabilities_path))
+            prob_path = _cog_staging(outputs, target.probabilities_path, "probabilities")
             prob_dst = outputs.enter_context(rasterio.open(prob_path, "w", **prob_profile))
         gcps, gcp_crs = raster.src.gcps
         if gcps:  # georeferenced by ground control points (no transform): the outputs keep them
@@ -203,6 +230,18 @@ def _open_raster(
     )
 
 
+def _style_parts(
+    class_names: Sequence[str] | None, palette: np.ndarray | None, num_classes: int
+) -> tuple[tuple[str, ...], np.ndarray]:
+    names = tuple(class_names) if class_names is not None else tuple(f"class {i}" for i in range(num_classes))
+    if len(names) != num_classes:
+        raise ValueError(f"{len(names)} class_names for a predictor of {num_classes} classes")
+    colours = class_palette(names) if palette is None else np.asarray(palette, dtype=np.uint8)
+    if colours.shape != (num_classes, 3):
+        raise ValueError(f"palette must be ({num_classes}, 3) RGB, got shape {colours.shape}")
+    return names, colours
+
+
 def _check_targets(src_path: Path, targets: Mapping[str, SetTarget]) -> None:
     if not src_path.is_file():
         raise FileNotFoundError(f"src_path {src_path} does not exist.")
@@ -236,14 +275,18 @@ def predict_raster_sets(
     class_nodata: int | None = None,
     log_fn: Callable[[str], None] | None = None,
     progress_delay_s: float = 5.0,
+    class_names: Sequence[str] | None = None,
+    palette: np.ndarray | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Predict a raster window by window into several prediction sets at once (one read, one forward).
 
     ``predict_fn`` maps a float32 batch (B, C, h, w) to ``{set name: probabilities (B, K, h, w)}``
     for every name in ``targets`` (an ``EnsemblePredictor.predict_sets``); each set is blended and
-    written to its own GeoTIFF class map (one band, the source's CRS, transform and size, tiled and
-    deflate-compressed, uint8 up to 255 classes else uint16) and optionally probabilities. See
-    :func:`predict_raster` for the other arguments. Returns one summary per set; outputs appear
+    written to its own class map, a Cloud-Optimized GeoTIFF (one band, the source's CRS, transform
+    and size, DEFLATE, overviews; uint8 up to 255 classes else uint16) with a colour table from
+    ``palette`` (``(K, 3)``; default: by ``class_names``), the class names in its tags and a QGIS
+    ``.qml`` style beside it, and optionally probabilities. See :func:`predict_raster` for the
+    other arguments. Returns one summary per set; outputs appear
     atomically, and on error nothing is left behind.
     """
     started = time.perf_counter()
@@ -258,7 +301,10 @@ def predict_raster_sets(
         warnings.simplefilter("ignore", NotGeoreferencedWarning)  # PNG/JPEG inputs are fine without CRS
         with rasterio.open(src_path) as src, contextlib.ExitStack() as outputs:
             raster = _open_raster(src, src_path, bands, input_nodata, window, overlap, blend)
-            writers = _open_writers(outputs, raster, targets, num_classes, dtype, nodata, probability_dtype)
+            style = ClassStyle(*_style_parts(class_names, palette, num_classes), nodata=nodata)
+            writers = _open_writers(
+                outputs, raster, targets, num_classes, dtype, nodata, probability_dtype, style
+            )
             progress = ItemProgress(
                 f"predict {src_path.name}", len(raster.windows), unit="windows", log_fn=log_fn or logger.info,
                 delay_s=progress_delay_s,
@@ -267,6 +313,8 @@ def predict_raster_sets(
                 raster, writers, predict_fn, normalize, num_classes, batch_size, dtype, nodata, progress
             )
             progress.done()
+    for target in targets.values():
+        write_qml(target.class_path.with_suffix(".qml"), style)
     seconds = round(time.perf_counter() - started, 3)
     common = {
         "height": raster.src.height,
@@ -313,13 +361,16 @@ def predict_raster(
     class_nodata: int | None = None,
     log_fn: Callable[[str], None] | None = None,
     progress_delay_s: float = 5.0,
+    class_names: Sequence[str] | None = None,
+    palette: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Predict a raster window by window and write a GeoTIFF class map (and optionally probabilities).
 
     Args:
         src_path: Any raster rasterio reads (GeoTIFF, PNG, ...).
-        dst_path: Output class map GeoTIFF: one band, the source's CRS, transform and size,
-            tiled and deflate-compressed, uint8 up to 255 classes else uint16.
+        dst_path: Output class map, a Cloud-Optimized GeoTIFF: one band, the source's CRS,
+            transform and size, DEFLATE, overviews, uint8 up to 255 classes else uint16, with a
+            colour table, the class names in its tags and a QGIS ``.qml`` style beside it.
         predict_fn: Maps a float32 batch (B, C, h, w) to probabilities (B, num_classes, h, w),
             e.g. an ``EnsemblePredictor``.
         num_classes: Number of classes K the predictor returns.
@@ -338,6 +389,8 @@ def predict_raster(
             logger at INFO), so a large raster shows throughput and ETA while it runs.
         progress_delay_s: Window progress starts only after this many seconds, so small rasters
             (most of them, predicted in a fraction of that) add no lines; 0 reports every raster.
+        class_names: Names by class id for the tags and the style (default ``class 0`` ...).
+        palette: ``(K, 3)`` RGB colours of the colour table (default: by ``class_names``).
 
     Returns:
         Summary dict (paths, size, windows, dtype, nodata, per-class pixel counts, seconds), small
@@ -359,6 +412,8 @@ def predict_raster(
         probability_dtype=probability_dtype,
         class_dtype=class_dtype,
         class_nodata=class_nodata,
+        class_names=class_names,
+        palette=palette,
         log_fn=log_fn,
         progress_delay_s=progress_delay_s,
     )

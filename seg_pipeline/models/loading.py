@@ -23,6 +23,7 @@ class CheckpointInfo:
     normalization_mean: tuple[float, ...]
     normalization_std: tuple[float, ...]
     ignore_index: int
+    class_colors: tuple[tuple[int, int, int], ...] = ()  # () = coloured by class name
 
 
 def checkpoint_info(checkpoint: Path | str) -> CheckpointInfo:
@@ -44,6 +45,7 @@ def checkpoint_info(checkpoint: Path | str) -> CheckpointInfo:
         normalization_mean=tuple(run["normalization"]["mean"]),
         normalization_std=tuple(run["normalization"]["std"]),
         ignore_index=int(run.get("ignore_index", 255)),
+        class_colors=tuple((int(r), int(g), int(b)) for r, g, b in run.get("class_colors") or ()),
     )
 
 

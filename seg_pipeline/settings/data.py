@@ -6,7 +6,7 @@ import math
 import re
 from typing import Literal, Self
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from seg_pipeline.settings.base import Settings, override
 
@@ -58,6 +58,13 @@ class DatasetSettings(Settings):
         description="Colour-coded RGB masks: class name -> [r, g, b] (as many public datasets ship); "
         "pixels are recoded to the class ids.",
     )
+    class_colors: dict[str, list[int]] = Field(
+        default={},
+        description="Display colours of classes in outputs (GeoTIFF colour table, QGIS style, previews): "
+        "class name -> [r, g, b]. Classes not named here take a '#rrggbb' after their name in classes.txt, "
+        "then their mask_colors colour, then the remote-sensing palette by name (water blue, vegetation "
+        "green, building red, bare soil brown, ...).",
+    )
     expected_bands: int | None = Field(
         default=None, ge=1, description="Band count every image must have; null = the majority count."
     )
@@ -78,12 +85,12 @@ class DatasetSettings(Settings):
 
     _check_id = field_validator("dataset_id")(check_dataset_id)
 
-    @field_validator("mask_colors")
+    @field_validator("mask_colors", "class_colors")
     @classmethod
-    def _rgb_triplets(cls, value: dict[str, list[int]]) -> dict[str, list[int]]:
+    def _rgb_triplets(cls, value: dict[str, list[int]], info: ValidationInfo) -> dict[str, list[int]]:
         for name, rgb in value.items():
             if len(rgb) != 3 or not all(0 <= c <= 255 for c in rgb):
-                raise ValueError(f"mask_colors[{name!r}]={rgb}: give [r, g, b] with values 0..255")
+                raise ValueError(f"{info.field_name}[{name!r}]={rgb}: give [r, g, b] with values 0..255")
         return value
 
     @model_validator(mode="after")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, cast
 
 import torch
@@ -38,6 +38,30 @@ def optimizer_steps_per_epoch(
     """Optimizer steps in one epoch of ``num_batches`` micro-batches (for ``build_scheduler``)."""
     steps = math.ceil(num_batches / grad_accum_steps)
     return min(steps, max_steps_per_epoch) if max_steps_per_epoch else steps
+
+
+class _Waited:
+    """Iterates a loader and adds up the seconds spent waiting for its next batch.
+
+    Their share of the epoch (``train/data_wait_fraction``) says whether training is input-bound:
+    near 0 the model is the bottleneck, near 1 the loader is (add workers or the tile cache).
+    """
+
+    def __init__(self, batches: Iterable[Batch]) -> None:
+        self.batches = batches
+        self.seconds = 0.0
+
+    def __iter__(self) -> Iterator[Batch]:
+        iterator = iter(self.batches)
+        while True:
+            started = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            finally:
+                self.seconds += time.perf_counter() - started
+            yield batch
 
 
 class EpochStats:
@@ -164,7 +188,8 @@ class EpochRunner:
         self._grads_not_synced = False
         started = time.perf_counter()
         batches = in_lockstep(loader, self.policy.device) if self.is_ddp else loader
-        for index, raw_batch in enumerate(batches):
+        waited = _Waited(batches)
+        for index, raw_batch in enumerate(waited):
             batch = move_batch(raw_batch, self.policy)
             size = batch_size(batch)
             closes = pending + 1 == accum or (num_batches is not None and index + 1 == num_batches)
@@ -185,9 +210,11 @@ class EpochRunner:
             self.optimizer_step(pending)
             epoch_step += 1
             progress.step(epoch, epoch_step, window_loss / pending, window_images)
-        return self._epoch_logs(stats, epoch, epoch_step, time.perf_counter() - started)
+        return self._epoch_logs(stats, epoch, epoch_step, time.perf_counter() - started, waited.seconds)
 
-    def _epoch_logs(self, stats: EpochStats, epoch: int, steps: int, seconds: float) -> dict[str, float]:
+    def _epoch_logs(
+        self, stats: EpochStats, epoch: int, steps: int, seconds: float, waited: float
+    ) -> dict[str, float]:
         if stats.images == 0:
             raise ValueError(
                 f"train_loader yielded no batches in epoch {epoch}; check the dataset and batch size."
@@ -197,6 +224,7 @@ class EpochRunner:
         self.train_seconds += seconds
         logs["train/images_per_s"] = logs["train/images"] / max(seconds, 1e-9)
         logs["train/steps"] = float(steps)
+        logs["train/data_wait_fraction"] = waited / max(seconds, 1e-9)
         if not math.isfinite(logs["train/loss"]):
             raise FloatingPointError(
                 f"train/loss is {logs['train/loss']} in epoch {epoch}: lower the learning rate, enable "

@@ -270,8 +270,8 @@ class Trainer:
         self.log(
             f"epoch {epoch}/{self.settings.epochs} done in {format_duration(logs['epoch_time_s'])} | "
             f"train/loss {logs['train/loss']:.4f} | {monitor} {logs[monitor]:.4f} "
-            f"(best {best} @ epoch {manager.best_epoch}) | lr {logs['lr']:.3g}"
-            + (" | new best" if improved else "")
+            f"(best {best} @ epoch {manager.best_epoch}) | lr {logs['lr']:.3g} | "
+            f"data wait {logs['train/data_wait_fraction']:.0%}" + (" | new best" if improved else "")
         )
         if self.stopped_early:
             patience = self.settings.early_stopping_patience

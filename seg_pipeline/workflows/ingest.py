@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from seg_pipeline.data.headers import (
 )
 from seg_pipeline.data.normalization import band_stats_from_catalog
 from seg_pipeline.data.shards import read_manifest, read_shard_index, shard_dirs, write_shards
-from seg_pipeline.data.spec import DatasetSpec
+from seg_pipeline.data.spec import DatasetSpec, read_classes
 from seg_pipeline.data.splits import (
     assign_splits,
     duplicated_items,
@@ -34,6 +34,7 @@ from seg_pipeline.data.splits import (
     split_counts,
     write_split_table,
 )
+from seg_pipeline.inference.palette import class_palette
 from seg_pipeline.io import file_sha256, folder_lock, write_json
 from seg_pipeline.progress import default_log_fn
 from seg_pipeline.settings import AuxiliarySettings, DatasetSettings, ShardSettings, SplitSettings
@@ -98,6 +99,7 @@ def _catalog_contract(
         catalog_path=str(catalog_path),
         quarantine_path=str(quarantine_path),
         class_names=list(result.class_names),
+        class_colors=class_colors(settings, root, result.class_names),
         ignore_index=settings.ignore_index,
         mask_values=dict(result.mask_values),
         bands=int(ok_bands.mode().iloc[0]) if len(ok_bands) else None,
@@ -110,6 +112,18 @@ def _catalog_contract(
         content_hash=result.content_hash(),
         warnings=list(result.warnings),
     )
+
+
+def class_colors(settings: DatasetSettings, root: Path, class_names: Sequence[str]) -> list[list[int]]:
+    """Display colour of each class: ``class_colors``, then ``classes.txt``, ``mask_colors``, the name."""
+    listed: dict[str, tuple[int, int, int]] = {}
+    if not settings.class_names and (root / "classes.txt").is_file():
+        listed = read_classes(root / "classes.txt")[1]
+    known = {k: v for k, v in {**settings.mask_colors, **listed}.items() if k in class_names}
+    try:
+        return class_palette(class_names, {**known, **settings.class_colors}).tolist()
+    except ValueError as error:  # a class_colors name that is not a class
+        raise ValueError(f"dataset.class_colors: {error}") from error
 
 
 def split(settings: SplitSettings, catalog: Catalog, log_fn: LogFn | None = None) -> SplitTable:

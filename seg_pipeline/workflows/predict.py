@@ -220,6 +220,7 @@ def predict_split(
         members=members,
         candidate=candidate,
         class_names=list(first.class_names),
+        class_colors=first.palette.tolist(),
         ignore_index=first.ignore_index,
         views_per_input=run.views_per_input,
         settings=settings,

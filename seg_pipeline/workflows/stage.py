@@ -181,6 +181,7 @@ def run_config(job: StageJob, normalization: BandStatistics) -> dict[str, Any]:
             for s in job.sources
         ],
         "class_names": list(catalog.class_names),
+        "class_colors": [list(rgb) for rgb in catalog.class_colors],
         "normalization": {"mean": list(normalization.mean), "std": list(normalization.std)},
         "ignore_index": catalog.ignore_index,
         "teachers": list(job.teachers),

@@ -337,7 +337,7 @@ def test_predict_raster_leaves_no_temporary_files(tmp_path: Path) -> None:
         overlap=8,
         write_probabilities=out / "probs.tif",
     )
-    assert sorted(p.name for p in out.iterdir()) == ["classes.tif", "probs.tif"]
+    assert sorted(p.name for p in out.iterdir()) == ["classes.qml", "classes.tif", "probs.tif"]
 
 
 def test_predict_raster_failure_leaves_nothing_behind(tmp_path: Path) -> None:

@@ -6,7 +6,8 @@ import itertools
 import json
 import math
 import random
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +139,29 @@ def test_epoch_end_flush_averages_the_leftover_micro_batches(tmp_path: Path) -> 
         optimizer.step()
     for key, value in reference.state_dict().items():
         torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=1e-6)
+
+
+def test_data_wait_fraction_is_the_share_of_the_epoch_spent_waiting_for_batches(tmp_path: Path) -> None:
+    def slow_loader() -> Iterator[dict[str, Any]]:
+        for batch in _batches(4, 2):
+            time.sleep(0.2)  # a loader far slower than the tiny model's step
+            yield batch
+
+    fast = _fit_sgd(_tiny_net(), _batches(4, 2), tmp_path / "fast")
+    slow = _fit_sgd(_tiny_net(), _SizedIterable(slow_loader), tmp_path / "slow")
+    assert 0.0 <= fast.history[0]["train/data_wait_fraction"] < 0.5  # batches already in memory
+    assert slow.history[0]["train/data_wait_fraction"] > 0.5
+    assert slow.history[0]["train/data_wait_fraction"] <= 1.0
+
+
+class _SizedIterable:
+    """A fresh generator per epoch, like a DataLoader."""
+
+    def __init__(self, make: Callable[[], Iterator[dict[str, Any]]]) -> None:
+        self.make = make
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self.make()
 
 
 def test_clipping_bounds_the_gradient_norm(tmp_path: Path) -> None:
