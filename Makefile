@@ -14,7 +14,7 @@ RUN_CONFIG ?= configs/demo.yaml
 JOB ?= full_pipeline_job
 PY_DIRS := seg_pipeline seg_pipeline_tests bench deploy
 
-.PHONY: install run test lint format ui demo-data bench clean-demo
+.PHONY: install run test lint format ui mlflow-ui demo-data bench clean-demo
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -53,6 +53,12 @@ format: install
 
 ui: install $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+# The MLflow UI over the local store, on loopback: the links on the Dagster asset pages point here
+# (MlflowResource.mlflow_ui_url, default http://127.0.0.1:5000).
+mlflow-ui: install
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/data/mlflow/mlflow.db \
+		--default-artifact-root $(CURDIR)/data/mlflow/artifacts -h 127.0.0.1 -p 5000
 
 bench: install
 	for b in bench/bench_*.py; do $(PY) $$b || exit 1; done

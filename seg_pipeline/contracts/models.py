@@ -19,6 +19,7 @@ class TrackingRecord(Contract):
     model_uri: str | None = None
     registered_model: str | None = None
     registered_version: str | None = None
+    registered_version_url: str | None = Field(default=None, description="MLflow UI page of that version.")
 
 
 class TrainedModel(Contract):

@@ -130,3 +130,7 @@ class ChampionDecision(Contract):
     candidate_score: float
     champion_score: float | None
     margin: float
+    candidate_url: str | None = Field(default=None, description="MLflow UI page of the candidate version.")
+    champion_url: str | None = Field(
+        default=None, description="MLflow UI page of the version the alias points at after the gate."
+    )

@@ -6,11 +6,16 @@ Small ``ConfigurableResource`` classes so a deployment can point the whole pipel
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import dagster as dg
 from pydantic import Field
 
-from seg_pipeline.tracking import TrackingSettings
+from seg_pipeline.tracking import TrackingSettings, build_run_tags
 from seg_pipeline.workflows.layout import DATA_ROOT_ENV, DataLayout
+
+#: The checkout the code runs from: its git commit goes into every MLflow run's tags.
+REPO_DIR = Path(__file__).resolve().parents[2]
 
 
 class StorageResource(dg.ConfigurableResource):
@@ -41,14 +46,46 @@ class MlflowResource(dg.ConfigurableResource):
         default="", description="MLflow tracking URI, e.g. http://host:5000; empty = local store."
     )
     experiment_name: str = Field(default="seg_pipeline", description="MLflow experiment of every run.")
+    mlflow_ui_url: str = Field(
+        default="http://127.0.0.1:5000",
+        description="Where the MLflow UI serves a local store (make mlflow-ui), for the links on asset "
+        "pages; an http tracking_uri is its own UI. Empty = no links.",
+    )
+
+    dagster_ui_url: str = Field(
+        default="http://127.0.0.1:3000",
+        description="The Dagster UI (make ui), for the dagster.run_url tag of each MLflow run; empty = none.",
+    )
+
+    def run_tags(
+        self, context: dg.AssetExecutionContext, stage: str, data_version: str | None = None
+    ) -> dict[str, str]:
+        """The standard MLflow tags of a run made by this asset step (Dagster run, asset, code, git)."""
+        run_id = context.run.run_id
+        key = context.asset_key.to_user_string()
+        return build_run_tags(
+            stage=stage,
+            pipeline_run_id=run_id,
+            pipeline_run_url=f"{self.dagster_ui_url.rstrip('/')}/runs/{run_id}"
+            if self.dagster_ui_url
+            else None,
+            asset_key=key,
+            code_version=context.assets_def.code_versions_by_key.get(context.asset_key) or "",
+            data_version=data_version,
+            repo_dir=REPO_DIR,
+        )
 
     def settings(self, layout: DataLayout) -> TrackingSettings:
         """Tracking settings for runs of this pipeline."""
+        ui_url = self.mlflow_ui_url or None
         if not self.tracking_uri:
-            return TrackingSettings.from_data_root(layout.root, experiment_name=self.experiment_name)
+            return TrackingSettings.from_data_root(
+                layout.root, experiment_name=self.experiment_name, ui_url=ui_url
+            )
         local = not self.tracking_uri.startswith(("http://", "https://"))
         return TrackingSettings(
             tracking_uri=self.tracking_uri,
             experiment_name=self.experiment_name,
             artifact_root=layout.mlflow_dir / "artifacts" if local else None,
+            ui_url=ui_url,
         )

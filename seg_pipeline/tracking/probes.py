@@ -166,6 +166,11 @@ def check_tracking_uri(settings: TrackingSettings, timeout_s: float = 5.0) -> No
         )
 
 
+#: MLflow 3's UI opens an experiment by its kind: without it, it may guess GenAI and show "Traces".
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_TAGS = {EXPERIMENT_KIND_TAG: "custom_model_development"}
+
+
 def ensure_experiment(settings: TrackingSettings) -> str:
     """Return the experiment id for ``settings.experiment_name``, creating it with the artefact root.
 
@@ -177,7 +182,9 @@ def ensure_experiment(settings: TrackingSettings) -> str:
     if experiment is None:
         artifact_location = settings.artifact_root.resolve().as_uri() if settings.artifact_root else None
         try:
-            return client.create_experiment(settings.experiment_name, artifact_location=artifact_location)
+            return client.create_experiment(
+                settings.experiment_name, artifact_location=artifact_location, tags=EXPERIMENT_TAGS
+            )
         except MlflowException:
             experiment = client.get_experiment_by_name(settings.experiment_name)  # created concurrently
             if experiment is None:
@@ -185,6 +192,10 @@ def ensure_experiment(settings: TrackingSettings) -> str:
     if experiment.lifecycle_stage == "deleted":
         _logger.warning("Restoring deleted MLflow experiment %r", settings.experiment_name)
         client.restore_experiment(experiment.experiment_id)
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) is None:  # made before the tag existed: the UI guessed
+        client.set_experiment_tag(
+            experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_TAGS[EXPERIMENT_KIND_TAG]
+        )
     if settings.artifact_root is not None:
         wanted = settings.artifact_root.resolve().as_uri()
         if experiment.artifact_location.rstrip("/") != wanted.rstrip("/"):

@@ -17,7 +17,7 @@ from seg_pipeline.provenance import package_version
 from seg_pipeline.tracking._mlflow import mlflow
 from seg_pipeline.tracking.params import _chunks, _metric_value, flatten_params, truncate_value
 from seg_pipeline.tracking.probes import check_tracking_uri, ensure_experiment
-from seg_pipeline.tracking.settings import TrackingSettings, _is_http, _using_uris
+from seg_pipeline.tracking.settings import TrackingSettings, _using_uris
 
 # What a pickled model needs at load time; written into the logged model's requirements.txt.
 MODEL_REQUIREMENT_PACKAGES: tuple[str, ...] = ("torch", "segmentation-models-pytorch", "timm")
@@ -54,14 +54,13 @@ def default_pip_requirements() -> list[str]:
     return requirements
 
 
-def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
-    """Return the MLflow UI link of a run for http servers, else ``<tracking_uri> run <run_id>``.
+def run_url(tracking_uri: str, experiment_id: str, run_id: str, ui_url: str | None = None) -> str:
+    """Return the MLflow UI link of a run (http servers, or a local store served at ``ui_url``).
 
-    Local stores have no UI address of their own (``mlflow ui --backend-store-uri <uri>`` serves them).
+    Without a UI address the text is ``<tracking_uri> run <run_id>`` (``make mlflow-ui`` serves a
+    local store at ``http://127.0.0.1:5000``).
     """
-    if _is_http(tracking_uri):
-        return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
-    return f"{tracking_uri} run {run_id}"
+    return TrackingSettings(tracking_uri, ui_url=ui_url).run_link(experiment_id, run_id)
 
 
 class TrackedRun:
@@ -138,7 +137,7 @@ class TrackedRun:
     @property
     def url(self) -> str:
         """A browser link for http tracking servers, else a readable ``<uri> run <id>`` reference."""
-        return run_url(self.settings.tracking_uri, self.experiment_id, self.run_id)
+        return self.settings.run_link(self.experiment_id, self.run_id)
 
     @property
     def artifact_uri(self) -> str:

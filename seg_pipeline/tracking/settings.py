@@ -48,12 +48,16 @@ class TrackingSettings:
             experiment. None lets the tracking server decide (right for http servers that proxy
             artefacts, wrong for local stores, which would then write to ``./mlruns``).
         registry_uri: Model-registry URI; None means the tracking URI.
+        ui_url: Where an MLflow UI serves this store, for links (``make mlflow-ui`` serves the
+            local store at ``http://127.0.0.1:5000``); an http tracking URI is its own UI and
+            wins. None: no links for a local store.
     """
 
     tracking_uri: str
     experiment_name: str = DEFAULT_EXPERIMENT_NAME
     artifact_root: Path | None = None
     registry_uri: str | None = None
+    ui_url: str | None = None
 
     def __post_init__(self) -> None:
         if not self.tracking_uri or not self.tracking_uri.strip():
@@ -69,7 +73,7 @@ class TrackingSettings:
 
     @classmethod
     def from_data_root(
-        cls, data_root: Path, experiment_name: str = DEFAULT_EXPERIMENT_NAME
+        cls, data_root: Path, experiment_name: str = DEFAULT_EXPERIMENT_NAME, ui_url: str | None = None
     ) -> TrackingSettings:
         """Build the project default: SQLite and artefacts under ``<data_root>/mlflow``, env vars win.
 
@@ -85,7 +89,29 @@ class TrackingSettings:
             experiment_name=experiment_name,
             artifact_root=artifact_root,
             registry_uri=os.environ.get(REGISTRY_URI_ENV) or None,
+            ui_url=ui_url,
         )
+
+    @property
+    def ui_base(self) -> str | None:
+        """The MLflow UI address links start with: the http tracking server, else ``ui_url``."""
+        if _is_http(self.tracking_uri):
+            return self.tracking_uri.rstrip("/")
+        return self.ui_url.rstrip("/") if self.ui_url else None
+
+    def run_link(self, experiment_id: str, run_id: str) -> str:
+        """The UI page of a run, or ``<tracking_uri> run <id>`` when no UI address is known."""
+        base = self.ui_base
+        if base is None:
+            return f"{self.tracking_uri} run {run_id}"
+        return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+
+    def model_version_link(self, name: str, version: str) -> str | None:
+        """The UI page of a registered model version (None when no UI address is known)."""
+        base = self.ui_base
+        if base is None:
+            return None
+        return f"{base}/#/models/{urllib.parse.quote(name, safe='')}/versions/{version}"
 
     @property
     def effective_registry_uri(self) -> str:

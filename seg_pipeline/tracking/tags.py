@@ -10,6 +10,7 @@ from seg_pipeline.provenance import git_info
 
 # Tag keys. ``mlflow.source.git.commit`` is MLflow's own key, so the UI shows the commit natively.
 TAG_PIPELINE_RUN_ID = "dagster.run_id"
+TAG_PIPELINE_RUN_URL = "dagster.run_url"
 TAG_ASSET_KEY = "dagster.asset_key"
 TAG_STAGE = "seg_pipeline.stage"
 TAG_CODE_VERSION = "seg_pipeline.code_version"
@@ -25,6 +26,7 @@ class RunTags:
     Attributes:
         stage: Pipeline stage, e.g. ``"pretrain"``, ``"kd"``, ``"evaluation"``.
         pipeline_run_id: Orchestrator (Dagster) run id, passed in as a plain string.
+        pipeline_run_url: The orchestrator's page of that run (the Dagster UI's ``/runs/<id>``).
         asset_key: Asset key as a ``/``-joined string or a sequence of path parts.
         code_version: Code version of the asset that produced the run.
         data_version: Version of the input data.
@@ -34,6 +36,7 @@ class RunTags:
 
     stage: str
     pipeline_run_id: str | None = None
+    pipeline_run_url: str | None = None
     asset_key: str | Sequence[str] | None = None
     code_version: str | None = None
     data_version: str | None = None
@@ -59,6 +62,7 @@ class RunTags:
         pairs = {
             TAG_STAGE: self.stage,
             TAG_PIPELINE_RUN_ID: self.pipeline_run_id,
+            TAG_PIPELINE_RUN_URL: self.pipeline_run_url,
             TAG_ASSET_KEY: asset_key,
             TAG_CODE_VERSION: self.code_version,
             TAG_DATA_VERSION: self.data_version,
@@ -72,6 +76,7 @@ def build_run_tags(
     stage: str,
     *,
     pipeline_run_id: str | None = None,
+    pipeline_run_url: str | None = None,
     asset_key: str | Sequence[str] | None = None,
     code_version: str | None = None,
     data_version: str | None = None,
@@ -81,6 +86,7 @@ def build_run_tags(
     tags = RunTags(
         stage=stage,
         pipeline_run_id=pipeline_run_id,
+        pipeline_run_url=pipeline_run_url,
         asset_key=asset_key,
         code_version=code_version,
         data_version=data_version,

@@ -118,4 +118,8 @@ def champion_gate(
         candidate_score=candidate_score,
         champion_score=champion_score,
         margin=settings.margin,
+        candidate_url=tracking.model_version_link(model_name, str(version)),
+        champion_url=tracking.model_version_link(
+            model_name, str(version) if promote or current is None else str(current.version)
+        ),
     )

@@ -338,6 +338,11 @@ def _log_outputs(
         model_uri=logged.model_uri,
         registered_model=logged.registered_model_name,
         registered_version=logged.registered_version,
+        registered_version_url=run.settings.model_version_link(
+            logged.registered_model_name, logged.registered_version
+        )
+        if logged.registered_model_name and logged.registered_version
+        else None,
     )
 
 

@@ -102,6 +102,28 @@ def test_pipeline_materializes_typed_values_that_point_at_exact_checkpoints(mate
         assert key in meta, key
 
 
+def test_asset_pages_link_to_the_mlflow_run_and_the_registered_version(materialized) -> None:
+    _root, result = materialized
+    kd = result.output_for_node("kd_student_model")
+    assert kd.tracking is not None
+    meta = result.asset_materializations_for_node("kd_student_model")[0].metadata
+    assert isinstance(meta["mlflow_run"], dg.UrlMetadataValue)
+    assert meta["mlflow_run"].value.startswith("http://127.0.0.1:5000/#/experiments/")
+    assert meta["mlflow_run"].value.endswith(f"/runs/{kd.tracking.run_id}")
+    page = meta["registered_version_page"]
+    assert isinstance(page, dg.UrlMetadataValue)
+    assert (
+        page.value
+        == f"http://127.0.0.1:5000/#/models/seg_pipeline_student/versions/{kd.tracking.registered_version}"
+    )
+    champion = result.asset_materializations_for_node("champion_model")[0].metadata
+    decision = result.output_for_node("champion_model")
+    holder = decision.candidate_version if decision.promoted else decision.previous_version
+    assert champion["champion_version_page"].value.endswith(
+        f"/models/{decision.model_name}/versions/{holder}"
+    )
+
+
 def test_the_io_manager_stores_every_value_as_readable_json(materialized) -> None:
     root, result = materialized
     stored = json.loads((root / "dagster_storage" / "tile_shards.json").read_text())
@@ -136,6 +158,7 @@ def test_mlflow_runs_hold_params_metrics_tags_and_registered_models(materialized
         run = client.get_run(value.tracking.run_id)
         assert run.info.status == "FINISHED"
         assert run.data.tags["dagster.run_id"] == run_id
+        assert run.data.tags["dagster.run_url"] == f"http://127.0.0.1:3000/runs/{run_id}"
         assert run.data.tags["seg_pipeline.stage"] == stage
         assert (
             run.data.tags["seg_pipeline.data_version"] == result.output_for_node("tile_shards").data_version

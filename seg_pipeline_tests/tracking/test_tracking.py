@@ -138,6 +138,25 @@ def test_run_url_links_http_servers_and_describes_local_stores() -> None:
     assert run_url("sqlite:////d/mlflow.db", "3", "abc") == "sqlite:////d/mlflow.db run abc"
 
 
+def test_a_local_store_links_to_the_ui_that_serves_it() -> None:
+    local = TrackingSettings("sqlite:////d/mlflow.db", ui_url="http://127.0.0.1:5000/")
+    assert local.run_link("3", "abc") == "http://127.0.0.1:5000/#/experiments/3/runs/abc"
+    assert (
+        local.model_version_link("seg student", "7")
+        == "http://127.0.0.1:5000/#/models/seg%20student/versions/7"
+    )
+    server = TrackingSettings("https://mlflow.example.org", ui_url="http://127.0.0.1:5000")
+    assert server.run_link("3", "abc").startswith("https://mlflow.example.org/#/")  # the server is its own UI
+    assert TrackingSettings("sqlite:////d/mlflow.db").model_version_link("m", "1") is None
+
+
+def test_experiments_are_tagged_as_model_development_so_the_ui_opens_their_runs(
+    store: TrackingSettings,
+) -> None:
+    experiment = store.client().get_experiment(tracking.ensure_experiment(store))
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
 # --------------------------------------------------------------------------------------------------
 # Reachability check
 # --------------------------------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 No ``from __future__ import annotations``: Dagster reads Config annotations at runtime.
 """
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import dagster as dg
@@ -16,12 +15,10 @@ from seg_pipeline.defs.resources import MlflowResource, StorageResource
 from seg_pipeline.defs.versions import code_version
 from seg_pipeline.inference.ensemble import ENSEMBLE
 from seg_pipeline.settings import ChampionSettings, EvaluationSettings, PredictSettings
-from seg_pipeline.tracking import build_run_tags
 from seg_pipeline.workflows import champion, predict, report
 
 INFERENCE_GROUP = "inference"
 EVALUATION_GROUP = "evaluation"
-REPO_DIR = Path(__file__).resolve().parents[3]
 #: The member the champion gate may promote: the KD student (a registered single model).
 CANDIDATE = "kd_student"
 
@@ -120,14 +117,7 @@ def evaluation_report(
     mlflow: MlflowResource,
 ) -> dg.Output[EvaluationReport]:
     """Score every prediction set against the ground truth and write the report."""
-    key = context.asset_key.to_user_string()
-    tags = build_run_tags(
-        stage="evaluation",
-        pipeline_run_id=context.run.run_id,
-        asset_key=key,
-        code_version=context.assets_def.code_versions_by_key.get(context.asset_key) or "",
-        repo_dir=REPO_DIR,
-    )
+    tags = mlflow.run_tags(context, stage="evaluation")
     with no_retry_for_bad_input():
         value = report.build_report(
             to_settings(config, EvaluationSettings, "evaluation_report"),
@@ -209,6 +199,8 @@ def champion_model(
             "reason": decision.reason,
             "model": f"{decision.model_name} v{decision.candidate_version}",
             "previous_champion_version": decision.previous_version or "none",
+            "candidate_version_page": link(decision.candidate_url) if decision.candidate_url else None,
+            "champion_version_page": link(decision.champion_url) if decision.champion_url else None,
         }
     )
     return dg.Output(decision, metadata=metadata)

@@ -7,7 +7,6 @@ checkpoint on disk". A retried or re-executed run resumes from the ``last.pt`` o
 (``models/<stage>/<root run id>/``).
 """
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import dagster as dg
@@ -20,12 +19,10 @@ from seg_pipeline.defs.metadata import link, picture, rounded, table, without_no
 from seg_pipeline.defs.resources import MlflowResource, StorageResource
 from seg_pipeline.defs.versions import code_version
 from seg_pipeline.settings import KDStageSettings, PretrainSettings, override
-from seg_pipeline.tracking import build_run_tags
 from seg_pipeline.workflows import train
 
 GROUP = "train"
 GPU_TAGS = {"seg_pipeline/gpu": "true"}
-REPO_DIR = Path(__file__).resolve().parents[3]
 
 
 class StageRunConfig(dg.Config):
@@ -72,15 +69,7 @@ def _stage_run(
     """How this step runs the stage: checkpoints stable across retries and re-executions of one run
     family (fresh for a new run), MLflow with the Dagster tags, the ranks and the registry name.
     """
-    key = context.asset_key.to_user_string()
-    tags = build_run_tags(
-        stage=key,
-        pipeline_run_id=context.run.run_id,
-        asset_key=key,
-        code_version=context.assets_def.code_versions_by_key.get(context.asset_key) or "",
-        data_version=data_version,
-        repo_dir=REPO_DIR,
-    )
+    tags = mlflow.run_tags(context, stage=context.asset_key.to_user_string(), data_version=data_version)
     return train.StageRun(
         checkpoint_dir=storage.layout.models_dir(stage, context.run.root_run_id or context.run.run_id),
         tracking=mlflow.settings(storage.layout),
@@ -114,6 +103,9 @@ def _metadata(model: TrainedModel) -> dict[str, Any]:
             "model_uri": tracking.model_uri if tracking else None,
             "registered_version": f"{tracking.registered_model} v{tracking.registered_version}"
             if tracking and tracking.registered_model
+            else None,
+            "registered_version_page": link(tracking.registered_version_url)
+            if tracking and tracking.registered_version_url
             else None,
             "ignored_fraction_last_epoch": rounded(last.get("train/ignored_fraction")),
             "kd_share_last_epoch": rounded(last.get("train/kd")),
