@@ -173,3 +173,24 @@ def test_evaluation_report_page_shows_its_metadata(page: Page, webserver: str, t
         assert model in rows, rows
     _assert_no_error_page(page)
     _save(page, "ui_evaluation_report.png", tmp_path)
+
+
+def test_the_training_page_links_to_its_mlflow_run(page: Page, webserver: str) -> None:
+    page.goto(f"{webserver}/assets/kd_student_model?view=events")
+    page.get_by_text("Materialized in run").first.wait_for(timeout=30_000)
+    run_link = page.locator("a[href*='/#/experiments/'][href*='/runs/']").first
+    run_link.wait_for(timeout=30_000)
+    assert run_link.get_attribute("href").startswith("http://127.0.0.1:5000/#/experiments/")
+    version_link = page.locator("a[href*='/#/models/seg_pipeline_student/versions/']").first
+    version_link.wait_for(timeout=30_000)
+    _assert_no_error_page(page)
+
+
+def test_the_champion_page_links_to_the_model_version(page: Page, webserver: str) -> None:
+    page.goto(f"{webserver}/assets/champion_model?view=events")
+    page.get_by_text("Materialized in run").first.wait_for(timeout=30_000)
+    page.get_by_text("champion_version_page", exact=True).first.wait_for(timeout=30_000)
+    link = page.locator("a[href*='/#/models/'][href*='/versions/']").first
+    link.wait_for(timeout=30_000)
+    assert link.get_attribute("href").startswith("http://127.0.0.1:5000/#/models/")
+    _assert_no_error_page(page)
