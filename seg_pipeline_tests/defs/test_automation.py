@@ -31,10 +31,12 @@ def test_sensor_requests_ingest_on_change_and_retrain_past_the_threshold(tmp_pat
 
     first = _evaluate(tmp_path, None)
     assert [r.job_name for r in first.run_requests] == ["ingest_job"]
-    # The run ingests the dataset that changed (not the config default), tagged with its name.
-    assert first.run_requests[0].run_config == {
-        "ops": {"tile_headers": {"config": {"dataset_id": "tiles_b"}}}
-    }
+    # The run ingests the dataset that changed (not the config default), tagged with its name, with
+    # the job's preset for every other setting (a request's run config replaces the job's default).
+    requested = first.run_requests[0].run_config["ops"]
+    assert requested["tile_headers"]["config"]["dataset_id"] == "tiles_b"
+    preset = defs.resolve_job_def("ingest_job").run_config["ops"]  # type: ignore[index]
+    assert requested["auxiliary_sources"] == preset["auxiliary_sources"]
     assert first.run_requests[0].tags == {"seg_pipeline/dataset": "tiles_b"}
     job = defs.resolve_job_def("ingest_job")
     assert dg.validate_run_config(job, first.run_requests[0].run_config)
@@ -50,6 +52,8 @@ def test_sensor_requests_ingest_on_change_and_retrain_past_the_threshold(tmp_pat
     assert dg.validate_run_config(
         defs.resolve_job_def("full_pipeline_job"), retrain.run_requests[0].run_config
     )
+    retrain_ops = retrain.run_requests[0].run_config["ops"]
+    assert retrain_ops["pretrained_model"]["config"]["loop"]["epochs"] == 6  # the CPU demo, not 50
     (raw / "images" / "new_000_000.tif").touch()
     after = _evaluate(tmp_path, retrain.cursor)
     assert [r.job_name for r in after.run_requests] == ["ingest_job"]
@@ -63,6 +67,26 @@ def test_definitions_load_with_jobs_schedule_and_sensors_stopped_by_default() ->
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
     assert keys == set(PIPELINE_ASSETS)
+
+
+def test_every_job_opens_on_the_demo_preset_with_every_setting_written_out() -> None:
+    job = defs.resolve_job_def("full_pipeline_job")
+    processed = dg.validate_run_config(job, None)["ops"]  # what a run without -c, the schedule, get
+    pretrain = processed["pretrained_model"]["config"]
+    assert pretrain["loop"]["epochs"] == 6 and pretrain["model"]["encoder"] == "resnet18"
+    assert processed["ensemble_predictions"]["config"]["windows"]["window"] == 128
+    default = job.run_config["ops"]  # type: ignore[index]  # what the launchpad shows
+    # settings whose default is null are in the launchpad too, so a user can find and set them
+    assert default["pretrained_model"]["config"]["model"]["encoder_weights"] is None
+    assert "encoder_weights" in default["pretrained_model"]["config"]["model"]
+    assert "expected_bands" in default["tile_headers"]["config"]
+    assert "transfer_split" in default["kd_student_model"]["config"]["kd"]
+    assert set(default) == {  # every asset with settings
+        "tile_headers", "dataset_splits", "tile_shards", "auxiliary_sources", "pretrained_model",
+        "kd_student_model", "ensemble_predictions", "evaluation_report", "champion_model",
+    }  # fmt: skip
+    schedule = defs.get_schedule_def("weekly_retrain")
+    assert schedule.job_name == "full_pipeline_job"
 
 
 def test_shipped_run_configs_validate_against_the_jobs() -> None:

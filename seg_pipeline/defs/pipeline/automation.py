@@ -3,13 +3,15 @@
 All stopped by default; turn them on in the UI (Automation tab).
 """
 
+import copy
 import json
 import os
+from typing import Any
 
 import dagster as dg
 
 from seg_pipeline.data.watch import snapshot
-from seg_pipeline.defs.pipeline.jobs import full_pipeline_job, ingest_job
+from seg_pipeline.defs.pipeline.jobs import PRESET_CONFIGS, full_pipeline_job, ingest_job
 from seg_pipeline.defs.resources import StorageResource
 
 WATCHED = tuple(d for d in os.environ.get("SEG_PIPELINE_WATCH", "demo").split(",") if d)
@@ -32,9 +34,18 @@ def _request(dataset: str, fingerprint: str, retrain: bool) -> dg.RunRequest:
     return dg.RunRequest(
         run_key=f"{'retrain' if retrain else 'ingest'}-{dataset}-{fingerprint[:16]}",
         job_name=job.name,
-        run_config={"ops": {"tile_headers": {"config": {"dataset_id": dataset}}}},
+        run_config=for_dataset(PRESET_CONFIGS[job.name], dataset),
         tags={DATASET_TAG: dataset},
     )
+
+
+def for_dataset(run_config: dict[str, Any], dataset: str) -> dict[str, Any]:
+    """``run_config`` (a job's preset) with the target dataset replaced: a run config replaces the
+    job's default as a whole, so the request carries the preset's other settings itself.
+    """
+    changed = copy.deepcopy(run_config)
+    changed["ops"]["tile_headers"]["config"]["dataset_id"] = dataset
+    return changed
 
 
 @dg.sensor(
