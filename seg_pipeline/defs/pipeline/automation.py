@@ -52,7 +52,7 @@ def for_dataset(run_config: dict[str, Any], dataset: str) -> dict[str, Any]:
     jobs=[ingest_job, full_pipeline_job],
     minimum_interval_seconds=60,
     default_status=dg.DefaultSensorStatus.STOPPED,
-    description="Watches data/raw/<dataset> (SEG_PIPELINE_WATCH); runs ingest on any change and the full "
+    description="Watches data/raw/DATASET (SEG_PIPELINE_WATCH); runs ingest on any change and the full "
     "pipeline once SEG_PIPELINE_RETRAIN_AFTER_NEW_MASKS new masks arrived since the last retrain.",
 )
 def raw_tiles_sensor(context: dg.SensorEvaluationContext, storage: StorageResource) -> dg.SensorResult:

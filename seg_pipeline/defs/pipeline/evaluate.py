@@ -3,6 +3,7 @@
 No ``from __future__ import annotations``: Dagster reads Config annotations at runtime.
 """
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import dagster as dg
@@ -94,6 +95,8 @@ def _report_metadata(value: EvaluationReport) -> dict[str, Any]:
             "ensemble_miou": rounded(value.score(ENSEMBLE).miou),
             "best_single": value.best_single,
             "best_single_miou": rounded(value.score(value.best_single).miou),
+            # one float per model: the asset's Plots tab then draws each model's trend across retrains
+            **{f"miou_{score.name}": rounded(score.miou) for score in value.scores},
             "mlflow_run": link(value.run_url),
             "mlflow_run_id": value.run_id,
             "confusion_matrix": picture(value.confusion_png),
@@ -133,28 +136,40 @@ def evaluation_report(
     return dg.Output(value, metadata=_report_metadata(value))
 
 
-@dg.asset_check(
-    asset=evaluation_report, blocking=True, description="Ensemble mIoU reaches the configured floor."
+@dg.multi_asset_check(
+    specs=[
+        dg.AssetCheckSpec(
+            "metrics_above_floor",
+            asset=evaluation_report,
+            blocking=True,
+            description="Ensemble mIoU reaches the configured floor.",
+        ),
+        dg.AssetCheckSpec(
+            "ensemble_not_worse_than_best_single",
+            asset=evaluation_report,
+            blocking=True,
+            description="The ensemble is not worse than the best single model.",
+        ),
+    ],
 )
-def metrics_above_floor(evaluation_report: EvaluationReport) -> dg.AssetCheckResult:
-    """A model that cannot beat the floor must not move on to the champion gate."""
+def evaluation_report_checks(evaluation_report: EvaluationReport) -> Iterator[dg.AssetCheckResult]:
+    """A model that cannot beat the floor, or an ensemble that does not pay for itself (within a
+    tolerance), must not move on to the champion gate.
+
+    One op for both checks: Dagster orders the blocking checks of an asset by output name, and two
+    single-check ops both call theirs ``result``, so the job snapshot would change with
+    ``PYTHONHASHSEED`` (every CLI-launched run then showed a spurious re-execution warning).
+    """
     miou = evaluation_report.score(ENSEMBLE).miou
-    return dg.AssetCheckResult(
+    yield dg.AssetCheckResult(
+        check_name="metrics_above_floor",
         passed=bool(miou >= evaluation_report.miou_floor),
         metadata={"ensemble_miou": rounded(miou) or 0.0, "floor": evaluation_report.miou_floor},
     )
-
-
-@dg.asset_check(
-    asset=evaluation_report,
-    blocking=True,
-    description="The ensemble is not worse than the best single model.",
-)
-def ensemble_not_worse_than_best_single(evaluation_report: EvaluationReport) -> dg.AssetCheckResult:
-    """Ensembling must pay for itself (within a tolerance)."""
     best = evaluation_report.best_single
     gap = evaluation_report.score(ENSEMBLE).miou - evaluation_report.score(best).miou
-    return dg.AssetCheckResult(
+    yield dg.AssetCheckResult(
+        check_name="ensemble_not_worse_than_best_single",
         passed=bool(gap >= -evaluation_report.ensemble_tolerance),
         metadata={
             "ensemble_minus_best_single": rounded(gap) or 0.0,
