@@ -35,6 +35,7 @@ class TrainedModel(Contract):
     normalization: BandStatistics
     monitor: str
     best_score: float | None
+    score_floor: float = Field(default=0.0, description="The floor the model's check holds best_score to.")
     best_epoch: int | None
     epochs_run: int
     stopped_early: bool

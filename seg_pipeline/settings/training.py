@@ -150,6 +150,13 @@ class StageSettings(Settings):
     augment: AugmentSettings = Field(default_factory=AugmentSettings, description="Training augmentation.")
     loop: LoopSettings = Field(default_factory=LoopSettings, description="Epochs, precision, checkpoints.")
     val_split: str = Field(default="val", description="Split of the target that validates each epoch.")
+    score_floor: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="The model's asset check warns when its best monitored score (val mIoU by default) is "
+        "below this: a stage that did not learn shows on its page before anything downstream is read.",
+    )
     validation: ValidationSettings = Field(
         default_factory=ValidationSettings,
         description="Full-resolution validation with the inference windows.",

@@ -1,7 +1,8 @@
 """Which checkpoint files a training run writes after each epoch, and the best score so far (F14).
 
-``last.pt`` every epoch, ``best.pt`` when the monitored metric improved, ``epoch-N.pt`` every
-``save_every`` epochs, ``final.pt`` at the end; the files themselves go through
+``last.pt`` every epoch (the full state, for resume), ``best.pt`` when the monitored metric improved,
+``epoch-N.pt`` every ``save_every`` epochs and ``final.pt`` at the end (weights and EMA weights only:
+Adam's moments would double their size, and nothing deployed needs them); the files go through
 :mod:`seg_pipeline.models.checkpoint` (atomic, ``weights_only``-loadable).
 """
 
@@ -13,6 +14,17 @@ from pathlib import Path
 from typing import Any
 
 from seg_pipeline.models.checkpoint import CheckpointError, link_or_copy, save_checkpoint
+
+#: What only resuming needs: optimizer moments (as large as the model again for Adam), scheduler,
+#: loss scaler and RNG states. ``last.pt`` keeps them; the checkpoints people deploy do not.
+RESUME_ONLY_KEYS = ("optimizer", "scheduler", "scaler", "rng")
+
+
+def weights_only_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """``state`` without :data:`RESUME_ONLY_KEYS`: weights, EMA weights, metrics, spec and config."""
+    return {key: value for key, value in state.items() if key not in RESUME_ONLY_KEYS} | {
+        "weights_only": True
+    }
 
 
 class CheckpointManager:
@@ -93,17 +105,19 @@ class CheckpointManager:
         return improved
 
     def save_epoch(self, state: Mapping[str, Any], epoch: int, improved: bool) -> list[Path]:
-        """Write ``last.pt``, then publish it as ``best.pt``/``epoch-N.pt`` when due (no re-serialising)."""
+        """Write ``last.pt`` (full state, to resume), then ``best.pt``/``epoch-N.pt`` when due (weights)."""
         written = [save_checkpoint(self.last_path, state)]
-        if improved:
-            written.append(link_or_copy(self.last_path, self.best_path))
+        published = [self.best_path] if improved else []
         if self.save_every and epoch % self.save_every == 0:
-            written.append(link_or_copy(self.last_path, self.epoch_path(epoch)))
+            published.append(self.epoch_path(epoch))
+        if published:
+            written.append(save_checkpoint(published[0], weights_only_state(state)))
+            written.extend(link_or_copy(published[0], path) for path in published[1:])
         return written
 
     def save_final(self, state: Mapping[str, Any]) -> Path:
-        """Write ``final.pt`` (the state at the end of training, early-stopped or not)."""
-        return save_checkpoint(self.final_path, state)
+        """Write ``final.pt`` (the weights at the end of training, early-stopped or not)."""
+        return save_checkpoint(self.final_path, weights_only_state(state))
 
     def state_dict(self) -> dict[str, Any]:
         """What resume needs: best score and epoch, patience counter, monitor."""

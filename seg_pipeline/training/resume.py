@@ -60,6 +60,11 @@ def restore_training_state(
 ) -> tuple[int, list[dict[str, float]], bool]:
     """Load a checkpoint written by :func:`training_state`: (last finished epoch, history, stopped_early)."""
     state = load_checkpoint(path, map_location="cpu")
+    if state.get("weights_only"):
+        raise CheckpointError(
+            f"{path} holds weights only (best.pt, epoch-N.pt and final.pt leave the optimizer state out); "
+            f"resume from last.pt in the same folder, or start a new run from these weights"
+        )
     if state.get("format_version") != CHECKPOINT_FORMAT_VERSION or "optimizer" not in state:
         raise CheckpointError(f"{path} is not a resumable training checkpoint (no optimizer/format_version).")
     check_state_dict_compatible(runner.bare_model, state["model"], path)

@@ -34,6 +34,7 @@ from seg_pipeline.data.splits import (
     split_counts,
     write_split_table,
 )
+from seg_pipeline.data.watch import snapshot
 from seg_pipeline.inference.palette import class_palette
 from seg_pipeline.io import file_sha256, folder_lock, write_json
 from seg_pipeline.progress import default_log_fn
@@ -58,6 +59,40 @@ def _normalization(result: HeaderResult) -> BandStatistics | None:
     except ValueError:  # no valid tile: the quarantine check reports it
         return None
     return BandStatistics(mean=list(stats.mean), std=list(stats.std))
+
+
+@dataclass(frozen=True)
+class RawDataset:
+    """One raw dataset folder as the watcher sees it."""
+
+    dataset_id: str
+    fingerprint: str
+    n_files: int
+    n_masks: int
+
+
+@dataclass(frozen=True)
+class RawObservation:
+    """Every raw dataset folder, and one fingerprint over all of them."""
+
+    fingerprint: str
+    datasets: list[RawDataset]
+
+
+def observe_raw(layout: DataLayout) -> RawObservation:
+    """Fingerprint every dataset folder under the raw root (paths, sizes, mtimes; nothing is opened)."""
+    root = layout.raw_root
+    folders = (
+        sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if root.is_dir()
+        else []
+    )
+    datasets = []
+    for folder in folders:
+        snap = snapshot(folder)
+        datasets.append(RawDataset(folder.name, snap.fingerprint, snap.n_files, snap.n_masks))
+    digest = hashlib.sha256("".join(f"{d.dataset_id}:{d.fingerprint}\n" for d in datasets).encode())
+    return RawObservation(digest.hexdigest(), datasets)
 
 
 def catalogue(settings: DatasetSettings, layout: DataLayout, log_fn: LogFn | None = None) -> CatalogueRun:

@@ -49,10 +49,15 @@ class DataLayout:
         """The layout at ``root`` (default: :func:`default_data_root`), made absolute."""
         return cls(Path(root).expanduser().resolve() if root is not None else default_data_root())
 
+    @property
+    def raw_root(self) -> Path:
+        """``raw/``: one folder of tiles per dataset."""
+        return self.root / "raw"
+
     def raw_dir(self, dataset_id: str, override: str | None = None) -> Path:
         """The raw tiles of ``dataset_id``: ``override`` when given, else ``raw/<dataset_id>``."""
         _checked_id(dataset_id)
-        return Path(override).expanduser().resolve() if override else self.root / "raw" / dataset_id
+        return Path(override).expanduser().resolve() if override else self.raw_root / dataset_id
 
     def processed_dir(self, dataset_id: str) -> Path:
         """Catalog, split table and shards of ``dataset_id`` (not created here)."""

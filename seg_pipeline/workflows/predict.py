@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+import rasterio
 import torch
 
 from seg_pipeline.contracts import (
@@ -227,3 +228,24 @@ def predict_split(
         seconds={"predict": round(run.seconds, 3), "tune": round(tune_seconds, 3)},
         tuning=tuning,
     )
+
+
+def georeference_problems(predictions: PredictionSet) -> list[str]:
+    """One line per class map whose CRS, transform or size differs from its input raster.
+
+    A class map that does not overlay its image in a GIS is wrong however good its classes are.
+    """
+    problems = []
+    for folder in predictions.sets.values():
+        for item in predictions.items:
+            output = Path(folder) / f"{item.item_id}.tif"
+            with rasterio.open(item.input) as src, rasterio.open(output) as dst:
+                if (src.height, src.width) != (dst.height, dst.width):
+                    problems.append(f"{output}: {dst.width}x{dst.height} px, input {src.width}x{src.height}")
+                if src.crs != dst.crs:
+                    problems.append(f"{output}: CRS {dst.crs}, input {src.crs}")
+                if src.crs is not None and not src.transform.almost_equals(dst.transform):
+                    problems.append(
+                        f"{output}: transform {tuple(dst.transform)[:6]}, input {tuple(src.transform)[:6]}"
+                    )
+    return problems

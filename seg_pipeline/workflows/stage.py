@@ -304,6 +304,7 @@ def _result(job: StageJob, fit: FitResult, started: float, tracking: TrackingRec
         normalization=catalog.normalization,
         monitor=job.settings.loop.monitor_key,
         best_score=fit.best_score,
+        score_floor=job.settings.score_floor,
         best_epoch=fit.best_epoch,
         epochs_run=fit.epochs_run,
         stopped_early=fit.stopped_early,

@@ -14,6 +14,7 @@ from seg_pipeline.data.synthetic import SyntheticSpec, write_synthetic_dataset
 REPO = Path(__file__).resolve().parents[2]
 #: Every asset of the graph, in pipeline order.
 PIPELINE_ASSETS = (
+    "raw_tiles",
     "tile_headers",
     "dataset_splits",
     "tile_shards",

@@ -218,6 +218,8 @@ def test_evaluation_report_and_checks(materialized) -> None:
     assert 0.0 <= report.score("ensemble").miou <= 1.0
     checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
     assert checks["metrics_above_floor"] and checks["ensemble_not_worse_than_best_single"]
+    assert checks["predictions_overlay_their_inputs"]  # each class map has its input's CRS, transform, size
+    assert checks["pretrained_score_above_floor"] and checks["student_score_above_floor"]
     meta = result.asset_materializations_for_node("evaluation_report")[0].metadata
     for score in report.scores:  # floats, so the Plots tab shows each model's trend across retrains
         assert isinstance(meta[f"miou_{score.name}"], dg.FloatMetadataValue)

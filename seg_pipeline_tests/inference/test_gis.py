@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from xml.etree import ElementTree
 
@@ -14,12 +15,14 @@ from affine import Affine
 from rio_cogeo.cogeo import cog_validate
 from torch import nn
 
+from seg_pipeline.contracts import EnsembleMember, PredictionItem, PredictionSet
 from seg_pipeline.data.normalization import BandStats
 from seg_pipeline.data.spec import DatasetSpecError, read_classes
 from seg_pipeline.inference.palette import class_palette
 from seg_pipeline.inference.predict import MOSAIC_NAME, LoadedModel, predict_files
 from seg_pipeline.settings import DatasetSettings, PredictSettings
 from seg_pipeline.workflows.ingest import class_colors
+from seg_pipeline.workflows.predict import georeference_problems
 
 CRS = "EPSG:32636"
 STATS = BandStats((127.0, 127.0, 127.0), (50.0, 50.0, 50.0))
@@ -169,3 +172,32 @@ def test_classes_txt_may_give_a_colour_after_each_name(tmp_path: Path) -> None:
         class_colors(
             DatasetSettings(dataset_id="d", class_colors={"watr": [0, 0, 255]}), tmp_path, ("water",)
         )
+
+
+def test_the_overlay_check_names_a_class_map_that_moved(
+    predicted: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
+    out, scenes = predicted
+    items = [PredictionItem(item_id=p.stem, input=str(p), target="") for p in scenes]
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    with rasterio.open(moved / "east.tif", "r+", IGNORE_COG_LAYOUT_BREAK="YES") as dst:
+        dst.transform = dst.transform * Affine.translation(10, 0)  # ten pixels to the east
+    good, bad = (
+        PredictionSet(
+            split="test",
+            out_root=str(folder),
+            sets={"ensemble": str(folder)},
+            items=items,
+            members=[EnsembleMember(name="m", checkpoint="none")],
+            candidate="m",
+            class_names=list(CLASSES),
+            ignore_index=255,
+            views_per_input=1,
+            settings=_settings(),
+        )
+        for folder in (out, moved)
+    )
+    assert georeference_problems(good) == []
+    problems = georeference_problems(bad)
+    assert len(problems) == 1 and problems[0].startswith(f"{moved / 'east.tif'}: transform")

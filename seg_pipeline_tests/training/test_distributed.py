@@ -141,7 +141,8 @@ def test_two_gloo_ranks_see_disjoint_data_and_end_with_identical_weights(tmp_pat
         "run_manifest.json",
     ]
     saved = torch.load(tmp_path / "ckpt" / "final.pt", weights_only=True)
-    assert saved["world_size"] == WORLD and len(saved["rng"]) == WORLD
+    resumable = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)  # RNG states live in last.pt
+    assert saved["world_size"] == WORLD and len(resumable["rng"]) == WORLD
     for key, value in ranks[0]["state"].items():
         assert torch.equal(saved["model"][key], value)
 

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from seg_pipeline.hardware import cpu_bf16_is_fast
-from seg_pipeline.models.checkpoint import load_checkpoint, load_model_weights
+from seg_pipeline.models.checkpoint import CheckpointError, load_checkpoint, load_model_weights
 from seg_pipeline.settings import LoopSettings, SettingsError
 from seg_pipeline.training.objectives import SupervisedObjective
 from seg_pipeline.training.optim import build_optimizer, build_scheduler
@@ -268,6 +268,17 @@ def test_fit_overfits_tiny_unet_with_default_cpu_policy_and_writes_files(tmp_pat
     assert {"train/loss", "lr", "val/acc", "epoch_time_s"} <= set(result.history[-1])
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["best.pt", "epoch-0002.pt", "epoch-0004.pt", "final.pt", "last.pt", "run_manifest.json"]
+    # Only last.pt keeps what resuming needs; the files people deploy hold weights (and EMA) only.
+    assert "optimizer" in load_checkpoint(tmp_path / "last.pt")
+    for name in ("best.pt", "epoch-0002.pt", "final.pt"):
+        published = load_checkpoint(tmp_path / name)
+        assert published["weights_only"] and not {"optimizer", "scheduler", "scaler", "rng"} & set(published)
+    assert (tmp_path / "best.pt").stat().st_size < 0.75 * (tmp_path / "last.pt").stat().st_size
+    with pytest.raises(CheckpointError, match=r"holds weights only .* resume from last.pt"):
+        again = _tiny_unet()
+        optimizer = torch.optim.SGD(again.parameters(), lr=0.1)
+        fit(again, SupervisedObjective(F.cross_entropy), _batches(4, 2), None, None, optimizer, None,
+            _config(), tmp_path / "again", resume=tmp_path / "best.pt")  # fmt: skip
     best = load_model_weights(_tiny_unet(), result.best_checkpoint)
     assert best["epoch"] == result.best_epoch and best["best_score"] == pytest.approx(result.best_score)
     assert best["model_spec"]["encoder"] == "resnet18" and best["config"]["run"] == {"dataset": "tiny"}

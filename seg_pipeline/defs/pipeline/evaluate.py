@@ -80,6 +80,21 @@ def ensemble_predictions(
     return dg.Output(value, metadata=metadata)
 
 
+@dg.asset_check(
+    asset=ensemble_predictions,
+    blocking=True,
+    description="Every class map has its input's CRS, transform and size (it overlays the image in a GIS).",
+)
+def predictions_overlay_their_inputs(ensemble_predictions: PredictionSet) -> dg.AssetCheckResult:
+    """A class map that does not overlay its image is wrong however good its classes are."""
+    problems = predict.georeference_problems(ensemble_predictions)
+    return dg.AssetCheckResult(
+        passed=not problems,
+        metadata={"class_maps": len(ensemble_predictions.items) * len(ensemble_predictions.sets)},
+        description="; ".join(problems[:20]) or None,
+    )
+
+
 def _report_metadata(value: EvaluationReport) -> dict[str, Any]:
     columns = ("miou", "mdice", "pixel_accuracy", "fwiou", "kappa")
     rows = [{"model": s.name, **{c: getattr(s, c) for c in columns}} for s in value.scores]

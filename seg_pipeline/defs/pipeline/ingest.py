@@ -59,8 +59,36 @@ def _catalog_metadata(run: ingest.CatalogueRun) -> dict[str, Any]:
     }
 
 
+@dg.observable_source_asset(
+    group_name=GROUP,
+    description="The raw tile folders under data/raw (one per dataset). Its data version is a fingerprint "
+    "of every raster's path, size and mtime, so new or changed tiles show the ingest assets as unsynced.",
+)
+def raw_tiles(storage: StorageResource) -> dg.ObserveResult:
+    """Fingerprint each dataset folder without opening a raster (what the sensor compares too)."""
+    observed = ingest.observe_raw(storage.layout)
+    return dg.ObserveResult(
+        data_version=dg.DataVersion(observed.fingerprint),
+        metadata={
+            "datasets": table(
+                [
+                    {
+                        "dataset": d.dataset_id,
+                        "files": d.n_files,
+                        "masks": d.n_masks,
+                        "fingerprint": d.fingerprint[:12],
+                    }
+                    for d in observed.datasets
+                ]
+            ),
+            "files": sum(d.n_files for d in observed.datasets),
+        },
+    )
+
+
 @dg.asset(
     group_name=GROUP,
+    deps=[raw_tiles],
     code_version=code_version(ingest.catalogue),
     kinds={"python", "parquet"},
     description="Per-tile catalog (shape, bands, dtype, CRS, transform, bounds, nodata, labels, checksums) "

@@ -32,7 +32,7 @@ def _job(
     PRESET_CONFIGS[name] = job_run_config(_assets(), groups, PRESET)
     return dg.define_asset_job(
         name=name,
-        selection=dg.AssetSelection.groups(*groups),
+        selection=dg.AssetSelection.groups(*groups, include_sources=True),
         description=f"{description} Default run config: {PRESET.name}.",
         config=PRESET_CONFIGS[name],
         tags=tags,

@@ -164,3 +164,31 @@ def kd_student_model(
     metadata = _metadata(model)
     metadata["teacher_best_val_miou"] = rounded(pretrained_model.best_score) or 0.0
     return dg.Output(model, metadata=metadata)
+
+
+def _score_check(model: TrainedModel) -> dg.AssetCheckResult:
+    """Warns (does not block) when a stage's best monitored score is missing or below its floor."""
+    score = model.best_score
+    passed = score is not None and score == score and score >= model.score_floor  # NaN never passes
+    return dg.AssetCheckResult(
+        passed=bool(passed),
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata=without_none(
+            {"monitor": model.monitor, "best_score": rounded(score), "floor": model.score_floor}
+        ),
+        description=None
+        if passed
+        else f"best {model.monitor} {score} is below score_floor {model.score_floor}",
+    )
+
+
+@dg.asset_check(asset=pretrained_model, description="Best monitored score (val mIoU) reaches score_floor.")
+def pretrained_score_above_floor(pretrained_model: TrainedModel) -> dg.AssetCheckResult:
+    """A stage that did not learn should show on its own page."""
+    return _score_check(pretrained_model)
+
+
+@dg.asset_check(asset=kd_student_model, description="Best monitored score (val mIoU) reaches score_floor.")
+def student_score_above_floor(kd_student_model: TrainedModel) -> dg.AssetCheckResult:
+    """A stage that did not learn should show on its own page."""
+    return _score_check(kd_student_model)
