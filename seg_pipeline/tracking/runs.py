@@ -199,7 +199,36 @@ class TrackedRun:
         """Save a matplotlib (or plotly) figure as the artefact file ``name`` (e.g. ``plots/loss.png``)."""
         self._client.log_figure(self.run_id, figure, name)
 
+    # -- datasets ----------------------------------------------------------------------------------
+
+    def log_dataset(self, name: str, path: Path | str, digest: str, context: str = "training") -> None:
+        """Record a dataset this run read (``mlflow.log_input``): its folder, and its data version as digest.
+
+        A metadata-only dataset: nothing is copied, the run's "Datasets used" list shows which data
+        (by the same version Dagster tracks) trained or was scored.
+        """
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        with _using_uris(self.settings):
+            source = resolve_dataset_source(str(Path(path).resolve()))
+            # MLflow leaves "profile" abstract in the base class; MetaDataset works without one
+            dataset = MetaDataset(source, name=name, digest=digest[:36])._to_mlflow_entity()  # type: ignore[abstract]
+            entry = DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
+            self._client.log_inputs(self.run_id, datasets=[entry])
+
     # -- models ------------------------------------------------------------------------------------
+
+    def describe_model_version(
+        self, name: str, version: str, description: str, tags: Mapping[str, Any]
+    ) -> None:
+        """Give a registered version its description and tags (scores, data version, producing run)."""
+        client = self.settings.client()
+        client.update_model_version(name, version, description=description)
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version, key, truncate_value(str(value), MAX_TAG_VAL_LENGTH))
 
     def log_model(
         self,

@@ -28,7 +28,14 @@ from seg_pipeline.models.loading import load_trained_model
 from seg_pipeline.progress import default_log_fn
 from seg_pipeline.settings import KDStageSettings, PretrainSettings, StageSettings
 from seg_pipeline.settings.models import ModelSpec
-from seg_pipeline.tracking import TrackedRun, TrackingSettings, check_tracking_uri, log_environment, start_run
+from seg_pipeline.tracking import (
+    TAG_PIPELINE_RUN_ID,
+    TrackedRun,
+    TrackingSettings,
+    check_tracking_uri,
+    log_environment,
+    start_run,
+)
 from seg_pipeline.training.distill import DistillationObjective
 from seg_pipeline.training.distributed import init_distributed, is_initialized, is_main_process, world_size
 from seg_pipeline.training.losses import KnowledgeDistillationLoss, build_loss, inverse_frequency_weights
@@ -333,6 +340,23 @@ def _log_outputs(
         load_trained_model(model.checkpoint), artifact_path="model", registered_model_name=job.register_as
     )
     run.set_tags({"seg_pipeline.best_checkpoint": model.checkpoint})
+    if logged.registered_model_name and logged.registered_version:
+        score = "n/a" if model.best_score is None else f"{model.best_score:.4f}"
+        run.describe_model_version(
+            logged.registered_model_name,
+            logged.registered_version,
+            f"{job.stage} stage: {model.spec.architecture}-{model.spec.encoder} on "
+            f"{job.target.dataset_id} (data {job.target.data_version[:12]}), best {model.monitor} {score} "
+            f"at epoch {model.best_epoch}.",
+            {
+                model.monitor: score,
+                "dataset": job.target.dataset_id,
+                "data_version": job.target.data_version,
+                "stage": job.stage,
+                "mlflow_run_id": run.run_id,
+                **{key: value for key, value in job.run_tags.items() if key.startswith("dagster.")},
+            },
+        )
     return TrackingRecord(
         run_id=run.run_id,
         run_url=run.url,
@@ -345,6 +369,12 @@ def _log_outputs(
         if logged.registered_model_name and logged.registered_version
         else None,
     )
+
+
+def _run_name(job: StageJob) -> str:
+    """``<stage> <dataset> <Dagster run id[:8]>``: a run list that says what each run trained."""
+    pipeline_run = job.run_tags.get(TAG_PIPELINE_RUN_ID, "")
+    return " ".join(part for part in (job.stage, job.target.dataset_id, pipeline_run[:8]) if part)
 
 
 def run_stage(job: StageJob, log_fn: LogFn | None = None) -> TrainedModel:
@@ -365,10 +395,12 @@ def run_stage(job: StageJob, log_fn: LogFn | None = None) -> TrainedModel:
     if tracking is None:
         return _result(job, fit(), started, None)
     with start_run(
-        tracking, run_name=job.stage, tags={**job.run_tags, "seg_pipeline.stage": job.stage}
+        tracking, run_name=_run_name(job), tags={**job.run_tags, "seg_pipeline.stage": job.stage}
     ) as run:
         run.log_params({"stage": job.stage, **trainer.run_config})
         log_environment(run)
+        for source in job.sources:
+            run.log_dataset(source.name, source.shards.dataset_dir, source.shards.data_version)
 
         def log_epoch(epoch: int, logs: dict[str, float]) -> None:
             run.log_metrics({k: v for k, v in logs.items() if np.isfinite(v)}, step=epoch)

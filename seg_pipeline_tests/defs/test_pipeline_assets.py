@@ -169,6 +169,17 @@ def test_mlflow_runs_hold_params_metrics_tags_and_registered_models(materialized
         assert [m.step for m in history] == list(range(1, value.epochs_run + 1))
         version = client.get_model_version(name, value.tracking.registered_version)
         assert version.run_id == value.tracking.run_id
+        # the registered version says what it is, and links back to its run and data
+        assert version.description.startswith(f"{stage} stage: unet-resnet18 on demo (data ")
+        assert version.tags["data_version"] == result.output_for_node("tile_shards").data_version
+        assert version.tags["dagster.run_id"] == run_id and version.tags["mlflow_run_id"] == run.info.run_id
+        assert version.tags["val/miou"] == f"{value.best_score:.4f}"
+        assert run.info.run_name == f"{stage} demo {run_id[:8]}"
+        inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+        assert inputs["demo"].dataset.digest == result.output_for_node("tile_shards").data_version[:36]
+        assert {t.key: t.value for t in inputs["demo"].tags}["mlflow.data.context"] == "training"
+        if stage == "pretrain":
+            assert "demo_aux" in inputs  # the auxiliary source is a training input too
         artifacts = {a.path for a in client.list_artifacts(value.tracking.run_id)}
         assert {"checkpoints", "resolved_config.json"} <= artifacts
     kd_run = client.get_run(result.output_for_node("kd_student_model").tracking.run_id)
