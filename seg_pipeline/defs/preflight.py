@@ -19,17 +19,19 @@ from seg_pipeline.defs.config import to_settings
 from seg_pipeline.settings import SettingsError, format_errors
 
 
+def config_class(asset: dg.AssetsDefinition) -> type[dg.Config] | None:
+    """The class of an asset's ``config`` parameter (None for assets without settings)."""
+    function = getattr(getattr(getattr(asset, "op", None), "compute_fn", None), "decorated_fn", None)
+    hint = typing.get_type_hints(function).get("config") if function is not None else None
+    return hint if isinstance(hint, type) and issubclass(hint, dg.Config) else None
+
+
 def config_classes(definitions: dg.Definitions) -> dict[str, type[dg.Config]]:
     """The ``config`` parameter's class of every asset, by asset (op) name."""
     classes: dict[str, type[dg.Config]] = {}
     for asset in definitions.assets or []:
-        op = getattr(asset, "op", None)
-        function = getattr(getattr(op, "compute_fn", None), "decorated_fn", None)
-        if op is None or function is None:
-            continue
-        hint = typing.get_type_hints(function).get("config")
-        if isinstance(hint, type) and issubclass(hint, dg.Config):
-            classes[op.name] = hint
+        if isinstance(asset, dg.AssetsDefinition) and (found := config_class(asset)) is not None:
+            classes[asset.op.name] = found
     return classes
 
 

@@ -10,7 +10,6 @@ uses that config alone, as Dagster always does.
 from __future__ import annotations
 
 import os
-import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import dagster as dg
 import yaml
 from pydantic import ValidationError
 
+from seg_pipeline.defs.preflight import config_class
 from seg_pipeline.settings import format_errors
 
 PRESET_ENV = "SEG_PIPELINE_RUN_CONFIG"
@@ -28,12 +28,6 @@ DEMO_PRESET = Path(__file__).resolve().parents[1] / "presets" / "demo.yaml"
 def preset_path() -> Path:
     """``$SEG_PIPELINE_RUN_CONFIG`` when set, else the demo preset."""
     return Path(os.environ.get(PRESET_ENV) or DEMO_PRESET)
-
-
-def _config_class(asset: dg.AssetsDefinition) -> type[dg.Config] | None:
-    function = getattr(getattr(asset.op, "compute_fn", None), "decorated_fn", None)
-    hint = typing.get_type_hints(function).get("config") if function is not None else None
-    return hint if isinstance(hint, type) and issubclass(hint, dg.Config) else None
 
 
 def read_preset(path: Path) -> dict[str, Any]:
@@ -56,7 +50,7 @@ def job_run_config(
     wanted = set(groups)
     full: dict[str, Any] = {}
     for asset in assets:
-        config_cls = _config_class(asset)
+        config_cls = config_class(asset)
         if config_cls is None or not wanted & set(asset.group_names_by_key.values()):
             continue
         entry = ops.get(asset.op.name) or {}

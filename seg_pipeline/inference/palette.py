@@ -16,7 +16,7 @@ import numpy as np
 
 from seg_pipeline.inference.writers import default_palette
 
-__all__ = ["KNOWN_COLORS", "class_palette"]
+__all__ = ["KNOWN_COLORS", "class_palette", "stored_palette"]
 
 RGB = tuple[int, int, int]
 
@@ -83,3 +83,10 @@ def class_palette(
     fill = (rgb for rgb in ((int(r), int(g), int(b)) for r, g, b in candidates) if rgb not in taken)
     palette = [rgb if rgb is not None else next(fill) for rgb in chosen]
     return np.asarray(palette, dtype=np.uint8).reshape(len(class_names), 3)
+
+
+def stored_palette(class_names: Sequence[str], class_colors: Sequence[Sequence[int]]) -> np.ndarray:
+    """The colours a dataset resolved at ingest (one per class), else :func:`class_palette` by name."""
+    if len(class_colors) == len(class_names):
+        return np.asarray(class_colors, dtype=np.uint8).reshape(-1, 3)
+    return class_palette(class_names)

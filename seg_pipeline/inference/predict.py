@@ -25,7 +25,7 @@ from seg_pipeline.data.normalization import BandStats, normalize
 from seg_pipeline.data.raster_io import RASTER_EXTENSIONS
 from seg_pipeline.inference.ensemble import ENSEMBLE, EnsemblePredictor, inference_dtype, resolve_device
 from seg_pipeline.inference.gis import ClassStyle, write_mosaic_vrt, write_qml
-from seg_pipeline.inference.palette import class_palette
+from seg_pipeline.inference.palette import stored_palette
 from seg_pipeline.inference.tiling import SetTarget, predict_raster_sets
 from seg_pipeline.inference.tta import TTAConfig
 from seg_pipeline.inference.writers import save_color_png
@@ -53,9 +53,7 @@ class LoadedModel:
     @property
     def palette(self) -> np.ndarray:
         """``(K, 3)`` display colours: the dataset's, stored with the model, else by class name."""
-        if len(self.class_colors) == len(self.class_names):
-            return np.asarray(self.class_colors, dtype=np.uint8).reshape(-1, 3)
-        return class_palette(self.class_names)
+        return stored_palette(self.class_names, self.class_colors)
 
 
 def load_stage_model(checkpoint: Path | str, name: str | None = None) -> LoadedModel:

@@ -26,7 +26,7 @@ from seg_pipeline.evaluation.report import (
     write_markdown_report,
 )
 from seg_pipeline.inference.ensemble import ENSEMBLE
-from seg_pipeline.inference.palette import class_palette
+from seg_pipeline.inference.palette import stored_palette
 from seg_pipeline.metrics import SegmentationMetrics
 from seg_pipeline.progress import ItemProgress
 from seg_pipeline.settings import EvaluationSettings
@@ -84,11 +84,7 @@ OVERLAY_SIDE = 1024
 
 
 def _overlays(predictions: PredictionSet, report_dir: Path, count: int) -> list[Path]:
-    palette = (
-        np.asarray(predictions.class_colors, dtype=np.uint8)
-        if len(predictions.class_colors) == len(predictions.class_names)
-        else class_palette(predictions.class_names)
-    )
+    palette = stored_palette(predictions.class_names, predictions.class_colors)
     paths = []
     for item in predictions.items[:count]:
         prediction = read_decimated(predictions.folder(ENSEMBLE) / f"{item.item_id}.tif", OVERLAY_SIDE)[0]
