@@ -9,6 +9,11 @@ from pydantic import Field
 from seg_pipeline.contracts.base import Contract
 
 
+def positive_ids(named: list[int], num_classes: int) -> list[int]:
+    """The foreground class ids: those named, else every class after the first (seed 003's rule)."""
+    return list(named) if named else list(range(1, num_classes))
+
+
 class BandStatistics(Contract):
     """Per-band mean and standard deviation of the valid pixels: the normalisation a model trains with."""
 
@@ -36,6 +41,10 @@ class Catalog(Contract):
     mask_values: dict[int, int] = Field(
         default_factory=dict, description="Raw mask value -> class id applied at ingest ({} = none)."
     )
+    positive_classes: list[int] = Field(
+        default_factory=list,
+        description="Foreground class ids pooled in validation and the report ([] = all after the first).",
+    )
     bands: int | None = Field(description="Band count of the valid tiles (None when none is valid).")
     normalization: BandStatistics | None
     n_tiles: int
@@ -50,6 +59,11 @@ class Catalog(Contract):
     def num_classes(self) -> int:
         """Number of classes (model outputs)."""
         return len(self.class_names)
+
+    @property
+    def positive_ids(self) -> list[int]:
+        """``positive_classes``, or every class after the first when none were named."""
+        return positive_ids(self.positive_classes, self.num_classes)
 
 
 class SplitTable(Contract):

@@ -54,6 +54,10 @@ class PredictionSet(Contract):
         default_factory=list, description="Display colour [r, g, b] of each class ([] = by class name)."
     )
     ignore_index: int
+    positive_classes: list[int] = Field(
+        default_factory=list,
+        description="Foreground class ids pooled in the report ([] = all after the first).",
+    )
     views_per_input: int
     settings: PredictSettings
     seconds: dict[str, float] = Field(default_factory=dict)
@@ -83,6 +87,13 @@ class ModelScores(Contract):
     fwiou: float
     kappa: float
     iou: dict[str, float] = Field(description="Per-class IoU by class name (NaN: class absent from both).")
+    pooled: dict[str, float] = Field(
+        default_factory=dict, description="IoU, Dice, precision, recall of the positive classes pooled."
+    )
+    detection: dict[str, float] = Field(
+        default_factory=dict,
+        description="Tile-level 'holds a positive class' accuracy, precision, recall, F1.",
+    )
 
 
 class ClassDelta(Contract):

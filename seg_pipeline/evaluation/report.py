@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ from rasterio.windows import Window
 from seg_pipeline.data.raster_io import RASTER_EXTENSIONS, open_raster, raster_shape, read_array
 from seg_pipeline.io import atomic_write
 from seg_pipeline.metrics import ConfusionMatrix, SegmentationMetrics
+from seg_pipeline.metrics.detection import DetectionCounter, DetectionMetrics
+from seg_pipeline.metrics.scores import pooled_metrics
 from seg_pipeline.progress import ItemProgress
 
 SCALARS = ("miou", "mdice", "mprecision", "mrecall", "pixel_accuracy", "fwiou", "kappa")
@@ -38,6 +41,15 @@ class FolderEvaluation:
     pairs: list[tuple[Path, Path]]
     missing_predictions: list[str]
     unpredicted_pixels: int = 0  # input nodata: no prediction, left out of the matrix
+    positive_classes: tuple[int, ...] = ()  # pooled as one foreground (seed 003); () = not pooled
+    detection: DetectionMetrics | None = None  # each file one "holds a positive class" decision
+
+    def pooled(self) -> dict[str, float]:
+        """IoU, Dice, precision and recall of the positive classes pooled (``{}`` when none are set)."""
+        if not self.positive_classes:
+            return {}
+        pooled = pooled_metrics(self.matrix.matrix, self.positive_classes)
+        return {key: pooled[key] for key in ("iou", "dice", "precision", "recall")}
 
 
 def _rasters(folder: Path) -> dict[str, Path]:
@@ -84,16 +96,23 @@ def evaluate_pairs(
     ignore_nonpositive: bool = False,
     missing: Sequence[str] = (),
     progress: ItemProgress | None = None,
+    positive_classes: Sequence[int] = (),
+    detection_min_pixels: int = 1,
 ) -> FolderEvaluation:
     """One confusion matrix over ``(prediction, ground truth)`` raster pairs.
 
     Prediction pixels holding the class map's nodata value (input nodata) are not a class: they
     are left out of the matrix and counted in ``unpredicted_pixels``. ``progress`` (optional) is
-    advanced once per pair, so callers scoring many files can report throughput and ETA.
+    advanced once per pair, so callers scoring many files can report throughput and ETA. With
+    ``positive_classes`` each file is also one patch-detection decision (seed 003: it holds at least
+    ``detection_min_pixels`` scored pixels of those classes, in prediction and in truth).
     """
     matrix = ConfusionMatrix(num_classes, ignore_index=ignore_index, ignore_nonpositive=ignore_nonpositive)
+    positive = np.asarray(sorted(positive_classes), dtype=np.int64)
+    detection = DetectionCounter(positive.tolist(), detection_min_pixels) if positive.size else None
     unpredicted = 0
     for pred_path, truth_path in pairs:
+        positive_pixels = np.zeros(2, dtype=np.int64)
         pred_size, truth_size = _check_single_band(pred_path), _check_single_band(truth_path)
         if pred_size != truth_size:
             raise EvaluationInputError(
@@ -114,10 +133,25 @@ def evaluate_pairs(
                     "classes.txt"
                 )
             unpredicted += int((~predicted).sum())
-            matrix.update(pred[predicted].astype(np.int64), truth[predicted].astype(np.int64))
+            scored_pred, scored_truth = pred[predicted].astype(np.int64), truth[predicted].astype(np.int64)
+            matrix.update(scored_pred, scored_truth)
+            if detection is not None:
+                valid = scored_truth != ignore_index
+                if ignore_nonpositive:
+                    valid &= scored_truth > 0
+                positive_pixels += [
+                    np.count_nonzero(np.isin(scored_pred, positive) & valid),
+                    np.count_nonzero(np.isin(scored_truth, positive) & valid),
+                ]
+        if detection is not None:
+            detection.add_decision(int(positive_pixels[0]), int(positive_pixels[1]))
         if progress is not None:
             progress.advance(detail=f"{pred_path.parent.name}/{pred_path.stem}")
-    return FolderEvaluation(matrix.compute(), matrix, list(pairs), list(missing), unpredicted)
+    return FolderEvaluation(
+        matrix.compute(), matrix, list(pairs), list(missing), unpredicted,
+        positive_classes=tuple(positive.tolist()),
+        detection=None if detection is None else detection.compute(),
+    )  # fmt: skip
 
 
 def evaluate_folders(
@@ -128,10 +162,13 @@ def evaluate_folders(
     ignore_nonpositive: bool = False,
     allow_missing: bool = False,
     log_fn: Callable[[str], None] | None = None,
+    positive_classes: Sequence[int] = (),
+    detection_min_pixels: int = 1,
 ) -> FolderEvaluation:
     """Evaluate a prediction folder against a ground-truth folder, pairing files by stem.
 
-    Progress lines over the pairs go to ``log_fn`` (default: the ``seg_pipeline`` logger).
+    Progress lines over the pairs go to ``log_fn`` (default: the ``seg_pipeline`` logger);
+    ``positive_classes`` adds pooled and patch-detection scores (see :func:`evaluate_pairs`).
 
     Raises:
         EvaluationInputError: a mask has no prediction (unless ``allow_missing``) or sizes differ.
@@ -145,7 +182,10 @@ def evaluate_folders(
         )
     pairs = [(predictions[s], truths[s]) for s in sorted(set(truths) & set(predictions))]
     progress = ItemProgress(f"evaluate {Path(pred_dir).name}", len(pairs), unit="files", log_fn=log_fn)
-    evaluation = evaluate_pairs(pairs, num_classes, ignore_index, ignore_nonpositive, missing, progress)
+    evaluation = evaluate_pairs(
+        pairs, num_classes, ignore_index, ignore_nonpositive, missing, progress,
+        positive_classes=positive_classes, detection_min_pixels=detection_min_pixels,
+    )  # fmt: skip
     progress.done()
     return evaluation
 
@@ -236,8 +276,23 @@ def write_markdown_report(
     return path
 
 
+def strict_json(value: Any) -> Any:
+    """``value`` with NaN and infinities as ``None``: JSON that jq and JavaScript read (a NaN score is
+    a class absent from truth and prediction, or excluded from scoring).
+    """
+    if isinstance(value, dict):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(item) for item in value]
+    if isinstance(value, float | np.floating):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
 def write_json(path: Path, payload: Any) -> Path:
-    """JSON next to the report (machine-readable metrics)."""
+    """JSON next to the report (machine-readable metrics; NaN written as null)."""
     with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(payload, indent=2, default=float) + "\n")
+        tmp.write_text(json.dumps(strict_json(payload), indent=2, allow_nan=False) + "\n")
     return path

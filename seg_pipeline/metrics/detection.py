@@ -91,6 +91,13 @@ class DetectionCounter:
         ]
         return self
 
+    def add_decision(self, predicted_pixels: int, true_pixels: int) -> DetectionCounter:
+        """Add one patch known only by its counts of positive pixels (a scene scored strip by strip)."""
+        predicted, actual = predicted_pixels >= self.min_pixels, true_pixels >= self.min_pixels
+        self._counts += [predicted and actual, predicted and not actual, not predicted and not actual,
+                         actual and not predicted]  # fmt: skip
+        return self
+
     def merge(self, other: DetectionCounter) -> DetectionCounter:
         """Add another counter with the same settings in place and return self."""
         mine = (self.positive_classes, self.min_pixels, self.ignore_index)

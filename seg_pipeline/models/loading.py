@@ -24,6 +24,7 @@ class CheckpointInfo:
     normalization_std: tuple[float, ...]
     ignore_index: int
     class_colors: tuple[tuple[int, int, int], ...] = ()  # () = coloured by class name
+    positive_classes: tuple[int, ...] = ()  # () = every class after the first
 
 
 def checkpoint_info(checkpoint: Path | str) -> CheckpointInfo:
@@ -46,6 +47,7 @@ def checkpoint_info(checkpoint: Path | str) -> CheckpointInfo:
         normalization_std=tuple(run["normalization"]["std"]),
         ignore_index=int(run.get("ignore_index", 255)),
         class_colors=tuple((int(r), int(g), int(b)) for r, g, b in run.get("class_colors") or ()),
+        positive_classes=tuple(int(i) for i in run.get("positive_classes") or ()),
     )
 
 

@@ -13,7 +13,7 @@ from seg_pipeline.settings.data import (
     ShardSettings,
     SplitSettings,
 )
-from seg_pipeline.settings.evaluation import ChampionSettings, EvaluationSettings
+from seg_pipeline.settings.evaluation import ChampionSettings, EvaluationSettings, ScoringSettings
 from seg_pipeline.settings.inference import (
     PredictSettings,
     TTASettings,
@@ -52,6 +52,7 @@ __all__ = [
     "PredictSettings",
     "PretrainSettings",
     "SchedulerSettings",
+    "ScoringSettings",
     "Settings",
     "SettingsError",
     "ShardSettings",

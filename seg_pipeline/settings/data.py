@@ -65,6 +65,12 @@ class DatasetSettings(Settings):
         "then their mask_colors colour, then the remote-sensing palette by name (water blue, vegetation "
         "green, building red, bare soil brown, ...).",
     )
+    positive_classes: list[str] = Field(
+        default=[],
+        description="Foreground classes pooled into one (seed 003's fire IoU of every fire grade): the "
+        "pooled IoU/Dice/precision/recall and patch detection in validation and the report; empty = every "
+        "class after the first.",
+    )
     expected_bands: int | None = Field(
         default=None, ge=1, description="Band count every image must have; null = the majority count."
     )

@@ -51,10 +51,6 @@ class ModelSettings(Settings):
         default=None,
         description="null trains from scratch (works offline); 'imagenet' downloads pretrained weights.",
     )
-    positive_classes: list[int] | None = Field(
-        default=None,
-        description="Classes that count as positive for patch-level detection; null = every class > 0.",
-    )
 
     @field_validator("architecture", mode="before")
     @classmethod
@@ -118,6 +114,11 @@ class ModelSpec(ModelSettings):
     arch_kwargs: dict[str, Any] = Field(
         default={}, description="Extra keyword arguments for the SMP class (decoder_channels, ...)."
     )
+    positive_classes: list[int] | None = Field(
+        default=None,
+        description="Class ids the model's detection helpers count as positive (the dataset's "
+        "positive_classes, set at training); null = every class > 0.",
+    )
 
     @model_validator(mode="after")
     def _positives_in_range(self) -> Self:
@@ -143,6 +144,17 @@ class ModelSpec(ModelSettings):
         return tuple(range(1, self.num_classes))
 
     @classmethod
-    def from_settings(cls, settings: ModelSettings, in_channels: int, num_classes: int) -> ModelSpec:
+    def from_settings(
+        cls,
+        settings: ModelSettings,
+        in_channels: int,
+        num_classes: int,
+        positive_classes: list[int] | None = None,
+    ) -> ModelSpec:
         """The spec of ``settings`` for data with ``in_channels`` bands and ``num_classes`` classes."""
-        return cls(**settings.model_dump(), in_channels=in_channels, num_classes=num_classes)
+        return cls(
+            **settings.model_dump(),
+            in_channels=in_channels,
+            num_classes=num_classes,
+            positive_classes=positive_classes,
+        )

@@ -137,6 +137,7 @@ def _catalog_contract(
         class_colors=class_colors(settings, root, result.class_names),
         ignore_index=settings.ignore_index,
         mask_values=dict(result.mask_values),
+        positive_classes=class_ids("dataset.positive_classes", settings.positive_classes, result.class_names),
         bands=int(ok_bands.mode().iloc[0]) if len(ok_bands) else None,
         normalization=_normalization(result),
         n_tiles=len(result.catalog),
@@ -159,6 +160,16 @@ def class_colors(settings: DatasetSettings, root: Path, class_names: Sequence[st
         return class_palette(class_names, {**known, **settings.class_colors}).tolist()
     except ValueError as error:  # a class_colors name that is not a class
         raise ValueError(f"dataset.class_colors: {error}") from error
+
+
+def class_ids(field: str, names: Sequence[str], class_names: Sequence[str]) -> list[int]:
+    """The ids of class ``names``; a name that is not a class is an error naming ``field``."""
+    unknown = [name for name in names if name not in class_names]
+    if unknown:
+        raise ValueError(
+            f"{field}: {unknown} are not classes of the dataset; its classes are {list(class_names)}"
+        )
+    return [list(class_names).index(name) for name in names]
 
 
 def split(settings: SplitSettings, catalog: Catalog, log_fn: LogFn | None = None) -> SplitTable:

@@ -185,6 +185,8 @@ def predict_split(
     """Class maps of the evaluation split by each model and by the ensemble, in ``out_root/<set>/``.
 
     ``candidate`` names the member the champion gate may promote (it must be a registered model).
+    With ``settings.postprocess`` on, the class maps written (and so scored by the evaluation) are
+    the cleaned ones; the settings are kept in the result's ``settings`` and each map's tags.
     """
     log = log_fn or default_log_fn()
     split, rows = labeled_rows(shards, settings.split)
@@ -209,6 +211,8 @@ def predict_split(
         f"predicted {len(rows)} {split} tiles with {len(loaded)} models x "
         f"{run.views_per_input // len(loaded)} views in {run.seconds:.1f}s -> {out_root}"
     )
+    if settings.postprocess.enabled:
+        log(f"class maps post-processed with {settings.postprocess.model_dump()} (probabilities stay raw)")
     first = loaded[0]
     return PredictionSet(
         split=split,
@@ -223,6 +227,7 @@ def predict_split(
         class_names=list(first.class_names),
         class_colors=first.palette.tolist(),
         ignore_index=first.ignore_index,
+        positive_classes=list(first.positive_classes),
         views_per_input=run.views_per_input,
         settings=settings,
         seconds={"predict": round(run.seconds, 3), "tune": round(tune_seconds, 3)},

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from seg_pipeline.contracts import ClassDelta, EvaluationReport, ModelScores, PredictionSet
+from seg_pipeline.contracts.data import positive_ids
 from seg_pipeline.data.raster_io import read_decimated
 from seg_pipeline.evaluation.plots import plot_confusion_matrix, plot_overlay
 from seg_pipeline.evaluation.report import (
@@ -27,12 +28,15 @@ from seg_pipeline.evaluation.report import (
 )
 from seg_pipeline.inference.ensemble import ENSEMBLE
 from seg_pipeline.inference.palette import stored_palette
-from seg_pipeline.metrics import SegmentationMetrics
 from seg_pipeline.progress import ItemProgress
-from seg_pipeline.settings import EvaluationSettings
+from seg_pipeline.settings import EvaluationSettings, ScoringSettings
 from seg_pipeline.tracking import TrackingSettings, start_run
 
 LogFn = Callable[[str], None]
+
+
+def _positive(predictions: PredictionSet) -> list[int]:
+    return positive_ids(predictions.positive_classes, len(predictions.class_names))
 
 
 def prediction_pairs(folder: Path, predictions: PredictionSet) -> list[tuple[Path, Path]]:
@@ -41,7 +45,7 @@ def prediction_pairs(folder: Path, predictions: PredictionSet) -> list[tuple[Pat
 
 
 def score_sets(
-    predictions: PredictionSet, ignore_nonpositive: bool, log_fn: LogFn | None = None
+    predictions: PredictionSet, scoring: ScoringSettings, log_fn: LogFn | None = None
 ) -> dict[str, FolderEvaluation]:
     """One confusion matrix per prediction set, with progress over all files of all sets."""
     progress = ItemProgress(
@@ -55,8 +59,10 @@ def score_sets(
             prediction_pairs(Path(folder), predictions),
             len(predictions.class_names),
             predictions.ignore_index,
-            ignore_nonpositive,
+            scoring.ignore_nonpositive,
             progress=progress,
+            positive_classes=_positive(predictions),
+            detection_min_pixels=scoring.detection_min_pixels,
         )
         for name, folder in predictions.sets.items()
     }
@@ -64,9 +70,15 @@ def score_sets(
     return evaluations
 
 
-def model_scores(name: str, metrics: SegmentationMetrics, class_names: Sequence[str]) -> ModelScores:
+def model_scores(name: str, evaluation: FolderEvaluation, class_names: Sequence[str]) -> ModelScores:
     """The contract form of one set's metrics."""
+    metrics = evaluation.metrics
+    detection = evaluation.detection
     return ModelScores(
+        pooled=evaluation.pooled(),
+        detection={}
+        if detection is None
+        else {k: v for k, v in detection.to_dict().items() if k in ("accuracy", "precision", "recall", "f1")},
         name=name,
         miou=float(metrics.miou),
         mdice=float(metrics.mdice),
@@ -103,6 +115,22 @@ def _overlays(predictions: PredictionSet, report_dir: Path, count: int) -> list[
     return paths
 
 
+def _pooled_notes(predictions: PredictionSet, evaluations: Mapping[str, FolderEvaluation]) -> list[str]:
+    """One line per set: the positive classes pooled (seed 003's fire IoU) and the tile detection F1."""
+    names = [predictions.class_names[i] for i in _positive(predictions)]
+    lines = []
+    for name, ev in evaluations.items():
+        pooled, detection = ev.pooled(), ev.detection
+        if not pooled or detection is None:
+            continue
+        lines.append(
+            f"`{name}`: {' + '.join(names)} pooled IoU {pooled['iou']:.4f}, recall {pooled['recall']:.4f}; "
+            f"tile detection F1 {detection.f1:.4f} (tp {detection.tp}, fp {detection.fp}, fn {detection.fn}, "
+            f"tn {detection.tn})"
+        )
+    return lines
+
+
 def _write_files(
     predictions: PredictionSet,
     evaluations: Mapping[str, FolderEvaluation],
@@ -130,6 +158,7 @@ def _write_files(
         f"{', '.join(m.name for m in predictions.members)}; "
         f"{predictions.views_per_input} forward views per tile in the ensemble",
         f"best single model: `{best_single}` (mIoU {best.miou:.4f}); ensemble mIoU {ensemble.miou:.4f}",
+        *_pooled_notes(predictions, evaluations),
         "macro means skip classes absent from both truth and prediction (NaN); "
         f"{evaluations[ENSEMBLE].unpredicted_pixels} input-nodata pixels have no prediction "
         "and are not scored",
@@ -152,7 +181,15 @@ def _write_files(
         images=images,
         notes=notes,
     )
-    scores = {name: {"miou": float(m.miou), "mdice": float(m.mdice)} for name, m in results.items()}
+    scores = {
+        name: {
+            "miou": float(ev.metrics.miou),
+            "mdice": float(ev.metrics.mdice),
+            **{f"pooled/{k}": v for k, v in ev.pooled().items()},
+            **{f"detection/{k}": v for k, v in (ev.detection.to_dict() if ev.detection else {}).items()},
+        }
+        for name, ev in evaluations.items()
+    }
     write_json(
         report_dir / "metrics.json",
         {"scores": scores, "rows": rows, "deltas": deltas, "best_single": best_single},
@@ -172,7 +209,8 @@ def _track(
                 "split": predictions.split,
                 "models": [m.name for m in predictions.members],
                 "views_per_input": predictions.views_per_input,
-                "ignore_nonpositive": settings.ignore_nonpositive,
+                "ignore_nonpositive": settings.scoring.ignore_nonpositive,
+                "positive_classes": [predictions.class_names[i] for i in _positive(predictions)],
                 **(
                     {
                         "tuning_split": predictions.tuning.split,
@@ -186,9 +224,11 @@ def _track(
         )
         metrics = {}
         for s in scores:
-            values = s.model_dump(exclude={"name", "iou"})
+            values = s.model_dump(exclude={"name", "iou", "pooled", "detection"})
             metrics.update({f"{s.name}/{key}": value for key, value in values.items()})
             metrics.update({f"{s.name}/iou/{cls}": value for cls, value in s.iou.items()})
+            metrics.update({f"{s.name}/pooled/{key}": value for key, value in s.pooled.items()})
+            metrics.update({f"{s.name}/detection/{key}": value for key, value in s.detection.items()})
         run.log_metrics({k: v for k, v in metrics.items() if np.isfinite(v)}, step=0)
         run.log_artifact(report_dir, artifact_path="report")
         return run.run_id, run.url
@@ -205,13 +245,13 @@ def build_report(
 ) -> EvaluationReport:
     """Score each prediction set (single models and ``ensemble``) and write the report."""
     report_dir.mkdir(parents=True, exist_ok=True)
-    evaluations = score_sets(predictions, settings.ignore_nonpositive, log_fn)
+    evaluations = score_sets(predictions, settings.scoring, log_fn)
     singles = [name for name in evaluations if name != ENSEMBLE] or [ENSEMBLE]
     best_single = max(singles, key=lambda name: np.nan_to_num(evaluations[name].metrics.miou, nan=-1.0))
     markdown, confusion_png, overlays = _write_files(
         predictions, evaluations, best_single, settings, report_dir
     )
-    scores = [model_scores(name, ev.metrics, predictions.class_names) for name, ev in evaluations.items()]
+    scores = [model_scores(name, ev, predictions.class_names) for name, ev in evaluations.items()]
     run_id = run_url = None
     if tracking is not None:
         run_id, run_url = _track(tracking, run_tags or {}, predictions, settings, scores, report_dir)

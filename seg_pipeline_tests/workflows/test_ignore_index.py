@@ -23,6 +23,7 @@ from seg_pipeline.settings import (
     EvaluationSettings,
     PredictSettings,
     PretrainSettings,
+    ScoringSettings,
     ShardSettings,
     SplitSettings,
 )
@@ -114,7 +115,7 @@ def test_every_stage_ignores_exactly_the_ignore_index_pixels(tmp_path: Path, ign
             assert not (classes[classes != src.nodata] == ignore).any()
 
     # Evaluation scores every pixel but those.
-    evaluations = score_sets(predictions, ignore_nonpositive=False, log_fn=lambda _l: None)
+    evaluations = score_sets(predictions, ScoringSettings(), log_fn=lambda _l: None)
     truth_pixels = 0
     for item in predictions.items:
         with rasterio.open(item.target) as src:
