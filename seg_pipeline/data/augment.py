@@ -26,6 +26,15 @@ which keeps it foldable into normalisation); noise ``+ sigma * N(0, 1)`` in norm
 RGB draws one ``f``, ``c``, ``sigma`` for all bands; other band counts draw them per band and
 skip saturation. Photometric ops never touch the mask.
 
+Rare-class boost (seed 003's ``fire_augment``, ``augment.rare_boost``): an augmenter built with
+``rare_values`` (the mask values of the rare classes, in the scheme of the masks it sees) draws
+stronger colour changes for samples whose mask holds one of them: the brightness, contrast and
+saturation spreads and the noise sigma are multiplied by ``rare_boost`` (a colour spread grows to at
+most :data:`MAX_BOOSTED_SPREAD`, so factors stay positive). The random draws are the same numbers
+either way, only scaled, so with ``rare_boost=1`` (the default) or no rare values nothing changes,
+and samples without a rare class are augmented exactly as before. Which classes are rare is
+``loader.rare_classes`` (or its auto rule), resolved by ``seg_pipeline.training.sources``.
+
 Reproducibility: an :class:`Augmenter` owns a ``torch.Generator``. Datasets call
 :meth:`Augmenter.reseed` with ``(seed, epoch, item_id)`` before each sample, so an item's
 augmentation depends only on those keys, not on which DataLoader worker or rank drew it.
@@ -34,6 +43,7 @@ augmentation depends only on those keys, not on which DataLoader worker or rank 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +57,8 @@ from seg_pipeline.settings.batches import AugmentSettings
 LUMA_WEIGHTS = (0.2989, 0.587, 0.114)
 #: Uniform draws per sample, fixed so the stream does not shift when options change.
 _N_DRAWS = 12
+#: ``rare_boost`` widens a colour spread (brightness, contrast, saturation) to at most this.
+MAX_BOOSTED_SPREAD = 0.9
 
 
 def derive_seed(*keys: Any) -> int:
@@ -60,7 +72,8 @@ class AugmentParams:
     """The random draws for one sample (all identity values when augmentation is off).
 
     ``window`` is ``(top, left, height, width)`` of the source region resized to ``out_size`` (it
-    may extend past the tile; that part is padded with nodata/ignore).
+    may extend past the tile; that part is padded with nodata/ignore). ``boost`` is the factor the
+    photometric ranges were drawn with (``rare_boost`` for a sample with a rare class, else 1).
     """
 
     rot_k: int = 0
@@ -73,9 +86,17 @@ class AugmentParams:
     saturation: float = 1.0
     noise_sigma: np.ndarray | None = None
     noise_offset: int = 0
+    boost: float = 1.0
 
 
 IDENTITY = AugmentParams()
+
+
+def _boosted(spread: float, boost: float) -> float:
+    """A colour spread times ``boost``, grown to at most :data:`MAX_BOOSTED_SPREAD` (never shrunk)."""
+    if boost == 1.0:
+        return spread
+    return min(spread * boost, max(spread, MAX_BOOSTED_SPREAD))
 
 
 def _factor(u_apply: float, u_value: float, p: float, spread: float) -> float:
@@ -91,11 +112,16 @@ class Augmenter:
         config: What to randomise.
         seed: Base seed; mixed into every :meth:`reseed`, so two augmenters with different
             seeds give different streams for the same sample keys.
+        rare_values: Mask values of the rare classes: samples holding one get ``config.rare_boost``
+            (see :meth:`holds_rare`); empty = no sample is boosted.
     """
 
-    def __init__(self, config: AugmentSettings | None = None, seed: int = 0) -> None:
+    def __init__(
+        self, config: AugmentSettings | None = None, seed: int = 0, rare_values: Sequence[int] = ()
+    ) -> None:
         self.config = config if config is not None else AugmentSettings()
         self.seed = int(seed)
+        self.rare_values = tuple(sorted({int(v) for v in rare_values}))
         self.generator = torch.Generator().manual_seed(derive_seed("augmenter", self.seed))
         self._bank: torch.Tensor | None = None
 
@@ -117,11 +143,25 @@ class Augmenter:
         self.generator.manual_seed(derive_seed("augmenter", self.seed, *keys))
 
     # -- drawing ------------------------------------------------------------------------------
-    def sample_params(self, bands: int, height: int, width: int) -> AugmentParams:
-        """Draw the parameters of one sample of ``bands x height x width`` pixels."""
+    def holds_rare(self, mask: np.ndarray | torch.Tensor | None) -> bool:
+        """Whether ``mask`` holds a rare class, i.e. the sample gets ``rare_boost`` (False when off)."""
+        if mask is None or not self.rare_values or self.config.rare_boost == 1.0 or not self.config.enabled:
+            return False
+        values = mask.numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
+        return bool(np.isin(values, self.rare_values).any())
+
+    def sample_params(self, bands: int, height: int, width: int, *, rare: bool = False) -> AugmentParams:
+        """Draw the parameters of one sample of ``bands x height x width`` pixels.
+
+        ``rare`` (the sample holds a rare class, :meth:`holds_rare`) scales the photometric ranges by
+        ``rare_boost``; the draws themselves are the same.
+        """
         cfg = self.config
         if not cfg.enabled:
             return IDENTITY
+        boost = cfg.rare_boost if rare else 1.0
+        spread_b, spread_c = _boosted(cfg.brightness, boost), _boosted(cfg.contrast, boost)
+        spread_s, noise_std = _boosted(cfg.saturation, boost), cfg.noise_std * boost
         u = torch.rand(_N_DRAWS, generator=self.generator, dtype=torch.float64).tolist()
         per_band = bands != 3
         n_band_draws = bands if per_band else 1
@@ -141,14 +181,14 @@ class Augmenter:
             rot_k = int(u[0] * 4) % 4 if out_h == out_w else 2 * (int(u[0] * 2) % 2)
         brightness = contrast = sigma = None
         apply_p = cfg.photometric_p
-        if cfg.brightness > 0 and u[6] < apply_p:
-            brightness = 1.0 - cfg.brightness + 2.0 * cfg.brightness * v[:n_band_draws]
-        if cfg.contrast > 0 and u[7] < apply_p:
-            contrast = 1.0 - cfg.contrast + 2.0 * cfg.contrast * v[n_band_draws : 2 * n_band_draws]
-        saturation = 1.0 if per_band else _factor(u[8], u[9], apply_p, cfg.saturation)
+        if spread_b > 0 and u[6] < apply_p:
+            brightness = 1.0 - spread_b + 2.0 * spread_b * v[:n_band_draws]
+        if spread_c > 0 and u[7] < apply_p:
+            contrast = 1.0 - spread_c + 2.0 * spread_c * v[n_band_draws : 2 * n_band_draws]
+        saturation = 1.0 if per_band else _factor(u[8], u[9], apply_p, spread_s)
         noise_offset = 0
-        if cfg.noise_std > 0 and u[10] < cfg.noise_p:
-            sigma = cfg.noise_std * v[2 * n_band_draws : 3 * n_band_draws]
+        if noise_std > 0 and u[10] < cfg.noise_p:
+            sigma = noise_std * v[2 * n_band_draws : 3 * n_band_draws]
             noise_offset = int(u[11] * (1 << 40))
         if not per_band:
             brightness = None if brightness is None else np.repeat(brightness, bands)
@@ -165,6 +205,7 @@ class Augmenter:
             saturation=saturation,
             noise_sigma=sigma,
             noise_offset=noise_offset,
+            boost=boost,
         )
 
     def noise(self, numel: int, offset: int) -> torch.Tensor:
@@ -212,7 +253,7 @@ class Augmenter:
         mask_np = mask.numpy() if isinstance(mask, torch.Tensor) else mask
         bands, height, width = image_np.shape
         stats = stats if stats is not None else BandStats((0.0,) * bands, (1.0,) * bands)
-        params = self.sample_params(bands, height, width)
+        params = self.sample_params(bands, height, width, rare=self.holds_rare(mask_np))
         out_h, out_w = params.out_size if params.out_size is not None else (height, width)
         out_image = torch.empty((bands, out_h, out_w), dtype=torch.float32)
         out_mask = torch.empty((out_h, out_w), dtype=torch.int64)

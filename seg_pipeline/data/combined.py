@@ -3,6 +3,11 @@
 Nothing is copied: each source streams from its own shards and its masks are remapped on the
 fly through a lookup table. Source classes with no target class map to ``ignore_index`` (they
 are neither rewarded nor penalised), e.g. OpenEarthMap's ``unknown``.
+
+Two views per sample (``augment.views_per_sample: 2``): a :class:`RemappedSource` with ``views=2``
+wraps a dataset built with ``two_views=True`` and yields each of its samples as two
+(:func:`~seg_pipeline.data.samples.split_views`), each mask remapped; its length counts both, so
+the interleaving and the per-epoch caps see the doubled epoch.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset
+
+from seg_pipeline.data.samples import split_views
 
 #: Mask values are at most uint16, so a 65536-entry table covers every possible label.
 _LUT_SIZE = 1 << 16
@@ -68,13 +75,21 @@ def remap_table(remap: Mapping[int, int | None], ignore_index: int) -> np.ndarra
 
 
 class RemappedSource(IterableDataset):
-    """Wrap a dataset of samples ``{"image", "mask", ...}`` and remap its masks through a table."""
+    """Wrap a dataset of samples ``{"image", "mask", ...}`` and remap its masks through a table.
 
-    def __init__(self, dataset: Iterable[dict[str, Any]], lut: np.ndarray | None, name: str) -> None:
+    ``views=2``: the dataset yields two-view samples, and each is yielded as two samples.
+    """
+
+    def __init__(
+        self, dataset: Iterable[dict[str, Any]], lut: np.ndarray | None, name: str, views: int = 1
+    ) -> None:
         super().__init__()
+        if views not in (1, 2):
+            raise ValueError(f"views={views}: use 1 or 2 (two-view samples)")
         self.dataset = dataset
         self.lut = None if lut is None else torch.from_numpy(lut)
         self.name = name
+        self.views = views
 
     def set_epoch(self, epoch: int) -> None:
         """Forward the epoch to the wrapped dataset (reshuffles it)."""
@@ -82,14 +97,19 @@ class RemappedSource(IterableDataset):
             self.dataset.set_epoch(epoch)
 
     def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
+        return self.views * len(self.dataset)  # type: ignore[arg-type]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        for sample in self.dataset:
-            if self.lut is not None:
-                sample = {**sample, "mask": self.lut[sample["mask"].long()]}
-            sample["source"] = self.name
-            yield sample
+        for two_view in self.dataset:
+            if self.views > 1 and "image_view1" not in two_view:
+                raise ValueError(
+                    f"{self.name}: views=2 but the dataset yields one view; build it with two_views"
+                )
+            for sample in split_views(two_view) if self.views > 1 else [two_view]:
+                if self.lut is not None:
+                    sample = {**sample, "mask": self.lut[sample["mask"].long()]}
+                sample["source"] = self.name
+                yield sample
 
 
 class InterleavedSources(IterableDataset):
@@ -112,6 +132,14 @@ class InterleavedSources(IterableDataset):
             raise ValueError(f"limits={self.limits} must give one positive count (or None) per source")
         self.seed = seed
         self.epoch = 0
+
+    def configure_cache(self, cache_mode: str, cache_max_items: int = 0) -> None:
+        """Switch the per-worker tile cache of every source (each source's shard dataset keeps its own)."""
+        for source in self.sources:
+            configure = getattr(source.dataset, "configure_cache", None)
+            if configure is None:
+                raise ValueError(f"source {source.name!r} has no tile cache; use loader.cache_mode='none'")
+            configure(cache_mode, cache_max_items)
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle every source and the interleaving for ``epoch``."""

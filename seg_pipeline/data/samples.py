@@ -6,6 +6,14 @@ the image normalised with :class:`~seg_pipeline.data.normalization.BandStats`, n
 tiles all ``ignore_index``. With ``two_views=True`` a sample also holds ``image_view1/2`` and
 ``mask_view1/2`` (``image``/``mask`` are view 1). The default collate makes batches of them.
 
+Repeated augmentation (``augment.views_per_sample: 2``, seed 000's two views per sample): training
+reads each patch once and trains on both views as ordinary samples. :func:`split_views` turns a
+two-view sample into two samples ``{"image", "mask", "item_id", "view"}``, each view with the mask
+of its own geometry; ``RemappedSource(views=2)`` does this for the training stream (and counts
+twice the samples), so an epoch has twice the samples of the same patches, a pair sharing its
+``item_id``. View 2 is the next draw of the item's augmentation stream, so both are reproducible
+by ``(seed, epoch, item)``. Validation never builds views.
+
 Epochs: ``set_epoch(n)`` writes into a shared-memory tensor, so DataLoader workers (persistent
 or not) see the new epoch on the next ``iter(loader)``. Call it *before* creating the iterator.
 """
@@ -71,7 +79,8 @@ class _SampleMaker:
         bands, height, width = tile[0].shape
         params: AugmentParams = IDENTITY
         if self.augmenter is not None:
-            params = self.augmenter.sample_params(bands, height, width)
+            rare = self.augmenter.holds_rare(tile[1])
+            params = self.augmenter.sample_params(bands, height, width, rare=rare)
         out_h, out_w = params.out_size if params.out_size is not None else (height, width)
         return params, (bands, out_h, out_w)
 
@@ -169,6 +178,21 @@ class _SampleMaker:
                         "one batch must share a size: set augment.crop_size or use batch_size=1"
                     )
         return plans
+
+
+def split_views(sample: dict[str, Any]) -> list[dict[str, Any]]:
+    """The views of a two-view sample as separate samples (``view`` 0 and 1); others as they are.
+
+    Each keeps the sample's other keys (``item_id``, ...): ``image``/``mask`` become the view's own.
+    """
+    if "image_view1" not in sample:
+        return [sample]
+    views = ("image_view1", "mask_view1", "image_view2", "mask_view2")
+    rest = {key: value for key, value in sample.items() if key not in views}
+    return [
+        {**rest, "image": sample[f"image_view{v + 1}"], "mask": sample[f"mask_view{v + 1}"], "view": v}
+        for v in range(2)
+    ]
 
 
 def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -5,26 +5,42 @@ reading a single pixel: :func:`class_pixel_counts` feeds inverse-frequency loss 
 (``seg_pipeline.training.losses``), and :func:`rare_class_sample_weights` oversamples tiles
 that contain rare classes (seed 003: fire tiles get ``--fire-weight 5.0``) through torch's
 ``WeightedRandomSampler``.
+
+Training streams patches, so the stage's knob (``loader.rare_class_weight``, with
+``loader.rare_classes`` naming the rare classes or, empty, :func:`rare_classes_auto`) uses
+:class:`WeightedPatchDataset` instead of a sampler: each epoch, every DataLoader worker (of every
+rank) draws as many patches as it would read unweighted from its own tiles, with replacement, a
+tile's chance proportional to its patch count times its weight (``rare_class_weight`` for a tile
+whose catalog counts hold a rare class, else 1). The draw is seeded by ``(seed, epoch, rank,
+worker)``, so an epoch repeats exactly and the next one draws again; a tile drawn more often than
+it has patches gets further patch numbers, i.e. other windows and other augmentation, never a
+copy. The epoch length is unchanged: rare tiles are seen more often, the others less.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import WeightedRandomSampler
+from torch.utils.data import WeightedRandomSampler, get_worker_info
 
+from seg_pipeline.data.augment import derive_seed
 from seg_pipeline.data.catalog import ok_rows
+from seg_pipeline.data.partition import _distributed_position
+from seg_pipeline.data.shard_datasets import ShardIterableDataset
+from seg_pipeline.data.shards import ShardRow
 
 #: ``auto`` calls a class rare when it holds less than this share of labelled pixels.
 DEFAULT_RARE_SHARE = 0.05
 
 
 def _counts(value: Any) -> np.ndarray:
-    # cast: np.isscalar narrows to generic | memoryview, which pandas-stubs' isna does not list (it takes both)
+    # cast: np.isscalar narrows to generic | memoryview, which pandas-stubs' isna does not list (takes both)
     if value is None or (np.isscalar(value) and pd.isna(cast(Any, value))):
         return np.zeros(0, dtype=np.int64)
     return np.asarray(value, dtype=np.int64)
@@ -147,3 +163,57 @@ def rare_class_sampler(
         replacement=replacement,
         generator=generator,
     )
+
+
+def rare_tile_weights(
+    catalog: pd.DataFrame, item_ids: Sequence[str], rare_classes: Sequence[int], boost: float
+) -> dict[str, float]:
+    """``{item_id: weight}`` for :class:`WeightedPatchDataset`: ``boost`` where a tile holds a rare class.
+
+    ``rare_classes`` are class ids of the catalog's own scheme (its ``class_counts``).
+    """
+    rows = rows_for_items(catalog, item_ids)
+    weights = rare_class_sample_weights(rows, list(rare_classes), boost)
+    return dict(zip(rows["item_id"].tolist(), weights.tolist(), strict=True))
+
+
+class WeightedPatchDataset(ShardIterableDataset):
+    """A :class:`~seg_pipeline.data.shard_datasets.ShardIterableDataset` in patch mode whose epochs draw
+    their patches by tile weight (the module docstring says how), for ``loader.rare_class_weight``.
+
+    Args:
+        dataset_dir: As :class:`ShardIterableDataset`.
+        split: As :class:`ShardIterableDataset`.
+        tile_weights: ``{item_id: weight > 0}``; tiles not listed weigh 1.
+        **kwargs: As :class:`ShardIterableDataset`; ``patch_size`` is required.
+    """
+
+    def __init__(
+        self, dataset_dir: Path | str, split: str, *, tile_weights: Mapping[str, float], **kwargs: Any
+    ) -> None:
+        super().__init__(dataset_dir, split, **kwargs)
+        if self.patch_size is None:
+            raise ValueError("WeightedPatchDataset draws patches: give patch_size (patch mode)")
+        bad = {item: w for item, w in tile_weights.items() if not w > 0}
+        if bad:
+            raise ValueError(f"tile_weights must be > 0; got {dict(list(bad.items())[:3])}")
+        self.tile_weights = {str(item): float(w) for item, w in tile_weights.items()}
+
+    def _units(self, rows: list[ShardRow], epoch: int) -> list[tuple[ShardRow, int]]:
+        """This reader's patches of ``epoch``: as many as unweighted, drawn by weight with replacement."""
+        patches = np.array([self._patches(row) for row in rows], dtype=np.float64)
+        total = int(patches.sum())
+        if total == 0:
+            return []
+        weights = patches * np.array([self.tile_weights.get(row.item_id, 1.0) for row in rows])
+        info = get_worker_info()
+        rank, world_size = _distributed_position(self._position)
+        worker = (info.id, info.num_workers) if info is not None else (0, 1)
+        rng = np.random.default_rng(
+            derive_seed("weighted-patches", self.seed, epoch, rank, world_size, *worker)
+        )
+        draws = rng.multinomial(total, weights / weights.sum()).tolist()
+        units = [(row, k) for row, n in zip(rows, draws, strict=True) for k in range(n)]
+        if self.shuffle:
+            random.Random(derive_seed("patch-order", self.seed, epoch)).shuffle(units)
+        return units

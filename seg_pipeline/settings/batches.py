@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Self
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from seg_pipeline.settings.base import Settings
 
@@ -65,6 +65,17 @@ class LoaderSettings(Settings):
         default="none", description="Per-worker cache of decoded tiles."
     )
     cache_max_items: int = Field(default=0, ge=0, description="LRU capacity per worker; 0 = unbounded.")
+    rare_class_weight: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="Seed 003's --weighted-sampling --fire-weight: each epoch draws the training patches "
+        "again, tiles holding a rare class this many times as often (seed 003: 5.0); null = off.",
+    )
+    rare_classes: list[str] = Field(
+        default=[],
+        description="Class names counted as rare by rare_class_weight and augment.rare_boost; empty = auto: "
+        "the classes under 5 % of the labelled pixels of the stage's sources.",
+    )
 
 
 class AugmentSettings(Settings):
@@ -98,6 +109,19 @@ class AugmentSettings(Settings):
         ge=0,
         description="Standard-normal values kept per process for noise; 0 = fresh draws.",
     )
+    rare_boost: float = Field(
+        default=1.0,
+        ge=1.0,
+        description="Seed 003's fire_augment: samples whose mask holds a rare class (loader.rare_classes) "
+        "get brightness, contrast, saturation and noise ranges x this (colour ranges at most 0.9); 1 = off.",
+    )
+    views_per_sample: int = Field(
+        default=1,
+        ge=1,
+        le=2,
+        description="Repeated augmentation (seed 000's two views): 2 = each patch is read once and trained "
+        "on as two independently augmented samples, so an epoch has twice the samples; 1 = off.",
+    )
 
     @field_validator("scale_range")
     @classmethod
@@ -105,6 +129,12 @@ class AugmentSettings(Settings):
         if value is not None and (len(value) != 2 or not 0 < value[0] <= value[1]):
             raise ValueError("give [low, high] with 0 < low <= high")
         return value
+
+    @model_validator(mode="after")
+    def _views_differ(self) -> Self:
+        if self.views_per_sample > 1 and not self.enabled:
+            raise ValueError("views_per_sample > 1 needs enabled=true (identical views add nothing)")
+        return self
 
     @classmethod
     def off(cls) -> AugmentSettings:

@@ -63,6 +63,19 @@ class OptimizerSettings(Settings):
     weight_decay: float = Field(default=1e-2, ge=0.0, description="Weight decay (never on biases and norms).")
     encoder_lr_mult: float = Field(default=1.0, gt=0.0, description="Encoder LR = lr x this.")
     decoder_lr_mult: float = Field(default=1.0, gt=0.0, description="Decoder and head LR = lr x this.")
+    layer_decay: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=1.0,
+        description="Layer-wise LR decay over the encoder's stages: the deepest keeps lr x encoder_lr_mult, "
+        "each shallower one x this more (the stem lowest), e.g. 0.8; null = off (one encoder LR).",
+    )
+    head_lr_mult: float = Field(
+        default=1.0,
+        gt=0.0,
+        description="Segmentation head LR = lr x decoder_lr_mult x this (boosts a fresh classifier "
+        "relative to the decoder); 1 = the decoder's LR.",
+    )
 
 
 class SchedulerSettings(Settings):
@@ -108,6 +121,17 @@ class LoopSettings(Settings):
         default=10, ge=1, description="Epochs without improvement before stopping; null = off."
     )
     save_every: int = Field(default=5, ge=0, description="Period of epoch-N.pt snapshots; 0 = off.")
+    save_top_k: int = Field(
+        default=1,
+        ge=1,
+        description="Keep the k best epochs by monitor: best.pt always, and for k > 1 also "
+        "best-epoch-NNNN.pt of each of the k best (weights + EMA), deleting those that drop out.",
+    )
+    log_memory: bool = Field(
+        default=False,
+        description="Log memory/peak_rss_mb (process peak RSS) and, on CUDA, memory/cuda_max_allocated_mb "
+        "(peak of the epoch) with each epoch.",
+    )
     log_every_n_steps: int = Field(
         default=20, ge=0, description="Progress line period in optimizer steps; 0 = off."
     )

@@ -2,14 +2,19 @@
 
 AdamW with no weight decay on biases and normalisation parameters (decaying a BatchNorm scale
 towards zero only fights the normalisation) and separate LR multipliers for the encoder and the rest
-(a pretrained encoder usually wants a smaller LR than a fresh decoder). Schedulers come from
+(a pretrained encoder usually wants a smaller LR than a fresh decoder). Optionally layer-wise LR decay
+over the encoder's stages (early, generic filters move least; seed 001) and a multiplier for the
+segmentation head (a fresh classifier can take a larger step than the decoder). Schedulers come from
 ``torch.optim.lr_scheduler``; :func:`scheduler_interval` tells the loop whether to step one per
 optimizer step or once per epoch on the monitored metric.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+import re
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal, cast
 
 import torch
@@ -36,24 +41,192 @@ def _require_positive(field: str, value: float, allow_zero: bool = False) -> Non
         raise ValueError(f"{field}={value!r} is invalid: it must be a finite number {bound}.")
 
 
-def find_encoder(model: nn.Module) -> nn.Module | None:
-    """Return the SMP encoder of ``model`` (also through ``.net``/``.module`` wrappers), or None."""
+def _find_part(model: nn.Module, attr: str) -> nn.Module | None:
+    """``model.<attr>``, also through ``.net``/``.module``/``.model`` wrappers, or None."""
     current: nn.Module | None = model
     for _ in range(4):
         if current is None:
             return None
-        encoder = getattr(current, "encoder", None)
-        if isinstance(encoder, nn.Module):
-            return encoder
+        part = getattr(current, attr, None)
+        if isinstance(part, nn.Module):
+            return part
         current = next(
             (
                 child
-                for attr in ("net", "module", "model")
-                if isinstance(child := getattr(current, attr, None), nn.Module)
+                for wrapper in ("net", "module", "model")
+                if isinstance(child := getattr(current, wrapper, None), nn.Module)
             ),
             None,
         )
     return None
+
+
+def find_encoder(model: nn.Module) -> nn.Module | None:
+    """Return the SMP encoder of ``model`` (also through ``.net``/``.module`` wrappers), or None."""
+    return _find_part(model, "encoder")
+
+
+def find_heads(model: nn.Module) -> list[nn.Module]:
+    """The SMP heads of ``model``: ``segmentation_head`` and, with ``aux_params``, ``classification_head``."""
+    heads = (_find_part(model, attr) for attr in ("segmentation_head", "classification_head"))
+    return [head for head in heads if head is not None]
+
+
+#: Top-level encoder children numbered by stage: ResNet/SENet ``layerN``, MobileOne ``stageN``,
+#: MiT ``patch_embedN``/``blockN``/``normN`` (MiT registers them by kind, not in execution order).
+_NUMBERED_CHILD = re.compile(r"(?:layer|stage|block|patch_embed|norm)(\d+)")
+#: Sequential trunks that SMP encoders split by an index list: EfficientNet ``_blocks``, timm
+#: EfficientNet ``blocks``, MobileNetV2/VGG/Inception/DPN ``features``.
+_TRUNK_NAMES = ("_blocks", "blocks", "features")
+
+
+def _has_params(modules: Iterable[nn.Module]) -> bool:
+    return any(True for module in modules for _ in module.parameters())
+
+
+def _numbered_stages(encoder: nn.Module) -> list[list[nn.Module]] | None:
+    """Stages of encoders with numbered children; the unnumbered children before them are the stem."""
+    stem: list[nn.Module] = []
+    by_number: dict[int, list[nn.Module]] = {}
+    for name, module in encoder.named_children():
+        if match := _NUMBERED_CHILD.fullmatch(name):
+            by_number.setdefault(int(match.group(1)), []).append(module)
+        elif not by_number:
+            stem.append(module)
+    if not by_number:
+        return None
+    return [stem] + [by_number[number] for number in sorted(by_number)]
+
+
+def _trunk_stages(encoder: nn.Module) -> list[list[nn.Module]] | None:
+    """Stages of encoders that cut one sequential trunk at ``_out_indexes``/``_stage_idxs``.
+
+    ``_out_indexes`` are the blocks after which SMP takes a feature (inclusive ends), ``_stage_idxs``
+    the blocks where the next feature's run starts (exclusive ends). Children registered before the
+    trunk (the stem convolution) form a stage of their own.
+    """
+    ends: list[int] | None = None
+    if isinstance(indexes := getattr(encoder, "_out_indexes", None), Sequence):
+        ends = [int(index) + 1 for index in indexes]
+    elif isinstance(indexes := getattr(encoder, "_stage_idxs", None), Sequence):
+        ends = [int(index) for index in indexes]
+    children = dict(encoder.named_children())
+    name = next((name for name in _TRUNK_NAMES if name in children), None)
+    if ends is None or name is None:
+        return None
+    trunk = list(children[name].children())
+    cuts = sorted({0, *(end for end in ends if 0 < end < len(trunk)), len(trunk)})
+    stem = list(children.values())[: list(children).index(name)]
+    return [stem] + [trunk[start:stop] for start, stop in itertools.pairwise(cuts)]
+
+
+def _timm_stage_ends(encoder: nn.Module) -> list[nn.Module] | None:
+    """The feature modules of a ``tu-`` encoder's timm model (``feature_info``), shallow to deep."""
+    model = getattr(encoder, "model", None)
+    info = getattr(model, "feature_info", None)
+    if not isinstance(model, nn.Module) or not callable(getattr(info, "module_name", None)):
+        return None
+    modules = dict(model.named_modules())
+    ends = []
+    for name in info.module_name():  # type: ignore[union-attr]
+        module = modules.get(name, modules.get(name.replace(".", "_", 1)))  # FeatureListNet flattens
+        if module is None:
+            return None
+        ends.append(module)
+    return ends
+
+
+def encoder_stages(encoder: nn.Module) -> list[list[nn.Parameter]]:
+    """The encoder's trainable parameters by stage, stem first and the deepest stage last.
+
+    SMP 0.6's ``get_stages()`` only lists the stride-16/32 stages (it exists for dilation), so the
+    stages come from the encoder's structure: numbered children (ResNet ``layerN``, MiT, MobileOne),
+    a trunk cut at ``_out_indexes``/``_stage_idxs`` (EfficientNet, MobileNetV2, VGG, DPN, ...), the
+    timm ``feature_info`` of ``tu-`` encoders, else the top-level children in registration order. A
+    parameter outside the named stages (EfficientNet's unused ``_conv_head``) joins the stage of the
+    next stage parameter registered after it, or the deepest stage.
+    """
+    params = [p for p in encoder.parameters() if p.requires_grad]
+    ends = _timm_stage_ends(encoder)
+    if ends is not None:
+        return _stages_by_ends(encoder, ends, params)
+    groups = _numbered_stages(encoder) or _trunk_stages(encoder)
+    if groups is None:
+        root = encoder
+        while len(kids := [c for c in root.children() if _has_params([c])]) == 1:
+            root = kids[0]  # a lone wrapper (DenseNet's ``features``): its children are the stages
+        groups = [[child] for child in kids]
+    stage_of: dict[int, int] = {}
+    groups = [group for group in groups if _has_params(group)]
+    for index, group in enumerate(groups):
+        for module in group:
+            for param in module.parameters():
+                stage_of.setdefault(id(param), index)
+    stages: list[list[nn.Parameter]] = [[] for _ in groups] or [[]]
+    pending: list[nn.Parameter] = []
+    for param in params:
+        if id(param) not in stage_of:
+            pending.append(param)
+            continue
+        stages[stage_of[id(param)]].extend([*pending, param])
+        pending = []
+    stages[-1].extend(pending)
+    return [stage for stage in stages if stage]
+
+
+def _stages_by_ends(
+    encoder: nn.Module, ends: list[nn.Module], params: list[nn.Parameter]
+) -> list[list[nn.Parameter]]:
+    """Stage k: the modules registered after feature module k-1 up to feature module k (inclusive)."""
+    order = {id(module): index for index, module in enumerate(encoder.modules())}
+    last = {id(m): max(order[id(sub)] for sub in m.modules()) for m in ends}
+    limits = [last[id(module)] for module in ends]
+    owner = {id(p): order[id(m)] for m in encoder.modules() for p in m.parameters(recurse=False)}
+    stages: list[list[nn.Parameter]] = [[] for _ in ends]
+    for param in params:
+        index = next((k for k, limit in enumerate(limits) if owner[id(param)] <= limit), len(ends) - 1)
+        stages[index].append(param)
+    return [stage for stage in stages if stage]
+
+
+def _part_multipliers(
+    model: nn.Module,
+    encoder_lr_mult: float,
+    decoder_lr_mult: float,
+    layer_decay: float | None,
+    head_lr_mult: float,
+) -> tuple[dict[int, str], dict[str, float]]:
+    """Part name of each parameter id (missing = ``decoder``) and LR multiplier of each part, in order."""
+    encoder = find_encoder(model)
+    if encoder is None and (encoder_lr_mult != 1.0 or layer_decay is not None):
+        asked = f"encoder_lr_mult={encoder_lr_mult}" if layer_decay is None else f"layer_decay={layer_decay}"
+        raise ValueError(
+            f"{asked} but {type(model).__name__} has no `.encoder` (nor `.net.encoder`); use an SMP "
+            "model or leave encoder_lr_mult=1.0 and layer_decay=None."
+        )
+    part_of: dict[int, str] = {}
+    mults: dict[str, float] = {}
+    if encoder is not None and layer_decay is None:
+        mults["encoder"] = encoder_lr_mult
+        part_of.update((id(p), "encoder") for p in encoder.parameters())
+    elif encoder is not None and layer_decay is not None:
+        stages = encoder_stages(encoder)
+        for index, stage in enumerate(stages):
+            part = f"encoder_stage{index}"
+            mults[part] = encoder_lr_mult * layer_decay ** (len(stages) - 1 - index)
+            part_of.update((id(p), part) for p in stage)
+    mults["decoder"] = decoder_lr_mult
+    if head_lr_mult != 1.0:
+        heads = find_heads(model)
+        if not heads:
+            raise ValueError(
+                f"head_lr_mult={head_lr_mult} but {type(model).__name__} has no `.segmentation_head`; "
+                "use an SMP model or leave head_lr_mult=1.0."
+            )
+        mults["head"] = decoder_lr_mult * head_lr_mult
+        for head in heads:
+            part_of.update((id(p), "head") for p in head.parameters() if id(p) not in part_of)
+    return part_of, mults
 
 
 def param_groups(
@@ -61,12 +234,22 @@ def param_groups(
     weight_decay: float,
     encoder_lr_mult: float = 1.0,
     decoder_lr_mult: float = 1.0,
+    layer_decay: float | None = None,
+    head_lr_mult: float = 1.0,
 ) -> list[dict[str, Any]]:
     """Split trainable parameters into (encoder|decoder) x (decay|no_decay) groups.
 
     No decay goes to every parameter owned by a normalisation layer (BatchNorm, GroupNorm,
     LayerNorm, InstanceNorm, RMSNorm) and to every other parameter with ``ndim <= 1`` (biases, scales).
     "decoder" means everything outside ``model.encoder`` (decoder and segmentation head).
+
+    LR multipliers: the encoder gets ``encoder_lr_mult``; with ``layer_decay`` (in (0, 1]) the encoder
+    splits into ``encoder_stage{k}`` groups (see :func:`encoder_stages`), the deepest keeping
+    ``encoder_lr_mult`` and each shallower one ``layer_decay`` times the next. The decoder gets
+    ``decoder_lr_mult``; with ``head_lr_mult != 1`` the segmentation (and classification) head becomes
+    a ``head`` group at ``decoder_lr_mult * head_lr_mult``, so boosting the head keeps its ratio to
+    the decoder. With the defaults the four groups are the same as without these options (an older
+    ``last.pt`` still resumes).
 
     Returns:
         Groups with keys ``params``, ``weight_decay``, ``lr_mult`` and ``name``; empty groups are dropped.
@@ -75,13 +258,12 @@ def param_groups(
     _require_positive("weight_decay", weight_decay, allow_zero=True)
     _require_positive("encoder_lr_mult", encoder_lr_mult)
     _require_positive("decoder_lr_mult", decoder_lr_mult)
-    encoder = find_encoder(model)
-    if encoder is None and encoder_lr_mult != 1.0:
-        raise ValueError(
-            f"encoder_lr_mult={encoder_lr_mult} but {type(model).__name__} has no `.encoder` (nor "
-            "`.net.encoder`); use an SMP model or leave encoder_lr_mult=1.0."
-        )
-    encoder_param_ids = {id(p) for p in encoder.parameters()} if encoder is not None else set()
+    _require_positive("head_lr_mult", head_lr_mult)
+    if layer_decay is not None:
+        _require_positive("layer_decay", layer_decay)
+        if layer_decay > 1.0:
+            raise ValueError(f"layer_decay={layer_decay!r} must be in (0, 1]: deeper stages get higher LRs.")
+    part_of, mults = _part_multipliers(model, encoder_lr_mult, decoder_lr_mult, layer_decay, head_lr_mult)
     no_decay_ids = {
         id(p)
         for module in model.modules()
@@ -94,7 +276,7 @@ def param_groups(
         if not param.requires_grad or id(param) in seen:
             continue
         seen.add(id(param))
-        part = "encoder" if id(param) in encoder_param_ids else "decoder"
+        part = part_of.get(id(param), "decoder")
         decay = not (id(param) in no_decay_ids or param.ndim <= 1)
         name = f"{part}_{'decay' if decay else 'no_decay'}"
         group = groups.setdefault(
@@ -102,7 +284,7 @@ def param_groups(
             {
                 "params": [],
                 "weight_decay": weight_decay if decay else 0.0,
-                "lr_mult": encoder_lr_mult if part == "encoder" else decoder_lr_mult,
+                "lr_mult": mults[part],
                 "name": name,
             },
         )
@@ -111,7 +293,7 @@ def param_groups(
         raise ValueError(
             f"model {type(model).__name__} has no trainable parameters (all requires_grad=False)."
         )
-    order = ("encoder_decay", "encoder_no_decay", "decoder_decay", "decoder_no_decay")
+    order = [f"{part}_{kind}" for part in mults for kind in ("decay", "no_decay")]
     return [groups[name] for name in order if name in groups]
 
 
@@ -125,6 +307,8 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.999),
     momentum: float = 0.9,
     eps: float = 1e-8,
+    layer_decay: float | None = None,
+    head_lr_mult: float = 1.0,
 ) -> torch.optim.Optimizer:
     """Build ``adamw`` (default), ``adam`` or ``sgd`` over :func:`param_groups`.
 
@@ -139,7 +323,7 @@ def build_optimizer(
         raise ValueError(f"optimizer name={name!r} is unknown; choose one of {OPTIMIZER_NAMES}.")
     if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
         raise ValueError(f"betas={betas!r} is invalid: both must be in [0, 1).")
-    groups = param_groups(model, weight_decay, encoder_lr_mult, decoder_lr_mult)
+    groups = param_groups(model, weight_decay, encoder_lr_mult, decoder_lr_mult, layer_decay, head_lr_mult)
     for group in groups:
         group["lr"] = lr * group["lr_mult"]
     if key == "sgd":

@@ -4,11 +4,23 @@ A stage trains on the target's ``train`` split plus, in stage 1, auxiliary sourc
 remapped to the target classes on the fly (no data is copied). Every source reads its tiles with the
 target's ``ignore_index``; a source whose own ignore value or class list differs gets a lookup table,
 so its "not labelled" pixels become the target's and never train as a class.
+
+Three data-side knobs shape what a step sees. ``loader.rare_class_weight`` (seed 003's
+``--weighted-sampling --fire-weight 5.0``) draws each epoch's patches again, tiles whose catalog
+counts hold a rare class that many times as often
+(:class:`~seg_pipeline.data.sampling.WeightedPatchDataset`). ``augment.rare_boost`` (seed 003's
+``fire_augment``) widens the colour jitter of samples whose mask holds a rare class. Both take the
+rare classes from ``loader.rare_classes`` (target class names) or, when it is empty, the library's
+auto rule (classes under ``DEFAULT_RARE_SHARE`` of the sources' labelled pixels, in the target
+scheme); :func:`rare_class_ids` resolves them once and each source gets them in its own scheme
+through its class remap. ``augment.views_per_sample: 2`` (seed 000's two views) trains on two
+augmented views of every patch read, as separate samples (``RemappedSource(views=2)``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from pydantic import Field
@@ -21,6 +33,7 @@ from seg_pipeline.data.combined import InterleavedSources, RemappedSource, remap
 from seg_pipeline.data.datasets import ShardIterableDataset, ShardMapDataset
 from seg_pipeline.data.headers import read_catalog
 from seg_pipeline.data.normalization import BandStats
+from seg_pipeline.data.sampling import WeightedPatchDataset, rare_classes_auto, rare_tile_weights
 from seg_pipeline.settings import PretrainSettings, StageSettings
 from seg_pipeline.settings.batches import MIN_PATCH, PatchSettings
 
@@ -101,25 +114,73 @@ def build_training_data(
     seed = settings.loop.seed
     size = size or patch_size(sources, settings.patches)
     read_size = max([size, *settings.patches.sizes]) if settings.patches.sizes else size
+    rare = rare_class_ids(sources, target_classes, ignore_index, settings)
+    weight = settings.loader.rare_class_weight
+    views = settings.augment.views_per_sample
     for index, source in enumerate(sources):
         stats = band_stats(source.shards.catalog.normalization, source.name)
         lookup = mask_lookup(source, target_classes, ignore_index)
-        for split in source.splits:
-            dataset = ShardIterableDataset(
-                source.shards.dataset_dir,
-                split,
-                stats=stats,
-                augmenter=Augmenter(settings.augment, seed=seed + index),
-                ignore_index=ignore_index,
-                seed=seed + index,
-                cache_mode=settings.loader.cache_mode,
-                cache_max_items=settings.loader.cache_max_items,
-                drop_unlabeled=not include_unlabeled,
-                patch_size=size,
-                read_size=read_size,
+        source_rare = _in_source_scheme(rare, lookup, len(source.shards.catalog.class_names))
+        tile_weights = None
+        if weight is not None:
+            catalog = read_catalog(source.shards.catalog.catalog_path)
+            tile_weights = rare_tile_weights(
+                catalog, ok_rows(catalog)["item_id"].tolist(), source_rare, weight
             )
-            streams.append(RemappedSource(dataset, lookup, name=f"{source.name}/{split}"))
+        for split in source.splits:
+            kwargs: dict[str, Any] = {
+                "stats": stats,
+                "augmenter": Augmenter(settings.augment, seed=seed + index, rare_values=source_rare),
+                "ignore_index": ignore_index,
+                "seed": seed + index,
+                "cache_mode": settings.loader.cache_mode,
+                "cache_max_items": settings.loader.cache_max_items,
+                "drop_unlabeled": not include_unlabeled,
+                "two_views": views == 2,
+                "patch_size": size,
+                "read_size": read_size,
+            }
+            dataset = (
+                ShardIterableDataset(source.shards.dataset_dir, split, **kwargs)
+                if tile_weights is None
+                else WeightedPatchDataset(
+                    source.shards.dataset_dir, split, tile_weights=tile_weights, **kwargs
+                )
+            )
+            streams.append(RemappedSource(dataset, lookup, name=f"{source.name}/{split}", views=views))
     return InterleavedSources(streams, seed=seed, limits=_aux_limits(sources, streams, settings))
+
+
+def rare_class_ids(
+    sources: Sequence[TrainingSource],
+    target_classes: Sequence[str],
+    ignore_index: int,
+    settings: StageSettings,
+) -> list[int]:
+    """Target class ids counted as rare: ``loader.rare_classes`` by name, or (empty) the classes under
+    ``DEFAULT_RARE_SHARE`` of the sources' labelled pixels; ``[]`` while no knob uses them
+    (``loader.rare_class_weight`` null and ``augment.rare_boost`` 1). Unknown names raise ``ValueError``.
+    """
+    names = settings.loader.rare_classes
+    unknown = [name for name in names if name not in target_classes]
+    if unknown:
+        raise ValueError(
+            f"loader.rare_classes: {unknown} are not classes of the dataset; classes: {list(target_classes)}"
+        )
+    if settings.loader.rare_class_weight is None and settings.augment.rare_boost == 1.0:
+        return []
+    if names:
+        return sorted({list(target_classes).index(name) for name in names})
+    return rare_classes_auto(class_pixel_totals(sources, target_classes, ignore_index))
+
+
+def _in_source_scheme(
+    target_ids: Sequence[int], lookup: np.ndarray | None, n_source_classes: int
+) -> list[int]:
+    """The source class ids that the mask lookup takes to ``target_ids``."""
+    if lookup is None:
+        return list(target_ids)
+    return [c for c in range(n_source_classes) if int(lookup[c]) in target_ids]
 
 
 def _aux_limits(

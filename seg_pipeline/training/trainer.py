@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from seg_pipeline.training.distributed import (
     wrap_ddp,
 )
 from seg_pipeline.training.ema import ModelEMA
+from seg_pipeline.training.history import write_history_csv
 from seg_pipeline.training.objectives import Batch, Objective
 from seg_pipeline.training.optim import scheduler_interval
 from seg_pipeline.training.precision import PrecisionPolicy
@@ -95,6 +97,25 @@ def _base_lr(optimizer: torch.optim.Optimizer) -> float:
     return float(group["lr"]) / float(group.get("lr_mult", 1.0))
 
 
+def memory_logs(device: torch.device) -> dict[str, float]:
+    """Memory use for the epoch logs (``loop.log_memory``): what an OOM would have run into.
+
+    ``memory/peak_rss_mb``: this process's peak RSS since it started (loader workers not counted);
+    on CUDA ``memory/cuda_max_allocated_mb``: the peak since the last ``reset_peak_memory_stats``.
+    """
+    logs: dict[str, float] = {}
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        pass
+    else:  # ru_maxrss is in KiB on Linux, in bytes on macOS
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        logs["memory/peak_rss_mb"] = peak / (2**20 if sys.platform == "darwin" else 2**10)
+    if device.type == "cuda":
+        logs["memory/cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return logs
+
+
 class Trainer:
     """Fit ``model`` with ``objective`` under ``settings``, writing checkpoints to ``checkpoint_dir``.
 
@@ -105,12 +126,14 @@ class Trainer:
         optimizer: Built on ``model``'s parameters (``build_optimizer``).
         scheduler: From ``build_scheduler`` (or any torch scheduler), or None.
         settings: Loop settings.
-        checkpoint_dir: Receives ``last.pt``, ``best.pt``, ``epoch-NNNN.pt``, ``final.pt`` and
+        checkpoint_dir: Receives ``last.pt``, ``best.pt`` (and ``best-epoch-NNNN.pt`` with
+            ``save_top_k > 1``), ``epoch-NNNN.pt``, ``final.pt`` and
             ``run_manifest.json``.
         model_spec: Plain dict describing the architecture, stored in every checkpoint.
         run_config: Plain dict of the resolved run config, stored in checkpoints and the manifest.
         on_epoch_end: Hook called on rank 0 as ``on_epoch_end(epoch, logs)`` after the epoch's checkpoint.
         log_fn: Sink for progress lines (default: the ``seg_pipeline.training`` logger).
+        metrics_csv: Per-epoch history as CSV, rewritten each epoch (default ``checkpoint_dir/metrics.csv``).
     """
 
     def __init__(
@@ -126,9 +149,11 @@ class Trainer:
         run_config: Mapping[str, Any] | None = None,
         on_epoch_end: EpochEndFn | None = None,
         log_fn: Callable[[str], None] | None = None,
+        metrics_csv: str | Path | None = None,
     ) -> None:
         self.settings = settings
         self.checkpoint_dir = Path(checkpoint_dir)
+        self.metrics_csv = Path(metrics_csv) if metrics_csv else self.checkpoint_dir / "metrics.csv"
         self.model_spec = dict(model_spec or {})
         self.run_config = dict(run_config or {})
         self.on_epoch_end = on_epoch_end
@@ -138,7 +163,11 @@ class Trainer:
         self.policy = precision_policy(settings)
         seed_everything(settings.seed + rank(), settings.deterministic)
         self.manager = CheckpointManager(
-            self.checkpoint_dir, settings.monitor_key, settings.mode, settings.save_every
+            self.checkpoint_dir,
+            settings.monitor_key,
+            settings.mode,
+            settings.save_every,
+            save_top_k=settings.save_top_k,
         )
         bare = self.policy.prepare_model(unwrap_model(model))
         ema = (
@@ -234,10 +263,15 @@ class Trainer:
         progress: ProgressLogger,
     ) -> dict[str, float]:  # fmt: skip
         started = time.perf_counter()
+        track_cuda = self.settings.log_memory and self.policy.device.type == "cuda"
+        if track_cuda:  # the logged CUDA peak is this epoch's (training and validation)
+            torch.cuda.reset_peak_memory_stats(self.policy.device)
         _set_epoch(train_loader, epoch)
         logs = self.runner.run_epoch(train_loader, epoch, progress)
         logs["lr"] = _base_lr(self.runner.optimizer)
         logs.update(self.evaluate(evaluate_fn, val_loader))
+        if self.settings.log_memory:
+            logs.update(memory_logs(self.policy.device))
         monitor = self.settings.monitor_key
         if monitor not in logs:
             raise ValueError(
@@ -259,6 +293,7 @@ class Trainer:
         state = self._state(epoch, logs)
         if self.main:
             self.manager.save_epoch(state, epoch, improved)
+            write_history_csv(self.history, self.metrics_csv)
             if self.on_epoch_end is not None:
                 self.on_epoch_end(epoch, dict(logs))
         self._log_epoch(epoch, logs, improved)
@@ -271,7 +306,16 @@ class Trainer:
             f"epoch {epoch}/{self.settings.epochs} done in {format_duration(logs['epoch_time_s'])} | "
             f"train/loss {logs['train/loss']:.4f} | {monitor} {logs[monitor]:.4f} "
             f"(best {best} @ epoch {manager.best_epoch}) | lr {logs['lr']:.3g} | "
-            f"data wait {logs['train/data_wait_fraction']:.0%}" + (" | new best" if improved else "")
+            f"data wait {logs['train/data_wait_fraction']:.0%}"
+            + "".join(
+                f" | {label} {logs[key]:.0f} MB"
+                for key, label in (
+                    ("memory/peak_rss_mb", "peak rss"),
+                    ("memory/cuda_max_allocated_mb", "cuda max allocated"),
+                )
+                if key in logs
+            )
+            + (" | new best" if improved else "")
         )
         if self.stopped_early:
             patience = self.settings.early_stopping_patience

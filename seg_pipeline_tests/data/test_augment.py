@@ -10,8 +10,8 @@ import torch
 import torchvision.transforms.functional as TF
 
 from seg_pipeline.data.augment import Augmenter, TwoViews, derive_seed
-from seg_pipeline.data.transforms import color_transform, d4, swap_hw
 from seg_pipeline.data.normalization import BandStats, normalize
+from seg_pipeline.data.transforms import color_transform, d4, swap_hw
 from seg_pipeline.settings import AugmentSettings
 
 IGNORE = 255
@@ -103,9 +103,7 @@ def test_scale_crop_resamples_mask_nearest_and_stays_aligned() -> None:
 def test_photometric_ops_never_touch_the_mask() -> None:
     rng = np.random.default_rng(2)
     image, mask = _image_like_mask(rng)
-    config = _plain(
-        brightness=0.5, contrast=0.5, saturation=0.5, noise_std=0.5, noise_p=1.0, **NO_GEOMETRY
-    )
+    config = _plain(brightness=0.5, contrast=0.5, saturation=0.5, noise_std=0.5, noise_p=1.0, **NO_GEOMETRY)
     augmenter = Augmenter(config, seed=0)
     stats = BandStats((100.0, 90.0, 80.0), (50.0, 40.0, 30.0))
     plain = normalize(image, stats)
@@ -211,9 +209,7 @@ def test_multiband_photometric_is_per_band_without_saturation() -> None:
 @pytest.mark.parametrize("bank", [1 << 16, 0], ids=["bank", "fresh"])
 def test_noise_is_zero_mean_with_drawn_sigma(bank: int) -> None:
     image = np.full((3, 64, 64), 10, dtype=np.uint8)
-    augmenter = Augmenter(
-        _plain(noise_std=0.5, noise_p=1.0, noise_bank_size=bank, **NO_GEOMETRY), seed=0
-    )
+    augmenter = Augmenter(_plain(noise_std=0.5, noise_p=1.0, noise_bank_size=bank, **NO_GEOMETRY), seed=0)
     augmenter.reseed(1)
     sigma = augmenter.sample_params(3, 64, 64).noise_sigma[0]
     augmenter.reseed(1)
@@ -251,6 +247,103 @@ def test_two_views_differ_and_each_is_aligned() -> None:
     assert differ
 
 
+# -- augment.rare_boost: stronger colour jitter for samples holding a rare class ----------------------
+
+COLOUR = dict(brightness=0.2, contrast=0.2, saturation=0.2, noise_std=0.1, noise_p=1.0, **NO_GEOMETRY)
+
+
+def _rare_pair(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """An image and two masks of it: one with a patch of class 5 (the rare one), one without."""
+    image = rng.integers(40, 200, size=(3, 24, 24), dtype=np.uint8)
+    without = rng.integers(0, 4, size=(24, 24), dtype=np.uint8)
+    with_rare = without.copy()
+    with_rare[3:6, 3:6] = 5
+    return image, with_rare, without
+
+
+def test_rare_boost_widens_the_jitter_of_samples_with_a_rare_class() -> None:
+    image, with_rare, without = _rare_pair(np.random.default_rng(11))
+    stats = BandStats((100.0, 90.0, 80.0), (50.0, 40.0, 30.0))
+    plain = torch.from_numpy(normalize(image, stats)).float()
+    boosted = Augmenter(_plain(**COLOUR, rare_boost=3.0), seed=2, rare_values=[5])
+    base = Augmenter(_plain(**COLOUR), seed=2, rare_values=[5])
+    assert boosted.holds_rare(with_rare) and not boosted.holds_rare(without)
+    assert not base.holds_rare(with_rare)  # rare_boost=1: nothing is boosted
+    strong, weak = [], []
+    for item in range(20):
+        for augmenter in (boosted, base):
+            augmenter.reseed(0, item)
+        params_boosted = boosted.sample_params(3, 24, 24, rare=True)
+        params_base = base.sample_params(3, 24, 24, rare=True)
+        assert params_boosted.boost == 3.0 and params_base.boost == 1.0
+        # the same draws, the deviations from "no change" three times as large
+        np.testing.assert_allclose(params_boosted.brightness - 1, 3 * (params_base.brightness - 1))
+        np.testing.assert_allclose(params_boosted.contrast - 1, 3 * (params_base.contrast - 1))
+        assert params_boosted.saturation - 1 == pytest.approx(3 * (params_base.saturation - 1))
+        if params_base.noise_sigma is not None:
+            np.testing.assert_allclose(params_boosted.noise_sigma, 3 * params_base.noise_sigma)
+        # on pixels: the rare sample moves further from the plain image than without the boost
+        for augmenter in (boosted, base):
+            augmenter.reseed(1, item)
+        strong.append(float((boosted(image, with_rare, stats=stats)[0] - plain).abs().mean()))
+        weak.append(float((base(image, with_rare, stats=stats)[0] - plain).abs().mean()))
+    assert np.mean(strong) > 2.0 * np.mean(weak)
+
+
+def test_rare_boost_leaves_samples_without_a_rare_class_and_the_off_case_alone() -> None:
+    image, with_rare, without = _rare_pair(np.random.default_rng(12))
+    stats = BandStats((100.0, 90.0, 80.0), (50.0, 40.0, 30.0))
+    boosted = Augmenter(_plain(**COLOUR, rare_boost=3.0), seed=2, rare_values=[5])
+    plain_rare = Augmenter(_plain(**COLOUR), seed=2, rare_values=[5])  # rare_boost=1 (off)
+    no_rare = Augmenter(_plain(**COLOUR), seed=2)  # the augmenter as it was before the knob
+    for item in range(10):
+        outputs = []
+        for augmenter, mask in ((boosted, without), (plain_rare, with_rare), (no_rare, with_rare)):
+            augmenter.reseed(item)
+            outputs.append(augmenter(image, mask, stats=stats))
+        for out_image, _ in outputs[1:]:  # the same pixels (the masks are the inputs: no geometry)
+            assert torch.equal(out_image, outputs[0][0])
+
+
+def test_a_boosted_colour_spread_stays_below_one() -> None:
+    augmenter = Augmenter(_plain(brightness=0.5, contrast=0.95, rare_boost=4.0), seed=0, rare_values=[1])
+    for item in range(50):
+        augmenter.reseed(item)
+        params = augmenter.sample_params(3, 8, 8, rare=True)
+        assert ((params.brightness >= 0.1 - 1e-9) & (params.brightness <= 1.9 + 1e-9)).all()
+        assert (params.contrast > 0.0).all()  # 0.95 already above the cap: kept, not grown
+
+
+def test_rare_boost_in_the_training_stream(tmp_path) -> None:
+    """Through build_training_data: fire patches get stronger jitter, the others exactly the same."""
+    from seg_pipeline_tests.data.test_sampling import FIRE, fire_data, ingest_fire_dataset
+
+    shards = ingest_fire_dataset(tmp_path)
+    colour = {"brightness": 0.15, "contrast": 0.15, "saturation": 0.15, "noise_std": 0.0, **NO_GEOMETRY}
+    runs = {
+        name: {s["item_id"]: s for s in fire_data(shards, augment=augment)}
+        for name, augment in {
+            "plain": {"enabled": False},
+            "off": colour,
+            "on": {**colour, "rare_boost": 3.0},
+        }.items()
+    }
+    assert runs["on"].keys() == runs["off"].keys() == runs["plain"].keys()
+    strong, weak = [], []
+    for item_id, sample in runs["on"].items():
+        plain = runs["plain"][item_id]["image"]
+        if (sample["mask"] == FIRE).any():
+            strong.append(float((sample["image"] - plain).abs().mean()))
+            weak.append(float((runs["off"][item_id]["image"] - plain).abs().mean()))
+        else:
+            assert torch.equal(sample["image"], runs["off"][item_id]["image"]), item_id
+    assert len(strong) >= 3 and np.mean(strong) > 2.0 * np.mean(weak)
+    rare_named = fire_data(shards, augment={**colour, "rare_boost": 3.0}, loader={"rare_classes": ["fire"]})
+    assert {s["item_id"]: s["image"].sum().item() for s in rare_named} == {
+        k: s["image"].sum().item() for k, s in runs["on"].items()
+    }  # auto finds fire, as naming it does
+
+
 def test_derive_seed_is_stable() -> None:
     assert derive_seed(1, "a") == derive_seed(1, "a") != derive_seed(1, "b")
     assert 0 <= derive_seed("x") < 2**63
@@ -264,6 +357,9 @@ def test_derive_seed_is_stable() -> None:
         ({"noise_std": -1.0}, "noise_std"),
         ({"scale_range": (1.2, 0.8)}, "scale_range"),
         ({"crop_size": 0}, "crop_size"),
+        ({"rare_boost": 0.5}, "rare_boost"),
+        ({"views_per_sample": 3}, "views_per_sample"),
+        ({"views_per_sample": 2, "enabled": False}, "views_per_sample"),
     ],
 )
 def test_bad_config_names_the_field(kwargs: dict, field: str) -> None:

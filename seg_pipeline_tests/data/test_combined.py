@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -92,3 +94,22 @@ def test_aux_ratio_caps_auxiliary_patches_by_the_targets(tmp_path) -> None:
     assert aux_patches > 2 * target_patches > 4  # without a cap the auxiliary set outweighs the target
     assert half.per_epoch() == [target_patches, round(0.5 * target_patches)]
     assert sum(1 for s in half if s["source"].startswith("aux")) == round(0.5 * target_patches)
+
+
+def test_loader_lru_cache_reaches_every_training_source(tmp_path: Path) -> None:
+    """Seed 000's ``data.cache_mode=lru``: the training loader's cache knob switches the tile cache of
+    each source of the interleaved stream (an epoch fills it, the next reads from it)."""
+    from seg_pipeline.data.loaders import build_train_loader
+    from seg_pipeline.settings import LoaderSettings
+    from seg_pipeline_tests.data.test_sampling import fire_data, ingest_fire_dataset
+
+    data = fire_data(ingest_fire_dataset(tmp_path))
+    (source,) = data.sources
+    build_train_loader(data, LoaderSettings(batch_size=2, cache_mode="none"), seed=0)
+    assert source.dataset.cache is None
+    loader = build_train_loader(
+        data, LoaderSettings(batch_size=2, cache_mode="lru", cache_max_items=4), seed=0
+    )
+    for _ in loader:
+        pass
+    assert source.dataset.cache is not None and 0 < len(source.dataset.cache) <= 4

@@ -7,9 +7,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from seg_pipeline.settings import LoaderSettings
 from seg_pipeline.data.augment import Augmenter
-from seg_pipeline.settings import AugmentSettings
 from seg_pipeline.data.datasets import (
     GeoPatchDataset,
     PatchSizeBatchSampler,
@@ -18,6 +16,7 @@ from seg_pipeline.data.datasets import (
 )
 from seg_pipeline.data.loaders import build_eval_loader, build_train_loader, seed_worker
 from seg_pipeline.data.raster_io import write_geotiff
+from seg_pipeline.settings import AugmentSettings, LoaderSettings
 from seg_pipeline_tests.data.test_shard_datasets import build_sharded_dataset
 
 
@@ -51,12 +50,16 @@ def test_defaults_follow_seed_000() -> None:
         "cache_mode": "none",
         "cache_max_items": 0,
         "batch_size": 8,
+        "rare_class_weight": None,
+        "rare_classes": [],
     }
 
 
 def test_worker_knobs_only_with_workers(data: dict) -> None:
     dataset = ShardMapDataset(data["dirs"][("npy", 3)], "train", stats=data["stats"])
-    main = build_eval_loader(dataset, LoaderSettings(num_workers=0, prefetch_factor=4, persistent_workers=True))
+    main = build_eval_loader(
+        dataset, LoaderSettings(num_workers=0, prefetch_factor=4, persistent_workers=True)
+    )
     assert main.prefetch_factor is None and main.persistent_workers is False
     workers = build_eval_loader(
         dataset, LoaderSettings(num_workers=2, prefetch_factor=4, persistent_workers=True)

@@ -3,21 +3,40 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
 import rasterio
 import torch
+from rasterio.transform import Affine
 
+from seg_pipeline.contracts import ShardSet
+from seg_pipeline.data.combined import InterleavedSources
 from seg_pipeline.data.datasets import ShardMapDataset
+from seg_pipeline.data.loaders import build_train_loader
 from seg_pipeline.data.sampling import (
+    WeightedPatchDataset,
     class_pixel_counts,
     rare_class_sample_weights,
     rare_class_sampler,
     rare_classes_auto,
     rows_for_items,
 )
+from seg_pipeline.settings import (
+    DatasetSettings,
+    LoaderSettings,
+    ShardSettings,
+    SplitSettings,
+    StageSettings,
+)
+from seg_pipeline.training.sources import TrainingSource, band_stats, build_training_data
+from seg_pipeline.workflows import ingest
+from seg_pipeline.workflows.layout import DataLayout
+from seg_pipeline_tests.conftest import TEST_ORIGIN, TEST_PIXEL_SIZE, tiny_stage, write_raster
 from seg_pipeline_tests.data.test_shard_datasets import build_sharded_dataset
 
 
@@ -111,3 +130,143 @@ def test_sampler_default_draws_one_epoch(data: dict) -> None:
     sampler = rare_class_sampler(dataset, data["catalog"])
     assert len(sampler) == len(dataset)
     assert all(0 <= i < len(dataset) for i in sampler)
+
+
+# -- loader.rare_class_weight: the training stream draws rare tiles more often -------------------------
+
+#: The fire dataset: 40 labelled 64 px RGB tiles, background | field halves, the first 4 with a fire blob.
+FIRE_CLASSES = ("background", "field", "fire")
+FIRE, N_TILES, FIRE_TILES, TILE = 2, 40, 4, 64
+
+
+def ingest_fire_dataset(data_root: Path, name: str = "fire", seed: int = 0) -> ShardSet:
+    """Ingest the fire dataset with the library's catalogue, split (all train) and shard steps.
+
+    Band 0 of an image encodes its mask (``10 + 80 * class``), so a sample's mask can be checked
+    against its own pixels; bands 1-2 are random.
+    """
+    rng = np.random.default_rng(seed)
+    raw = data_root / "raw" / name
+    for i in range(N_TILES):
+        mask = np.zeros((TILE, TILE), np.uint8)
+        mask[:, TILE // 2 :] = 1
+        if i < FIRE_TILES:
+            top, left = rng.integers(0, TILE - 6, 2)
+            mask[top : top + 6, left : left + 6] = FIRE
+        image = rng.integers(0, 255, (3, TILE, TILE), dtype=np.uint8)
+        image[0] = 10 + 80 * mask
+        x0 = TEST_ORIGIN[0] + i * TILE * TEST_PIXEL_SIZE
+        transform = Affine(TEST_PIXEL_SIZE, 0.0, x0, 0.0, -TEST_PIXEL_SIZE, TEST_ORIGIN[1])
+        write_raster(raw / "images" / f"t{i:02d}.tif", image, transform=transform)
+        write_raster(raw / "masks" / f"t{i:02d}.tif", mask, transform=transform)
+    (raw / "classes.txt").write_text("".join(f"{i} {n}\n" for i, n in enumerate(FIRE_CLASSES)))
+    quiet = lambda _: None  # noqa: E731
+    catalog = ingest.catalogue(DatasetSettings(dataset_id=name), DataLayout.at(data_root), quiet).catalog
+    everything = SplitSettings(policy="supervised", train_fraction=1.0, val_fraction=0.0, test_fraction=0.0)
+    table = ingest.split(everything, catalog, quiet)
+    return ingest.shard(ShardSettings(tile_format="npy"), catalog, table, quiet).shards
+
+
+def fire_stage(**changes: Any) -> StageSettings:
+    """Stage settings for the fire dataset: 64 px patches (one per tile), seed 3."""
+    return StageSettings.parse(tiny_stage(patches={"size": TILE}, loop={"seed": 3}, **changes))
+
+
+def fire_data(shards: ShardSet, **changes: Any) -> InterleavedSources:
+    return build_training_data(
+        [TrainingSource(shards=shards)], FIRE_CLASSES, shards.catalog.ignore_index, fire_stage(**changes)
+    )
+
+
+def drawn(data: InterleavedSources, epochs: Sequence[int]) -> list[dict[str, Any]]:
+    """Every sample the stream yields in ``epochs`` (as the trainer sees them, set_epoch first)."""
+    samples = []
+    for epoch in epochs:
+        data.set_epoch(epoch)
+        samples.extend(data)
+    return samples
+
+
+def fire_share(samples: Sequence[dict[str, Any]]) -> float:
+    """Share of samples whose mask holds a fire pixel (read from the drawn pixels)."""
+    return float(np.mean([bool((s["mask"] == FIRE).any()) for s in samples]))
+
+
+@pytest.fixture(scope="module")
+def fire(tmp_path_factory: pytest.TempPathFactory) -> ShardSet:
+    return ingest_fire_dataset(tmp_path_factory.mktemp("fire"))
+
+
+def _train_counts(shards: ShardSet) -> tuple[int, int]:
+    """Tiles of the train split and how many of them hold fire (the splitter may keep one for val)."""
+    catalog = pd.read_parquet(shards.catalog.catalog_path).set_index("item_id")
+    train = ShardMapDataset(shards.dataset_dir, "train", stats=band_stats(shards.catalog.normalization, "f"))
+    holding = sum(1 for i in train.item_ids if catalog.loc[i, "class_counts"][FIRE] > 0)
+    return len(train), holding
+
+
+def test_rare_class_weight_draws_fire_patches_about_five_times_as_often(fire: ShardSet) -> None:
+    n, holding = _train_counts(fire)
+    assert n >= N_TILES - 2 and holding >= FIRE_TILES - 1
+    epochs = range(5)
+    off = drawn(fire_data(fire), epochs)
+    on_data = fire_data(fire, loader={"rare_class_weight": 5.0, "rare_classes": ["fire"]})
+    on = drawn(on_data, epochs)
+    assert len(on_data) == n and len(on) == len(off) == 5 * n  # the epoch keeps its length
+    assert fire_share(off) == holding / n  # unweighted: every tile once an epoch
+    expected = 5 * holding / (5 * holding + n - holding)  # about 0.35
+    assert fire_share(on) == pytest.approx(expected, abs=0.08)
+    assert fire_share(on) > 2.5 * fire_share(off)
+    # a tile drawn twice gets another patch number (another window and augmentation), never a copy
+    for epoch in epochs:
+        ids = [s["item_id"] for s in on[epoch * n : (epoch + 1) * n]]
+        assert len(set(ids)) == len(ids)
+        assert max(Counter(i.split("#")[0] for i in ids).values()) > 1
+    # seeded: the same epoch draws the same patches, the next one draws again
+    again = drawn(fire_data(fire, loader={"rare_class_weight": 5.0, "rare_classes": ["fire"]}), [0])
+    assert [s["item_id"] for s in again] == [s["item_id"] for s in on[:n]]
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(again, on, strict=False))
+    assert [s["item_id"] for s in on[:n]] != [s["item_id"] for s in on[n : 2 * n]]
+
+
+def test_rare_classes_auto_finds_the_fire_class(fire: ShardSet) -> None:
+    named = drawn(fire_data(fire, loader={"rare_class_weight": 5.0, "rare_classes": ["fire"]}), [0, 1])
+    auto = drawn(fire_data(fire, loader={"rare_class_weight": 5.0}), [0, 1])  # fire: 0.2 % of the pixels
+    assert [s["item_id"] for s in auto] == [s["item_id"] for s in named]
+    field = drawn(fire_data(fire, loader={"rare_class_weight": 5.0, "rare_classes": ["field"]}), [0, 1])
+    n, holding = _train_counts(fire)
+    # every tile holds field, so all weigh 5: a draw with replacement, fire at its plain share
+    assert fire_share(field) == pytest.approx(holding / n, abs=0.06)
+
+
+def test_rare_class_weight_with_loader_workers(fire: ShardSet) -> None:
+    data = fire_data(fire, loader={"rare_class_weight": 5.0, "rare_classes": ["fire"]})
+    loader = build_train_loader(data, LoaderSettings(batch_size=4, num_workers=2), seed=3)
+
+    def epoch_samples(epoch: int) -> tuple[list[str], float]:
+        data.set_epoch(epoch)
+        batches = list(loader)
+        ids = [i for b in batches for i in b["item_id"]]
+        holds = [bool((m == FIRE).any()) for b in batches for m in b["mask"]]
+        return ids, float(np.mean(holds))
+
+    n, holding = _train_counts(fire)
+    ids, _ = epoch_samples(0)
+    assert len(ids) == n and epoch_samples(0)[0] == ids  # reproducible across worker restarts
+    shares = [epoch_samples(e)[1] for e in range(4)]
+    assert np.mean(shares) > 2.5 * holding / n
+
+
+def test_unknown_rare_class_names_the_field_and_lists_the_classes(fire: ShardSet) -> None:
+    with pytest.raises(ValueError, match=r"loader\.rare_classes.*'smoke'.*background.*field.*fire"):
+        fire_data(fire, loader={"rare_class_weight": 5.0, "rare_classes": ["smoke"]})
+    with pytest.raises(ValueError, match="rare_class_weight"):
+        LoaderSettings(rare_class_weight=0.0)
+
+
+def test_weighted_patch_dataset_needs_patch_mode_and_positive_weights(fire: ShardSet) -> None:
+    stats = band_stats(fire.catalog.normalization, "fire")
+    with pytest.raises(ValueError, match="patch_size"):
+        WeightedPatchDataset(fire.dataset_dir, "train", tile_weights={}, stats=stats)
+    with pytest.raises(ValueError, match="> 0"):
+        WeightedPatchDataset(fire.dataset_dir, "train", tile_weights={"t00": 0.0}, stats=stats, patch_size=64)

@@ -158,3 +158,41 @@ def test_manager_ignores_nan_and_refuses_other_monitor(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="mode="):
         CheckpointManager(tmp_path, mode="maximum")
     assert os.listdir(tmp_path) == []
+
+
+def _top_k_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.glob("best-epoch-*.pt"))
+
+
+def test_save_top_k_keeps_the_k_best_epochs_and_survives_resume(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path, monitor="val/miou", mode="max", save_every=0, save_top_k=2)
+    for epoch, score in enumerate([0.1, 0.5, 0.3, 0.7, 0.2], start=1):
+        improved = manager.update(score, epoch)
+        state = {"epoch": epoch, "model": {"w": torch.full((1,), score)}, "optimizer": {"m": 1}}
+        manager.save_epoch(state, epoch, improved)
+    assert _top_k_files(tmp_path) == ["best-epoch-0002.pt", "best-epoch-0004.pt"]
+    assert manager.top_k == [(0.7, 4), (0.5, 2)]
+    assert manager.top_k_paths == [tmp_path / "best-epoch-0004.pt", tmp_path / "best-epoch-0002.pt"]
+    second = load_checkpoint(tmp_path / "best-epoch-0002.pt")
+    assert second["epoch"] == 2 and second["weights_only"] and "optimizer" not in second
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 4  # best.pt is kept as with k=1
+
+    resumed = CheckpointManager(tmp_path, monitor="val/miou", mode="max", save_every=0, save_top_k=2)
+    resumed.load_state_dict(manager.state_dict())
+    assert resumed.top_k == manager.top_k
+    # Epoch 6 beats epoch 2 (not 4): only a manager that remembers the list deletes the right file.
+    resumed.save_epoch({"epoch": 6}, 6, resumed.update(0.6, 6))
+    assert _top_k_files(tmp_path) == ["best-epoch-0004.pt", "best-epoch-0006.pt"]
+
+
+def test_save_top_k_one_writes_best_only_and_zero_is_refused(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path, save_every=0)
+    for epoch, score in enumerate([0.1, 0.5, 0.3], start=1):
+        manager.save_epoch({"epoch": epoch}, epoch, manager.update(score, epoch))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
+    old = {key: value for key, value in manager.state_dict().items() if key != "top_k"}
+    upgraded = CheckpointManager(tmp_path, save_top_k=3)
+    upgraded.load_state_dict(old)  # a last.pt written before top-k: its best epoch seeds the list
+    assert upgraded.top_k == [(0.5, 2)]
+    with pytest.raises(ValueError, match="save_top_k=0"):
+        CheckpointManager(tmp_path, save_top_k=0)

@@ -138,6 +138,7 @@ def test_two_gloo_ranks_see_disjoint_data_and_end_with_identical_weights(tmp_pat
         "best.pt",
         "final.pt",
         "last.pt",
+        "metrics.csv",
         "run_manifest.json",
     ]
     saved = torch.load(tmp_path / "ckpt" / "final.pt", weights_only=True)

@@ -267,7 +267,9 @@ def test_fit_overfits_tiny_unet_with_default_cpu_policy_and_writes_files(tmp_pat
     assert losses[-1] < 0.9 * losses[0]
     assert {"train/loss", "lr", "val/acc", "epoch_time_s"} <= set(result.history[-1])
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["best.pt", "epoch-0002.pt", "epoch-0004.pt", "final.pt", "last.pt", "run_manifest.json"]
+    assert names == [
+        "best.pt", "epoch-0002.pt", "epoch-0004.pt", "final.pt", "last.pt", "metrics.csv", "run_manifest.json"
+    ]  # fmt: skip
     # Only last.pt keeps what resuming needs; the files people deploy hold weights (and EMA) only.
     assert "optimizer" in load_checkpoint(tmp_path / "last.pt")
     for name in ("best.pt", "epoch-0002.pt", "final.pt"):
@@ -552,3 +554,64 @@ def test_fit_logs_progress_lines_only_through_log_fn(tmp_path: Path) -> None:
     )
     assert any(line.startswith("epoch 1/1 step 2/2 loss ") and "img/s" in line for line in lines)
     assert any(line.startswith("epoch 1/1 done in") for line in lines)
+
+
+# ----- top-k checkpoints and memory logs ---------------------------------------------------------------
+
+
+def _fit_scored(folder: Path, epochs: int, scores: list[float], **config: Any) -> FitResult:
+    """Fit the tiny net with ``val/miou`` taken from ``scores`` (one per epoch), resuming when possible."""
+    model = _tiny_net()
+    optimizer = build_optimizer(model, name="sgd", lr=0.1, weight_decay=0.0)
+    remaining = iter(scores)
+    evaluate = lambda model, loader: {"miou": next(remaining)}  # noqa: E731
+    settings = _config(epochs=epochs, monitor="val/miou", mode="max", **config)
+    objective = SupervisedObjective(F.cross_entropy)
+    return fit(model, objective, _batches(2, 2), None, evaluate, optimizer, None, settings, folder)
+
+
+def test_save_top_k_keeps_the_k_best_epochs_across_a_resume(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match=r"loop\.save_top_k="):
+        LoopSettings.parse({"save_top_k": 0}, "loop")
+    _fit_scored(tmp_path, 3, [0.1, 0.5, 0.3], save_top_k=2)
+    assert sorted(p.name for p in tmp_path.glob("best-epoch-*.pt")) == [
+        "best-epoch-0002.pt",
+        "best-epoch-0003.pt",
+    ]
+    result = _fit_scored(tmp_path, 5, [0.7, 0.2], save_top_k=2)  # resumes from last.pt at epoch 3
+    assert result.start_epoch == 4 and result.best_epoch == 4
+    assert sorted(p.name for p in tmp_path.glob("best-epoch-*.pt")) == [
+        "best-epoch-0002.pt",
+        "best-epoch-0004.pt",
+    ]
+    assert load_checkpoint(tmp_path / "best-epoch-0002.pt")["metrics"]["val/miou"] == pytest.approx(0.5)
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 4
+    assert load_checkpoint(tmp_path / "last.pt")["checkpoint_manager"]["top_k"] == [[0.7, 4], [0.5, 2]]
+    default = _fit_scored(tmp_path / "default", 3, [0.1, 0.5, 0.3])
+    assert default.best_epoch == 2 and not list((tmp_path / "default").glob("best-epoch-*.pt"))
+
+
+def test_log_memory_adds_peak_memory_to_every_epoch_log(tmp_path: Path) -> None:
+    with_memory = _fit_sgd(_tiny_net(), _batches(4, 2), tmp_path / "on", epochs=2, log_memory=True)
+    assert [h["memory/peak_rss_mb"] > 0 for h in with_memory.history] == [True, True]
+    assert all("memory/cuda_max_allocated_mb" not in h for h in with_memory.history)  # CPU run
+    without = _fit_sgd(_tiny_net(), _batches(4, 2), tmp_path / "off", epochs=2)
+    assert not any(key.startswith("memory/") for h in without.history for key in h)
+    lines: list[str] = []
+    model = _tiny_net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    objective = SupervisedObjective(F.cross_entropy)
+    config = _config(log_memory=True)
+    fit(
+        model,
+        objective,
+        _batches(4, 2),
+        None,
+        None,
+        optimizer,
+        None,
+        config,
+        tmp_path / "log",
+        log_fn=lines.append,
+    )
+    assert any(line.startswith("epoch 1/1 done in") and "| peak rss " in line for line in lines)
