@@ -49,6 +49,7 @@ class LoadedModel:
     source: str
     ignore_index: int = 255
     class_colors: tuple[tuple[int, int, int], ...] = ()
+    positive_classes: tuple[int, ...] = ()
 
     @property
     def palette(self) -> np.ndarray:
@@ -67,6 +68,7 @@ def load_stage_model(checkpoint: Path | str, name: str | None = None) -> LoadedM
         source=str(checkpoint),
         ignore_index=info.ignore_index,
         class_colors=info.class_colors,
+        positive_classes=info.positive_classes,
     )
 
 
@@ -232,6 +234,8 @@ def predict_files(
 
     ``out_dirs`` maps set names (a model's ``name``, or ``"ensemble"``) to folders that receive
     ``<item_id>.tif`` class maps (plus ``.png`` previews and ``.probs.tif`` as ``settings`` ask).
+    With ``settings.postprocess`` on, the class maps (and so the previews) are the cleaned ones and
+    carry the settings in their ``postprocess`` tag; the probabilities stay raw.
     """
     first = check_compatible(models)
     check_outputs(inputs, out_dirs)
@@ -276,6 +280,7 @@ def predict_files(
             log_fn=log_fn,
             class_names=first.class_names,
             palette=first.palette,
+            postprocess=settings.postprocess,
         )
         for name, summary in summaries.items():
             if settings.color_png:

@@ -7,12 +7,19 @@ windowed writes. Several prediction sets (each model of an ensemble and the ense
 every read and every forward pass. Peak memory is about
 ``sets * (num_classes + 2) * 4 bytes * (window_height + 256) * raster_width`` plus one batch of
 windows, independent of the raster's height.
+
+Optional post-processing (:class:`~seg_pipeline.settings.inference.PostprocessSettings`) cleans each
+finished class map in place, strip by strip with rows of context (:func:`clean_in_strips`), ordering
+the classes by the whole raster's areas, so the result is that of cleaning the whole map at once
+while memory stays bounded; probabilities are written raw. The settings used are recorded in the
+class map's ``postprocess`` tag (JSON) and in the summary.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import logging
 import os
 import time
@@ -30,6 +37,7 @@ from rasterio.windows import Window
 
 from seg_pipeline.inference.gis import ClassStyle, describe_class_band, to_cog, write_qml
 from seg_pipeline.inference.palette import class_palette
+from seg_pipeline.inference.postprocess import Cleanup, clean_in_strips
 from seg_pipeline.inference.strips import (
     StripBuffer,
     band_nodata,
@@ -41,12 +49,16 @@ from seg_pipeline.inference.windows import blend_weights, window_grid
 from seg_pipeline.inference.writers import geotiff_profile, scale_probabilities
 from seg_pipeline.io import atomic_write, temp_name
 from seg_pipeline.progress import ItemProgress
-from seg_pipeline.settings.inference import WindowSettings
+from seg_pipeline.settings.inference import PostprocessSettings, WindowSettings
 
 __all__ = ["SetTarget", "blend_weights", "predict_raster", "predict_raster_sets", "window_grid"]
 
 #: The window defaults of the settings schema, so the library functions and the configs agree.
 DEFAULT_WINDOWS = WindowSettings()
+
+#: Class-map pixels a post-processing strip holds with its context (4 Mpx, 2048 x 2048): smaller
+#: rasters are cleaned whole, larger ones in strips of whole GeoTIFF block rows.
+CLEANUP_STRIP_PIXELS = 1 << 22
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +102,35 @@ class _SetWriter:
         if self.prob_dst is not None:
             probabilities[:, ~valid] = np.nan
             self.prob_dst.write(scale_probabilities(probabilities, self.probability_dtype), window=rows)
+
+    def clean(self, cleanup: Cleanup, settings: PostprocessSettings, nodata: int) -> None:
+        """Post-process the finished class map in place, strip by strip; recount its classes.
+
+        Classes are ordered by their areas in the whole raw map (``counts``), so every strip cleans
+        like the whole map would; the settings go into the ``postprocess`` tag.
+        """
+        dst = self.class_dst
+        height, width = dst.height, dst.width
+        block_rows = dst.profile.get("blockysize", 1) or 1
+        counts = np.zeros_like(self.counts)
+
+        def read(start: int, stop: int) -> np.ndarray:
+            return dst.read(1, window=Window(col_off=0, row_off=start, width=width, height=stop - start))
+
+        def write(start: int, rows: np.ndarray) -> None:
+            labelled = rows[rows != nodata]
+            counts[:] += np.bincount(labelled.ravel(), minlength=len(counts))[: len(counts)]
+            dst.write(rows, 1, window=Window(col_off=0, row_off=start, width=width, height=len(rows)))
+
+        context = cleanup.context_rows(len(self.counts))
+        if height * width <= CLEANUP_STRIP_PIXELS:
+            strip_rows = height  # a small raster is cleaned whole
+        else:
+            fitting = CLEANUP_STRIP_PIXELS // width - 2 * context
+            strip_rows = max(block_rows, fitting // block_rows * block_rows)
+        clean_in_strips(read, write, height, cleanup, self.counts, strip_rows=strip_rows)
+        self.counts = counts
+        dst.update_tags(postprocess=json.dumps(settings.model_dump()))
 
 
 @dataclass
@@ -137,6 +178,7 @@ def _open_writers(
     nodata: int,
     probability_dtype: str,
     style: ClassStyle,
+    readable: bool = False,
 ) -> dict[str, _SetWriter]:
     height, width = raster.src.height, raster.src.width
     class_profile = geotiff_profile(height, width, 1, dtype, nodata=nodata, **raster.georeference)
@@ -146,8 +188,10 @@ def _open_writers(
     )
     writers = {}
     for name, target in targets.items():
-        class_dst = outputs.enter_context(
-            rasterio.open(_cog_staging(outputs, target.class_path), "w", **class_profile)
+        class_dst = outputs.enter_context(  # read back (w+) when it is post-processed in place
+            rasterio.open(
+                _cog_staging(outputs, target.class_path), "w+" if readable else "w", **class_profile
+            )
         )
         describe_class_band(class_dst, style)
         prob_dst = None
@@ -257,6 +301,26 @@ def _check_targets(src_path: Path, targets: Mapping[str, SetTarget]) -> None:
         raise ValueError(f"two prediction sets of {src_path} would write the same file: {outputs}")
 
 
+def _cleanup(settings: PostprocessSettings | None, names: Sequence[str], nodata: int) -> Cleanup | None:
+    """The library clean-up of ``settings`` (class names to values), or ``None`` when it is off."""
+    if settings is None or not settings.enabled:
+        return None
+    unknown = [name for name in settings.classes if name not in names]
+    if unknown:
+        raise ValueError(
+            f"postprocess.classes {unknown} are not classes of the model; choose among {list(names)}"
+        )
+    return Cleanup(
+        open_radius=settings.open_radius,
+        close_radius=settings.close_radius,
+        order=settings.order,
+        min_area=settings.min_area,
+        connectivity=settings.connectivity,
+        only=tuple(names.index(name) for name in settings.classes) or None,
+        ignore_value=nodata,
+    )
+
+
 def predict_raster_sets(
     src_path: str | os.PathLike[str],
     targets: Mapping[str, SetTarget],
@@ -277,6 +341,7 @@ def predict_raster_sets(
     progress_delay_s: float = 5.0,
     class_names: Sequence[str] | None = None,
     palette: np.ndarray | None = None,
+    postprocess: PostprocessSettings | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Predict a raster window by window into several prediction sets at once (one read, one forward).
 
@@ -297,14 +362,17 @@ def predict_raster_sets(
     if probability_dtype not in ("float32", "uint8"):
         raise ValueError(f"probability_dtype must be 'float32' or 'uint8', got {probability_dtype!r}.")
     dtype, nodata = resolve_class_dtype(class_dtype, class_nodata, num_classes)
+    names, colours = _style_parts(class_names, palette, num_classes)
+    cleanup = _cleanup(postprocess, names, nodata)
     with rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"), warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)  # PNG/JPEG inputs are fine without CRS
         with rasterio.open(src_path) as src, contextlib.ExitStack() as outputs:
             raster = _open_raster(src, src_path, bands, input_nodata, window, overlap, blend)
-            style = ClassStyle(*_style_parts(class_names, palette, num_classes), nodata=nodata)
+            style = ClassStyle(names, colours, nodata=nodata)
             writers = _open_writers(
-                outputs, raster, targets, num_classes, dtype, nodata, probability_dtype, style
-            )
+                outputs, raster, targets, num_classes, dtype, nodata, probability_dtype, style,
+                readable=cleanup is not None,
+            )  # fmt: skip
             progress = ItemProgress(
                 f"predict {src_path.name}", len(raster.windows), unit="windows", log_fn=log_fn or logger.info,
                 delay_s=progress_delay_s,
@@ -313,6 +381,9 @@ def predict_raster_sets(
                 raster, writers, predict_fn, normalize, num_classes, batch_size, dtype, nodata, progress
             )
             progress.done()
+            if cleanup is not None and postprocess is not None:
+                for writer in writers.values():
+                    writer.clean(cleanup, postprocess, nodata)
     for target in targets.values():
         write_qml(target.class_path.with_suffix(".qml"), style)
     seconds = round(time.perf_counter() - started, 3)
@@ -327,6 +398,7 @@ def predict_raster_sets(
         "class_nodata": nodata,
         "crs": str(raster.georeference["crs"]) if raster.georeference["crs"] else None,
         "seconds": seconds,
+        "postprocess": None if cleanup is None or postprocess is None else postprocess.model_dump(),
     }
     return {
         name: {
@@ -363,6 +435,7 @@ def predict_raster(
     progress_delay_s: float = 5.0,
     class_names: Sequence[str] | None = None,
     palette: np.ndarray | None = None,
+    postprocess: PostprocessSettings | None = None,
 ) -> dict[str, Any]:
     """Predict a raster window by window and write a GeoTIFF class map (and optionally probabilities).
 
@@ -391,10 +464,15 @@ def predict_raster(
             (most of them, predicted in a fraction of that) add no lines; 0 reports every raster.
         class_names: Names by class id for the tags and the style (default ``class 0`` ...).
         palette: ``(K, 3)`` RGB colours of the colour table (default: by ``class_names``).
+        postprocess: Clean-up of the class map (opening/closing, small regions; off by default),
+            in strips with context, so large rasters keep bounded memory and show no seams. The
+            probabilities stay raw; the settings are written to the class map's ``postprocess``
+            tag (JSON) and the summary.
 
     Returns:
-        Summary dict (paths, size, windows, dtype, nodata, per-class pixel counts, seconds), small
-        enough for Dagster metadata. Outputs appear atomically; on error nothing is left behind.
+        Summary dict (paths, size, windows, dtype, nodata, per-class pixel counts of the written
+        map, seconds, ``postprocess`` settings or ``None``), small enough for Dagster metadata.
+        Outputs appear atomically; on error nothing is left behind.
     """
     probabilities = None if write_probabilities is None else Path(write_probabilities)
     summaries = predict_raster_sets(
@@ -416,5 +494,6 @@ def predict_raster(
         palette=palette,
         log_fn=log_fn,
         progress_delay_s=progress_delay_s,
+        postprocess=postprocess,
     )
     return summaries["prediction"]

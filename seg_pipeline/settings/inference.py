@@ -7,6 +7,7 @@ from typing import Literal, Self
 from pydantic import Field, field_validator, model_validator
 
 from seg_pipeline.settings.base import DEVICE_PATTERN, Settings, override
+from seg_pipeline.settings.evaluation import ScoringSettings
 
 #: Names ``flips`` accepts: dihedral transforms plus ``d4`` (all 8) and ``hv`` (= rot180).
 FLIP_NAMES = ("none", "h", "v", "rot90", "rot180", "rot270", "transpose", "antitranspose", "d4", "hv")
@@ -95,6 +96,9 @@ class ValidationSettings(Settings):
     tta: ValidationTTASettings = Field(
         default_factory=ValidationTTASettings, description="Views (none extra)."
     )
+    scoring: ScoringSettings = Field(
+        default_factory=ScoringSettings, description="Scoring rules (shared with the evaluation report)."
+    )
 
 
 class TuningSettings(Settings):
@@ -126,6 +130,59 @@ class TuningSettings(Settings):
         return self.members or self.class_bias
 
 
+class PostprocessSettings(Settings):
+    """Clean-up of the written class maps (opening/closing, small regions); off by default.
+
+    Only class maps change: probabilities beside them stay raw. Large rasters are cleaned in strips
+    with enough rows of context for the result of cleaning the whole map at once (no seams).
+    """
+
+    open_radius: int = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description="Disk radius (px) of a per-class opening: removes specks, spurs and lines thinner "
+        "than the disk, each pixel taking the nearest other class; 0 = no opening.",
+    )
+    close_radius: int = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description="Disk radius (px) of a per-class closing: fills gaps and holes thinner than the disk; "
+        "0 = no closing.",
+    )
+    order: Literal["open_close", "close_open"] = Field(
+        default="open_close", description="Which runs first when both the opening and the closing are on."
+    )
+    min_area: int = Field(
+        default=1,
+        ge=1,
+        le=10_000,
+        description="After the opening/closing, connected regions of fewer pixels take the majority class "
+        "around them; 1 = keep every region. Strips are cleaned with 2 x min_area rows of context.",
+    )
+    connectivity: int = Field(
+        default=8, description="Neighbours that join pixels into one region for min_area: 4 or 8 (diagonals)."
+    )
+    classes: list[str] = Field(
+        default=[],
+        description="Names of the classes cleaned (their specks removed, gaps filled, small regions "
+        "relabelled); [] = every class.",
+    )
+
+    @field_validator("connectivity")
+    @classmethod
+    def _four_or_eight(cls, value: int) -> int:
+        if value not in (4, 8):
+            raise ValueError("connectivity must be 4 or 8")
+        return value
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any class map can change (else prediction writes exactly what it did without)."""
+        return self.open_radius > 0 or self.close_radius > 0 or self.min_area > 1
+
+
 class PredictSettings(Settings):
     """Predicting a split (or a folder) with single models and their TTA ensemble."""
 
@@ -146,4 +203,9 @@ class PredictSettings(Settings):
     write_probabilities: bool = Field(default=False, description="Also write per-class probability GeoTIFFs.")
     color_png: bool = Field(
         default=True, description="Also write a colourised PNG quick-look per prediction."
+    )
+    postprocess: PostprocessSettings = Field(
+        default_factory=PostprocessSettings,
+        description="Morphological clean-up of the class maps (the evaluation scores the cleaned maps); "
+        "probabilities stay raw. Off by default.",
     )
