@@ -18,25 +18,33 @@ they are made, one job per module:
 * ``errors`` / ``names``: the errors and the published names every module shares.
 """
 
-from seg_pipeline.export.api import ExportResult, export_model
-from seg_pipeline.export.card import CARD_VERSION
-from seg_pipeline.export.cli import main
-from seg_pipeline.export.errors import ExportError, ExportParityError
-from seg_pipeline.export.names import CARD_NAME, FILE_NAMES, FORMATS, INPUT_NAME, OUTPUT_NAME
-from seg_pipeline.export.parity import DEFAULT_TOLERANCES, PARITY_SEED
+from __future__ import annotations
 
-__all__ = [
-    "CARD_NAME",
-    "CARD_VERSION",
-    "DEFAULT_TOLERANCES",
-    "FILE_NAMES",
-    "FORMATS",
-    "INPUT_NAME",
-    "OUTPUT_NAME",
-    "PARITY_SEED",
-    "ExportError",
-    "ExportParityError",
-    "ExportResult",
-    "export_model",
-    "main",
-]
+import importlib
+from typing import Any
+
+#: Public name -> the module that defines it. Imported on first use, so ``seg-pipeline summary``
+#: (which builds the ``export`` sub-command's parser) does not pay for torch.
+_EXPORTS = {
+    "ExportResult": "api",
+    "export_model": "api",
+    "CARD_VERSION": "card",
+    "main": "cli",
+    "ExportError": "errors",
+    "ExportParityError": "errors",
+    "CARD_NAME": "names",
+    "FILE_NAMES": "names",
+    "FORMATS": "names",
+    "INPUT_NAME": "names",
+    "OUTPUT_NAME": "names",
+    "DEFAULT_TOLERANCES": "parity",
+    "PARITY_SEED": "parity",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

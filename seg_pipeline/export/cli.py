@@ -12,8 +12,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from seg_pipeline.export.api import export_model
-from seg_pipeline.export.errors import ExportParityError
 from seg_pipeline.export.names import FORMATS
 
 
@@ -23,9 +21,8 @@ def _description() -> str | None:
     return doc.splitlines()[0] if doc else None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m seg_pipeline.export --checkpoint best.pt --out exports/v1``: prints a JSON summary."""
-    parser = argparse.ArgumentParser(prog="python -m seg_pipeline.export", description=_description())
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The export options (shared by ``python -m seg_pipeline.export`` and ``seg-pipeline export``)."""
     parser.add_argument("--checkpoint", required=True, type=Path, help="stage checkpoint (best.pt)")
     parser.add_argument("--out", required=True, type=Path, help="export folder to create or replace")
     parser.add_argument(
@@ -36,7 +33,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--lineage", type=json.loads, default=None, help='JSON object, e.g. \'{"git_commit": "abc123"}\''
     )
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Export as ``args`` say; print the JSON summary (0) or ``export failed: ...`` on stderr (2)."""
+    from seg_pipeline.export.api import export_model  # torch: only when exporting
+    from seg_pipeline.export.errors import ExportParityError
+
     try:
         result = export_model(
             args.checkpoint,
@@ -51,3 +54,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(json.dumps(result.to_value(), indent=2))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m seg_pipeline.export --checkpoint best.pt --out exports/v1``: prints a JSON summary."""
+    parser = argparse.ArgumentParser(prog="python -m seg_pipeline.export", description=_description())
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from pydantic import ConfigDict, Field
 
-from seg_pipeline.contracts import BandStatistics, ShardSet, TrackingRecord, TrainedModel
+from seg_pipeline.contracts import BandStatistics, Catalog, ShardSet, TrackingRecord, TrainedModel
 from seg_pipeline.contracts.base import Contract
 from seg_pipeline.data.combined import InterleavedSources
 from seg_pipeline.data.loaders import build_eval_loader, build_train_loader
@@ -26,7 +26,7 @@ from seg_pipeline.models import SegmentationModel, build_model
 from seg_pipeline.models.checkpoint import load_model_weights
 from seg_pipeline.models.loading import load_trained_model
 from seg_pipeline.progress import default_log_fn
-from seg_pipeline.settings import KDStageSettings, PretrainSettings, StageSettings
+from seg_pipeline.settings import KDStageSettings, LoopSettings, PretrainSettings, StageSettings
 from seg_pipeline.settings.models import ModelSpec
 from seg_pipeline.tracking import (
     TAG_PIPELINE_RUN_ID,
@@ -53,7 +53,7 @@ from seg_pipeline.training.sources import (
 )
 from seg_pipeline.training.steps import optimizer_steps_per_epoch
 from seg_pipeline.training.trainer import EvaluateFn, FitResult, Trainer, precision_policy
-from seg_pipeline.training.validation import STREAM_PIXELS, collate_tiles, make_evaluate_fn
+from seg_pipeline.training.validation import STREAM_PIXELS, collate_tiles, make_evaluate_fn, validation_keys
 
 LogFn = Callable[[str], None]
 
@@ -74,7 +74,8 @@ class StageJob(Contract):
     tracking: TrackingSettings | None = None
     run_tags: dict[str, str] = Field(default_factory=dict)
     register_as: str | None = None
-    resume: bool = True
+    resume: bool | str = True  # True: last.pt of checkpoint_dir if any; a path: that checkpoint
+    metrics_csv: str | None = None  # per-epoch history CSV; None: checkpoint_dir/metrics.csv
 
     @property
     def is_kd(self) -> bool:
@@ -95,26 +96,48 @@ def _prepare_process(job: StageJob) -> TrackingSettings | None:
 def _build_model(job: StageJob, log: LogFn) -> SegmentationModel:
     torch.manual_seed(job.settings.loop.seed)
     model = build_model(job.spec)
-    resuming = job.resume and (Path(job.checkpoint_dir) / "last.pt").exists()
+    resuming = isinstance(job.resume, str) or (job.resume and (Path(job.checkpoint_dir) / "last.pt").exists())
     if job.init_checkpoint is not None and not resuming:
         load_model_weights(model, job.init_checkpoint, prefer_ema=True)
         log(f"{job.stage}: initialised from {job.init_checkpoint}")
     return model
 
 
+def _supervised_loss(job: StageJob, class_weights: torch.Tensor | None) -> torch.nn.Module:
+    """The stage's ``loss`` settings as a loss module (training, and ``val/loss`` in validation)."""
+    catalog, loss = job.target.catalog, job.settings.loss
+    return build_loss(
+        loss.name,
+        catalog.num_classes,
+        ignore_index=catalog.ignore_index,
+        class_weights=class_weights,
+        weights=loss.term_weights or None,
+        focal_gamma=loss.focal_gamma,
+        label_smoothing=loss.label_smoothing,
+    )
+
+
+def check_monitor(loop: LoopSettings, catalog: Catalog) -> None:
+    """Refuse a ``loop.monitor`` validation never logs before any training work (not after epoch 1)."""
+    monitor = loop.monitor_key
+    if not monitor.startswith("val/"):
+        return  # train/... keys depend on the objective; the trainer checks them after the first epoch
+    known = validation_keys(catalog.class_names, catalog.positive_ids, with_loss=True)
+    if monitor not in known:
+        scalars = sorted(
+            k for k in known if k.count("/") == 1 or k.startswith(("val/pooled", "val/detection"))
+        )
+        raise ValueError(
+            f"loop.monitor={loop.monitor!r} is not a validation metric; use one of {scalars} or "
+            f"val/iou/<class> (classes {catalog.class_names}); mode: max, except val/loss (min)"
+        )
+
+
 def _objective(job: StageJob, class_weights: torch.Tensor | None) -> Objective:
     catalog = job.target.catalog
     settings = job.settings
     if not isinstance(settings, KDStageSettings):
-        loss = build_loss(
-            settings.loss.name,
-            catalog.num_classes,
-            ignore_index=catalog.ignore_index,
-            class_weights=class_weights,
-            weights=settings.loss.term_weights or None,
-            focal_gamma=settings.loss.focal_gamma,
-            label_smoothing=settings.loss.label_smoothing,
-        )
+        loss = _supervised_loss(job, class_weights)
         return _multi_scale(SupervisedObjective(loss), settings, catalog.ignore_index)
     kd = settings.kd
     kd_loss = KnowledgeDistillationLoss(
@@ -189,6 +212,7 @@ def run_config(job: StageJob, normalization: BandStatistics) -> dict[str, Any]:
         ],
         "class_names": list(catalog.class_names),
         "class_colors": [list(rgb) for rgb in catalog.class_colors],
+        "positive_classes": catalog.positive_ids,
         "normalization": {"mean": list(normalization.mean), "std": list(normalization.std)},
         "ignore_index": catalog.ignore_index,
         "teachers": list(job.teachers),
@@ -207,6 +231,8 @@ def _trainer(
         weight_decay=settings.optimizer.weight_decay,
         encoder_lr_mult=settings.optimizer.encoder_lr_mult,
         decoder_lr_mult=settings.optimizer.decoder_lr_mult,
+        layer_decay=settings.optimizer.layer_decay,
+        head_lr_mult=settings.optimizer.head_lr_mult,
     )
     num_batches = -(-num_samples // settings.loader.batch_size)
     steps = optimizer_steps_per_epoch(
@@ -237,6 +263,7 @@ def _trainer(
         model_spec=job.spec.model_dump(),
         run_config=run_config(job, normalization),
         log_fn=log,
+        metrics_csv=job.metrics_csv,
     )
 
 
@@ -254,6 +281,7 @@ def prepare_stage(job: StageJob, log: LogFn) -> PreparedStage:
     """Build model, data, objective and optimiser of ``job``; nothing has trained yet."""
     catalog = job.target.catalog
     normalization = band_stats(catalog.normalization, job.target.dataset_id)
+    check_monitor(job.settings.loop, catalog)
     model = _build_model(job, log)
     train_data = _train_data(job, log)
     val_data = build_validation_data(job.target, job.settings.val_split, normalization)
@@ -276,6 +304,8 @@ def prepare_stage(job: StageJob, log: LogFn) -> PreparedStage:
             catalog.ignore_index,
             catalog.class_names,
             job.settings.validation,
+            positive_classes=catalog.positive_ids,
+            loss_fn=_supervised_loss(job, weights),
             streamed=streamed,
             stats=normalization,
         ),

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from seg_pipeline.contracts import AuxiliarySet, ShardSet, TrainedModel
+from seg_pipeline.models.loading import checkpoint_info
 from seg_pipeline.settings import KDStageSettings, ModelSettings, PretrainSettings
 from seg_pipeline.settings.models import ModelSpec
 from seg_pipeline.tracking import TrackingSettings
@@ -36,7 +37,12 @@ def _spec(model: ModelSettings, target: ShardSet) -> ModelSpec:
             "at least 2 (background and a class): list them in classes.txt or set class_names, and when "
             "a mask value stands for a class (255 = building) say so in dataset.mask_values"
         )
-    return ModelSpec.from_settings(model, in_channels=catalog.bands, num_classes=catalog.num_classes)
+    return ModelSpec.from_settings(
+        model,
+        in_channels=catalog.bands,
+        num_classes=catalog.num_classes,
+        positive_classes=catalog.positive_ids,
+    )
 
 
 def pretraining_sources(
@@ -66,6 +72,9 @@ class StageRun:
         register_as: Registered model name for the best checkpoint.
         nproc_per_node: Ranks on this machine (torchrun when > 1).
         log_fn: Sink for progress lines.
+        resume: True resumes the ``last.pt`` of ``checkpoint_dir`` when there is one, a path resumes
+            that checkpoint (``seg-pipeline train --resume``), False starts afresh.
+        metrics_csv: Per-epoch history CSV (default ``checkpoint_dir/metrics.csv``).
     """
 
     checkpoint_dir: Path
@@ -74,6 +83,8 @@ class StageRun:
     register_as: str | None = None
     nproc_per_node: int = 1
     log_fn: LogFn | None = None
+    resume: bool | str = True
+    metrics_csv: Path | None = None
 
 
 def pretrain(
@@ -90,28 +101,39 @@ def pretrain(
         tracking=run.tracking,
         run_tags=dict(run.run_tags),
         register_as=run.register_as,
+        resume=run.resume,
+        metrics_csv=None if run.metrics_csv is None else str(run.metrics_csv),
     )
     return launch_stage(job, run.nproc_per_node, run.log_fn)
 
 
-def student_settings(settings: KDStageSettings, teacher: TrainedModel) -> ModelSettings:
+def student_settings(settings: KDStageSettings, teacher: ModelSpec) -> ModelSettings:
     """The student's architecture: ``student_model`` when given, else the teacher's own."""
     if settings.student_model is not None:
         return settings.student_model
-    return ModelSettings(**{name: getattr(teacher.spec, name) for name in ModelSettings.model_fields})
+    return ModelSettings(**{name: getattr(teacher, name) for name in ModelSettings.model_fields})
 
 
 def distill(
     settings: KDStageSettings, target: ShardSet, teacher: TrainedModel, run: StageRun
 ) -> TrainedModel:
-    """Stage 2: KD finetuning on the target, from the stage-1 teacher plus any extra teachers.
+    """Stage 2: KD finetuning on the target, from the stage-1 teacher plus any extra teachers."""
+    return distill_from(settings, target, Path(teacher.checkpoint), run)
+
+
+def distill_from(
+    settings: KDStageSettings, target: ShardSet, teacher_checkpoint: Path, run: StageRun
+) -> TrainedModel:
+    """Stage 2 from a teacher checkpoint (a stage-1 ``best.pt``: what ``seg-pipeline train --stage kd``
+    gets), plus any extra teachers.
 
     The student starts from the teacher's weights when both have the same architecture and encoder
     (warm start); a different student (``student_model``) starts from its own initialisation.
     """
-    student = student_settings(settings, teacher)
+    teacher_spec = checkpoint_info(teacher_checkpoint).spec
+    student = student_settings(settings, teacher_spec)
     spec = _spec(student, target)
-    warm_start = (spec.architecture, spec.encoder) == (teacher.spec.architecture, teacher.spec.encoder)
+    warm_start = (spec.architecture, spec.encoder) == (teacher_spec.architecture, teacher_spec.encoder)
     tracking = run.tracking
     extra = (
         [str(resolve_model_checkpoint(ref, tracking)) for ref in settings.kd.extra_teachers]
@@ -125,10 +147,12 @@ def distill(
         sources=[TrainingSource(shards=target, splits=["train"])],
         checkpoint_dir=str(run.checkpoint_dir),
         spec=spec,
-        init_checkpoint=teacher.checkpoint if warm_start else None,
-        teachers=[teacher.checkpoint, *extra],
+        init_checkpoint=str(teacher_checkpoint) if warm_start else None,
+        teachers=[str(teacher_checkpoint), *extra],
         tracking=tracking,
         run_tags=dict(run.run_tags),
         register_as=run.register_as,
+        resume=run.resume,
+        metrics_csv=None if run.metrics_csv is None else str(run.metrics_csv),
     )
     return launch_stage(job, run.nproc_per_node, run.log_fn)
