@@ -77,11 +77,13 @@ def _score_streamed(
                 truth = read_array(row.target_path, window=window)[0].astype(np.int64)
                 truth[predicted == nodata] = scores.ignore_index  # input nodata: never scored
                 scores.matrix.update(predicted, truth)
-                valid = scores.valid(truth)
-                positive_pixels += [
-                    np.count_nonzero(np.isin(predicted, scores.positive) & valid),
-                    np.count_nonzero(np.isin(truth, scores.positive) & valid),
-                ]
+                for top_row in range(0, len(truth), 64):  # small temporaries: memory stays the strip's
+                    part, labels = truth[top_row : top_row + 64], predicted[top_row : top_row + 64]
+                    valid = scores.valid(part)
+                    positive_pixels += [
+                        scores.positive_pixels(labels, valid),
+                        scores.positive_pixels(part, valid),
+                    ]
         scores.detection.add_decision(int(positive_pixels[0]), int(positive_pixels[1]))
 
 
@@ -99,8 +101,11 @@ class ValidationScores:
             num_classes, ignore_index=ignore_index, ignore_nonpositive=scoring.ignore_nonpositive
         )
         self.positive = np.asarray(sorted(positive_classes), dtype=np.int64)
-        self.detection = DetectionCounter(self.positive.tolist(), scoring.detection_min_pixels)
+        # No positive classes (a caller that pools none): no pooled or detection scores.
+        self.detection = DetectionCounter(self.positive.tolist() or [0], scoring.detection_min_pixels)
         self.ignore_index = ignore_index
+        self._is_positive = np.zeros(1 << 16, dtype=bool)  # label value -> positive (a lookup: no copies)
+        self._is_positive[self.positive] = True
         self.loss_sum = 0.0
         self.loss_pixels = 0
 
@@ -111,13 +116,16 @@ class ValidationScores:
             valid &= truth > 0
         return valid
 
+    def positive_pixels(self, labels: np.ndarray, valid: np.ndarray) -> int:
+        """Scored pixels of ``labels`` (class ids, ``ignore_index`` or nodata) in a positive class."""
+        return int(np.count_nonzero(self._is_positive[labels] & valid))
+
     def add_tile(self, predicted: np.ndarray, truth: np.ndarray) -> None:
         """Score one whole tile: pixels into the matrix, the tile as one patch-detection decision."""
         self.matrix.update(predicted, truth)
         valid = self.valid(truth)
         self.detection.add_decision(
-            int(np.count_nonzero(np.isin(predicted, self.positive) & valid)),
-            int(np.count_nonzero(np.isin(truth, self.positive) & valid)),
+            self.positive_pixels(predicted, valid), self.positive_pixels(truth, valid)
         )
 
     def add_loss(self, loss: float, pixels: int) -> None:
