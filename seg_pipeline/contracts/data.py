@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from pydantic import Field
 
 from seg_pipeline.contracts.base import Contract
+
+
+def class_ids(field: str, names: Sequence[str], class_names: Sequence[str]) -> list[int]:
+    """The ids of class ``names``; a name that is not a class is an error naming ``field``."""
+    unknown = [name for name in names if name not in class_names]
+    if unknown:
+        raise ValueError(
+            f"{field}: {unknown} are not classes of the dataset; its classes are {list(class_names)}"
+        )
+    return [list(class_names).index(name) for name in names]
 
 
 def positive_ids(named: list[int], num_classes: int) -> list[int]:

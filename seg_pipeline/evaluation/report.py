@@ -108,8 +108,8 @@ def evaluate_pairs(
     ``detection_min_pixels`` scored pixels of those classes, in prediction and in truth).
     """
     matrix = ConfusionMatrix(num_classes, ignore_index=ignore_index, ignore_nonpositive=ignore_nonpositive)
-    positive = np.asarray(sorted(positive_classes), dtype=np.int64)
-    detection = DetectionCounter(positive.tolist(), detection_min_pixels) if positive.size else None
+    positive = sorted(positive_classes)
+    detection = DetectionCounter(positive, detection_min_pixels) if positive else None
     unpredicted = 0
     for pred_path, truth_path in pairs:
         positive_pixels = np.zeros(2, dtype=np.int64)
@@ -136,12 +136,10 @@ def evaluate_pairs(
             scored_pred, scored_truth = pred[predicted].astype(np.int64), truth[predicted].astype(np.int64)
             matrix.update(scored_pred, scored_truth)
             if detection is not None:
-                valid = scored_truth != ignore_index
-                if ignore_nonpositive:
-                    valid &= scored_truth > 0
+                scored = matrix.scored(scored_truth)
                 positive_pixels += [
-                    np.count_nonzero(np.isin(scored_pred, positive) & valid),
-                    np.count_nonzero(np.isin(scored_truth, positive) & valid),
+                    detection.positive_pixels(scored_pred, scored),
+                    detection.positive_pixels(scored_truth, scored),
                 ]
         if detection is not None:
             detection.add_decision(int(positive_pixels[0]), int(positive_pixels[1]))
@@ -149,7 +147,7 @@ def evaluate_pairs(
             progress.advance(detail=f"{pred_path.parent.name}/{pred_path.stem}")
     return FolderEvaluation(
         matrix.compute(), matrix, list(pairs), list(missing), unpredicted,
-        positive_classes=tuple(positive.tolist()),
+        positive_classes=tuple(positive),
         detection=None if detection is None else detection.compute(),
     )  # fmt: skip
 

@@ -58,6 +58,11 @@ class ConfusionMatrix:
             valid = positive if valid is None else valid & positive
         return valid
 
+    def scored(self, target: np.ndarray) -> np.ndarray:
+        """Boolean mask of the pixels of ``target`` this matrix counts (its ignore rules)."""
+        valid = self._valid_mask(target)
+        return np.ones(target.shape, dtype=bool) if valid is None else valid
+
     def update(self, pred: Any, target: Any) -> ConfusionMatrix:
         """Add one batch of predicted and target class ids, any equal shapes (e.g. (B,H,W) or (H,W)).
 

@@ -57,6 +57,8 @@ class DetectionCounter:
         if isinstance(min_pixels, bool) or not isinstance(min_pixels, int | np.integer) or min_pixels < 1:
             raise ValueError(f"min_pixels must be an int >= 1, got {min_pixels!r}.")
         self.min_pixels = int(min_pixels)
+        self._is_positive = np.zeros(1 << 16, dtype=bool)  # label value -> positive: a lookup, no copies
+        self._is_positive[list(self.positive_classes)] = True
         self.ignore_index = ignore_index
         self._counts = np.zeros(4, dtype=np.int64)  # tp, fp, tn, fn
 
@@ -90,6 +92,10 @@ class DetectionCounter:
             int(np.count_nonzero(~predicted & actual)),
         ]
         return self
+
+    def positive_pixels(self, labels: np.ndarray, scored: np.ndarray) -> int:
+        """Scored pixels of ``labels`` (any values < 65536: classes, ignore, nodata) in a positive class."""
+        return int(np.count_nonzero(self._is_positive[labels] & scored))
 
     def add_decision(self, predicted_pixels: int, true_pixels: int) -> DetectionCounter:
         """Add one patch known only by its counts of positive pixels (a scene scored strip by strip)."""

@@ -27,6 +27,7 @@ from pydantic import Field
 
 from seg_pipeline.contracts import BandStatistics, ShardSet
 from seg_pipeline.contracts.base import Contract
+from seg_pipeline.contracts.data import class_ids
 from seg_pipeline.data.augment import Augmenter
 from seg_pipeline.data.catalog import ok_rows
 from seg_pipeline.data.combined import InterleavedSources, RemappedSource, remap_table, resolve_remap
@@ -161,16 +162,11 @@ def rare_class_ids(
     ``DEFAULT_RARE_SHARE`` of the sources' labelled pixels; ``[]`` while no knob uses them
     (``loader.rare_class_weight`` null and ``augment.rare_boost`` 1). Unknown names raise ``ValueError``.
     """
-    names = settings.loader.rare_classes
-    unknown = [name for name in names if name not in target_classes]
-    if unknown:
-        raise ValueError(
-            f"loader.rare_classes: {unknown} are not classes of the dataset; classes: {list(target_classes)}"
-        )
+    named = class_ids("loader.rare_classes", settings.loader.rare_classes, target_classes)
     if settings.loader.rare_class_weight is None and settings.augment.rare_boost == 1.0:
         return []
-    if names:
-        return sorted({list(target_classes).index(name) for name in names})
+    if named:
+        return sorted(set(named))
     return rare_classes_auto(class_pixel_totals(sources, target_classes, ignore_index))
 
 

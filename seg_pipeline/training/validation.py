@@ -69,6 +69,7 @@ def _score_streamed(
             progress_delay_s=60.0,
         )["model"]
         nodata = summary["class_nodata"]
+        detection = scores.detection
         positive_pixels = np.zeros(2, dtype=np.int64)  # predicted, true
         with rasterio.open(summary["dst_path"]) as classes:
             for top in range(0, classes.height, _SCORE_ROWS):
@@ -77,14 +78,14 @@ def _score_streamed(
                 truth = read_array(row.target_path, window=window)[0].astype(np.int64)
                 truth[predicted == nodata] = scores.ignore_index  # input nodata: never scored
                 scores.matrix.update(predicted, truth)
-                for top_row in range(0, len(truth), 64):  # small temporaries: memory stays the strip's
-                    part, labels = truth[top_row : top_row + 64], predicted[top_row : top_row + 64]
-                    valid = scores.valid(part)
+                if detection is not None:
+                    scored = scores.matrix.scored(truth)
                     positive_pixels += [
-                        scores.positive_pixels(labels, valid),
-                        scores.positive_pixels(part, valid),
+                        detection.positive_pixels(predicted, scored),
+                        detection.positive_pixels(truth, scored),
                     ]
-        scores.detection.add_decision(int(positive_pixels[0]), int(positive_pixels[1]))
+        if detection is not None:
+            detection.add_decision(int(positive_pixels[0]), int(positive_pixels[1]))
 
 
 class ValidationScores:
@@ -100,33 +101,24 @@ class ValidationScores:
         self.matrix = ConfusionMatrix(
             num_classes, ignore_index=ignore_index, ignore_nonpositive=scoring.ignore_nonpositive
         )
-        self.positive = np.asarray(sorted(positive_classes), dtype=np.int64)
+        self.positive = sorted(positive_classes)
         # No positive classes (a caller that pools none): no pooled or detection scores.
-        self.detection = DetectionCounter(self.positive.tolist() or [0], scoring.detection_min_pixels)
+        self.detection = (
+            DetectionCounter(self.positive, scoring.detection_min_pixels) if self.positive else None
+        )
         self.ignore_index = ignore_index
-        self._is_positive = np.zeros(1 << 16, dtype=bool)  # label value -> positive (a lookup: no copies)
-        self._is_positive[self.positive] = True
         self.loss_sum = 0.0
         self.loss_pixels = 0
-
-    def valid(self, truth: np.ndarray) -> np.ndarray:
-        """Pixels that are scored: the matrix's own rule (``ignore_index``, seed 000's labels <= 0)."""
-        valid = truth != self.ignore_index
-        if self.matrix.ignore_nonpositive:
-            valid &= truth > 0
-        return valid
-
-    def positive_pixels(self, labels: np.ndarray, valid: np.ndarray) -> int:
-        """Scored pixels of ``labels`` (class ids, ``ignore_index`` or nodata) in a positive class."""
-        return int(np.count_nonzero(self._is_positive[labels] & valid))
 
     def add_tile(self, predicted: np.ndarray, truth: np.ndarray) -> None:
         """Score one whole tile: pixels into the matrix, the tile as one patch-detection decision."""
         self.matrix.update(predicted, truth)
-        valid = self.valid(truth)
-        self.detection.add_decision(
-            self.positive_pixels(predicted, valid), self.positive_pixels(truth, valid)
-        )
+        if self.detection is not None:
+            scored = self.matrix.scored(truth)
+            self.detection.add_decision(
+                self.detection.positive_pixels(predicted, scored),
+                self.detection.positive_pixels(truth, scored),
+            )
 
     def add_loss(self, loss: float, pixels: int) -> None:
         """One tile's mean loss over its ``pixels`` scored pixels."""
@@ -140,8 +132,8 @@ class ValidationScores:
         logs = metrics.to_dict(list(class_names))
         logs["f1"] = logs["mdice"]  # per-pixel F1 = Dice, macro over classes (seed 001's "mean F1")
         logs["accuracy"] = logs["pixel_accuracy"]
-        if self.positive.size:
-            pooled = pooled_metrics(self.matrix.matrix, self.positive.tolist())
+        if self.detection is not None:
+            pooled = pooled_metrics(self.matrix.matrix, self.positive)
             logs.update({f"pooled/{k}": pooled[k] for k in ("iou", "dice", "precision", "recall")})
             detection = self.detection.compute().to_dict()
             logs.update({f"detection/{k}": detection[k] for k in ("accuracy", "precision", "recall", "f1")})
@@ -210,7 +202,7 @@ def make_evaluate_fn(
                 truth = sample["mask"].numpy()
                 scores.add_tile(probabilities.argmax(0).numpy(), truth)
                 if loss_fn is not None:
-                    pixels = int(np.count_nonzero(scores.valid(truth)))
+                    pixels = int(np.count_nonzero(scores.matrix.scored(truth)))
                     scores.add_loss(tile_loss(loss_fn, probabilities, sample["mask"]), pixels)
         for row in streamed:
             assert stats is not None

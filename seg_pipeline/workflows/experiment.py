@@ -17,7 +17,6 @@ so a run from the CLI and a materialization train the same way:
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import re
 from collections.abc import Callable, Sequence
@@ -25,15 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from seg_pipeline.contracts import AuxiliarySet, ShardSet, TrainedModel
+from seg_pipeline.contracts import ShardSet, TrainedModel
 from seg_pipeline.data.shards import raster_input
-from seg_pipeline.evaluation.report import comparison_rows, evaluate_pairs, write_confusion_csv
+from seg_pipeline.evaluation.report import comparison_rows, evaluate_pairs, write_confusion_csv, write_json
 from seg_pipeline.inference.ensemble import ENSEMBLE
 from seg_pipeline.inference.predict import load_stage_model, predict_files
-from seg_pipeline.io import write_json
 from seg_pipeline.settings import KDStageSettings, PredictSettings, PretrainSettings, TTASettings
 from seg_pipeline.tracking import TrackingSettings
-from seg_pipeline.workflows.ingest import load_shard_set
+from seg_pipeline.workflows.ingest import auxiliary_set, load_shard_set
 from seg_pipeline.workflows.layout import DataLayout
 from seg_pipeline.workflows.predict import labeled_rows
 from seg_pipeline.workflows.resolve import resolve_model_checkpoint
@@ -114,12 +112,6 @@ def file_logger(log_file: Path, echo: LogFn) -> LogFn:
         echo(line)
 
     return log
-
-
-def _auxiliary(layout: DataLayout, names: Sequence[str]) -> AuxiliarySet:
-    sources = [load_shard_set(layout.processed_dir(name)) for name in names]
-    version = hashlib.sha256("".join(s.data_version for s in sources).encode()).hexdigest()
-    return AuxiliarySet(sources=sources, data_version=version)
 
 
 def _config_record(request: ExperimentRequest, target: ShardSet) -> dict[str, Any]:
@@ -209,7 +201,8 @@ def run_experiment(
         teacher = resolve_model_checkpoint(request.teacher, tracking) if tracking else Path(request.teacher)
         model = distill_from(request.settings, target, teacher, run)
     else:
-        auxiliary = _auxiliary(layout, request.auxiliary if request.settings.use_auxiliary else ())
+        names = request.auxiliary if request.settings.use_auxiliary else ()
+        auxiliary = auxiliary_set([load_shard_set(layout.processed_dir(name)) for name in names])
         model = pretrain(request.settings, target, auxiliary, run)
     if main_process:
         validation_results(model, request.settings, target, folder.results, log)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from seg_pipeline.contracts import AuxiliarySet, BandStatistics, Catalog, ShardSet, SplitTable
+from seg_pipeline.contracts.data import class_ids
 from seg_pipeline.data.headers import (
     STATUS_OK,
     HeaderResult,
@@ -162,16 +163,6 @@ def class_colors(settings: DatasetSettings, root: Path, class_names: Sequence[st
         raise ValueError(f"dataset.class_colors: {error}") from error
 
 
-def class_ids(field: str, names: Sequence[str], class_names: Sequence[str]) -> list[int]:
-    """The ids of class ``names``; a name that is not a class is an error naming ``field``."""
-    unknown = [name for name in names if name not in class_names]
-    if unknown:
-        raise ValueError(
-            f"{field}: {unknown} are not classes of the dataset; its classes are {list(class_names)}"
-        )
-    return [list(class_names).index(name) for name in names]
-
-
 def split(settings: SplitSettings, catalog: Catalog, log_fn: LogFn | None = None) -> SplitTable:
     """Assign every valid tile of ``catalog`` to a split and write the split table."""
     log = log_fn or default_log_fn()
@@ -252,8 +243,13 @@ def ingest_auxiliary(
         catalog = catalogue(dataset, layout, log_fn).catalog
         table = split(settings.split(), catalog, log_fn)
         sources.append(shard(settings.shards, catalog, table, log_fn).shards)
+    return auxiliary_set(sources)
+
+
+def auxiliary_set(sources: Sequence[ShardSet]) -> AuxiliarySet:
+    """The auxiliary sources as one value; its data version changes when any source's does."""
     version = hashlib.sha256("".join(s.data_version for s in sources).encode()).hexdigest()
-    return AuxiliarySet(sources=sources, data_version=version)
+    return AuxiliarySet(sources=list(sources), data_version=version)
 
 
 def shard_problems(shards: ShardSet) -> tuple[list[str], int]:
