@@ -127,6 +127,11 @@ class LoopSettings(Settings):
         description="Keep the k best epochs by monitor: best.pt always, and for k > 1 also "
         "best-epoch-NNNN.pt of each of the k best (weights + EMA), deleting those that drop out.",
     )
+    train_metrics: bool = Field(
+        default=False,
+        description="Seed 001's train-side scores: log train/accuracy, train/f1 (mean Dice) and train/miou "
+        "from each step's own predictions on its augmented patches (one argmax and bincount per step).",
+    )
     log_memory: bool = Field(
         default=False,
         description="Log memory/peak_rss_mb (process peak RSS) and, on CUDA, memory/cuda_max_allocated_mb "

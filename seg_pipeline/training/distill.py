@@ -47,6 +47,8 @@ class DistillationObjective:
             teacher.requires_grad_(False)
         self.loss = loss
         self.warmup_epochs = warmup_epochs
+        #: The last call's ``(student logits, mask)`` for the training-side scores.
+        self.last_scored: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def to(self, device: torch.device | str) -> DistillationObjective:
         """Move the teachers to ``device`` (the loop moves only the student)."""
@@ -65,6 +67,7 @@ class DistillationObjective:
         self, model: nn.Module, image: torch.Tensor, mask: torch.Tensor, kd_enabled: bool
     ) -> tuple[torch.Tensor, dict[str, float]]:
         student = model(image)
+        self.last_scored = (student.detach(), mask)
         teacher = self.teacher_logits(image) if kd_enabled else None
         labeled = (mask != self.loss.ignore_index).flatten(1).any(dim=1)
         parts: dict[str, float] = {"ce": 0.0, "kd": 0.0, "ignored_fraction": 0.0}

@@ -32,7 +32,8 @@ class SupervisedObjective:
     """Plain supervised objective: ``loss_fn(model(batch["image"]), batch["mask"])``.
 
     If ``loss_fn`` has a ``last_parts`` dict (e.g. ``{"ce": .., "dice": ..}`` from a combined loss),
-    it is merged into the logs as ``train/<term>``.
+    it is merged into the logs as ``train/<term>``. ``last_scored`` holds the last call's
+    ``(logits, mask)`` for the training-side scores (``loop.train_metrics``).
     """
 
     def __init__(
@@ -44,6 +45,7 @@ class SupervisedObjective:
         self.loss_fn = loss_fn
         self.image_key = image_key
         self.target_key = target_key
+        self.last_scored: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __call__(
         self, model: nn.Module, batch: Batch, epoch: int
@@ -51,6 +53,7 @@ class SupervisedObjective:
         """The loss of ``batch`` and its per-term parts."""
         logits = model(batch[self.image_key])
         loss = self.loss_fn(logits, batch[self.target_key])
+        self.last_scored = (logits.detach(), batch[self.target_key])
         parts = getattr(self.loss_fn, "last_parts", None) or {}
         return loss, {
             name: value.detach() if isinstance(value, torch.Tensor) else value

@@ -22,6 +22,7 @@ from seg_pipeline.training.ema import ModelEMA
 from seg_pipeline.training.objectives import Batch, Objective, batch_size, move_batch
 from seg_pipeline.training.precision import PrecisionPolicy
 from seg_pipeline.training.progress import ProgressLogger
+from seg_pipeline.training.train_scores import TrainScores, scored_pair
 
 
 def loader_length(loader: Iterable[Any]) -> int | None:
@@ -181,6 +182,7 @@ class EpochRunner:
         if self.is_ddp and num_batches is not None:  # every rank must agree on which batch closes a group
             num_batches = min_across_ranks(num_batches, self.policy.device)
         stats = EpochStats(self.policy.device)
+        scores = TrainScores(self.policy.device) if self.settings.train_metrics else None
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         pending = epoch_step = window_images = 0
@@ -196,6 +198,8 @@ class EpochRunner:
             loss, parts = self._micro_step(batch, epoch, closes)
             pending += 1
             stats.add(loss, parts, size)
+            if scores is not None and (pair := scored_pair(self.objective)) is not None:
+                scores.add(*pair)
             window_loss += loss.detach().float()
             window_images += size
             if pending == accum:
@@ -210,7 +214,10 @@ class EpochRunner:
             self.optimizer_step(pending)
             epoch_step += 1
             progress.step(epoch, epoch_step, window_loss / pending, window_images)
-        return self._epoch_logs(stats, epoch, epoch_step, time.perf_counter() - started, waited.seconds)
+        logs = self._epoch_logs(stats, epoch, epoch_step, time.perf_counter() - started, waited.seconds)
+        if scores is not None:
+            logs.update(scores.reduce())
+        return logs
 
     def _epoch_logs(
         self, stats: EpochStats, epoch: int, steps: int, seconds: float, waited: float
