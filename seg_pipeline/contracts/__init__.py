@@ -6,7 +6,7 @@ paths, counts, hashes, scores, never "the newest file on disk" and never a ``dic
 
 from seg_pipeline.contracts.base import Contract
 from seg_pipeline.contracts.data import AuxiliarySet, BandStatistics, Catalog, ShardSet, SplitTable
-from seg_pipeline.contracts.models import TrackingRecord, TrainedModel
+from seg_pipeline.contracts.models import ExportedModel, TrackingRecord, TrainedModel
 from seg_pipeline.contracts.predictions import (
     ChampionDecision,
     ClassDelta,
@@ -30,6 +30,7 @@ CONTRACT_TYPES: dict[str, type[Contract]] = {
         EnsembleMember,
         EnsembleTuning,
         EvaluationReport,
+        ExportedModel,
         ModelScores,
         PredictionItem,
         PredictionSet,
@@ -51,6 +52,7 @@ __all__ = [
     "EnsembleMember",
     "EnsembleTuning",
     "EvaluationReport",
+    "ExportedModel",
     "ModelScores",
     "PredictionItem",
     "PredictionSet",

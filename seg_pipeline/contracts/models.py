@@ -59,3 +59,21 @@ class TrainedModel(Contract):
     def last_epoch_logs(self) -> dict[str, float]:
         """The logs of the last epoch that ran (empty when none did)."""
         return dict(self.history[-1]) if self.history else {}
+
+
+class ExportedModel(Contract):
+    """A model exported for runtimes without this package (seed 000): the files and their parity."""
+
+    stage: str = Field(description="The training stage whose best checkpoint was exported.")
+    checkpoint: str = Field(description="The exported checkpoint (EMA weights when it holds them).")
+    out_dir: str
+    files: dict[str, str] = Field(description="Format (torchscript, onnx, card) -> file.")
+    max_abs_diff: dict[str, float | None] = Field(
+        description="Largest logit difference to the eager model per format (None: checked structurally)."
+    )
+    registered_version: str | None = Field(
+        default=None, description="The MLflow model version the checkpoint was registered as."
+    )
+    champion: bool = Field(
+        default=False, description="Whether the champion gate promoted this model in the same run."
+    )

@@ -13,6 +13,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from seg_pipeline.export.names import FORMATS
+from seg_pipeline.settings.export import ExportSettings
+
+
+def _help(name: str) -> str:
+    return ExportSettings.model_fields[name].description or name
 
 
 def _description() -> str | None:
@@ -25,11 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The export options (shared by ``python -m seg_pipeline.export`` and ``seg-pipeline export``)."""
     parser.add_argument("--checkpoint", required=True, type=Path, help="stage checkpoint (best.pt)")
     parser.add_argument("--out", required=True, type=Path, help="export folder to create or replace")
+    defaults = ExportSettings()
     parser.add_argument(
-        "--formats", nargs="+", default=list(FORMATS), choices=FORMATS, help="formats to write"
+        "--formats", nargs="+", default=list(defaults.formats), choices=FORMATS, help=_help("formats")
     )
-    parser.add_argument("--example-size", type=int, default=256, help="trace example side in pixels")
-    parser.add_argument("--opset", type=int, default=17, help="ONNX opset")
+    parser.add_argument("--example-size", type=int, default=defaults.example_size, help=_help("example_size"))
+    parser.add_argument("--opset", type=int, default=defaults.opset, help=_help("opset"))
     parser.add_argument(
         "--lineage", type=json.loads, default=None, help='JSON object, e.g. \'{"git_commit": "abc123"}\''
     )
@@ -41,12 +47,15 @@ def run(args: argparse.Namespace) -> int:
     from seg_pipeline.export.errors import ExportParityError
 
     try:
+        settings = ExportSettings.parse(
+            {"formats": args.formats, "example_size": args.example_size, "opset": args.opset}, "export"
+        )
         result = export_model(
             args.checkpoint,
             args.out,
-            formats=args.formats,
-            example_size=args.example_size,
-            opset=args.opset,
+            formats=settings.formats,
+            example_size=settings.example_size,
+            opset=settings.opset,
             lineage=args.lineage,
         )
     except (ValueError, ExportParityError) as error:

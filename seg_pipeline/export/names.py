@@ -6,7 +6,9 @@ the exporters, the model card and the API all import.
 
 from __future__ import annotations
 
-FORMATS: tuple[str, ...] = ("torchscript", "onnx")
+from seg_pipeline.settings.export import FORMATS
+
+__all__ = ["CARD_NAME", "FILE_NAMES", "FORMATS", "INPUT_NAME", "OUTPUT_NAME"]
 FILE_NAMES: dict[str, str] = {"torchscript": "model.torchscript.pt", "onnx": "model.onnx"}
 CARD_NAME = "model_card.json"
 INPUT_NAME = "image"

@@ -1,7 +1,7 @@
 """The one typed schema of every component's settings (pydantic); the Dagster config derives from it.
 
 One module per part of the pipeline: ``data`` (ingest), ``models``, ``batches`` (patches, loading,
-augmentation), ``training``, ``inference``, ``evaluation``.
+augmentation), ``training``, ``inference``, ``evaluation``, ``export``.
 """
 
 from seg_pipeline.settings.base import Settings, SettingsError, format_errors, override
@@ -14,6 +14,7 @@ from seg_pipeline.settings.data import (
     SplitSettings,
 )
 from seg_pipeline.settings.evaluation import ChampionSettings, EvaluationSettings, ScoringSettings
+from seg_pipeline.settings.export import ExportSettings
 from seg_pipeline.settings.inference import (
     PredictSettings,
     TTASettings,
@@ -41,6 +42,7 @@ __all__ = [
     "DatasetSettings",
     "DistillSettings",
     "EvaluationSettings",
+    "ExportSettings",
     "KDStageSettings",
     "LoaderSettings",
     "LoopSettings",

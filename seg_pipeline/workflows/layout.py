@@ -71,6 +71,10 @@ class DataLayout:
         """Prediction sets of one run."""
         return self.root / "predictions" / _plain_name("run", run)
 
+    def exports_dir(self, run: str) -> Path:
+        """The exported model (TorchScript, ONNX, card) of one run family."""
+        return self.root / "exports" / _plain_name("run", run)
+
     def reports_dir(self, run: str) -> Path:
         """Evaluation reports of one run."""
         return self.root / "reports" / _plain_name("run", run)

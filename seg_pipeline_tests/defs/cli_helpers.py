@@ -24,6 +24,7 @@ PIPELINE_ASSETS = (
     "ensemble_predictions",
     "evaluation_report",
     "champion_model",
+    "exported_model",
 )
 DAGSTER = Path(sys.executable).with_name("dagster")
 

@@ -306,3 +306,26 @@ def test_registered_model_uris_resolve_to_the_exact_stage_checkpoint(materialize
     assert resolve_model_checkpoint(uri, settings) == Path(pre.checkpoint)
     with pytest.raises(ModelReferenceError, match="no such registered model or alias"):
         resolve_model_checkpoint("models:/seg_pipeline_pretrained@nope", settings)
+
+
+def test_the_student_is_exported_with_a_card_that_names_its_run_and_the_gate(materialized) -> None:
+    """Seed 000's export as an asset: runtime files beside a card that traces them to training."""
+    import numpy as np
+    import torch
+
+    root, result = materialized
+    exported = result.output_for_node("exported_model")
+    kd: TrainedModel = result.output_for_node("kd_student_model")
+    decision: ChampionDecision = result.output_for_node("champion_model")
+    assert exported.checkpoint == kd.checkpoint and exported.champion == decision.promoted
+    assert Path(exported.out_dir).parent == root / "exports"
+    card = json.loads(Path(exported.files["card"]).read_text())
+    assert card["lineage"]["mlflow_run_id"] == kd.tracking.run_id
+    assert card["lineage"]["champion_gate"] == decision.reason
+    assert card["lineage"]["registered_model"] == f"seg_pipeline_student v{kd.tracking.registered_version}"
+    scripted = torch.jit.load(exported.files["torchscript"])
+    logits = scripted(torch.zeros(1, kd.spec.in_channels, 64, 64))
+    assert logits.shape == (1, kd.spec.num_classes, 64, 64) and np.isfinite(logits.numpy()).all()
+    meta = result.asset_materializations_for_node("exported_model")[0].metadata
+    assert meta["formats"].value == "torchscript, onnx"
+    assert meta["max_abs_diff/torchscript"].value < 1e-3

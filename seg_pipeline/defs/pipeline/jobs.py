@@ -9,7 +9,7 @@ from typing import Any
 import dagster as dg
 from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 
-from seg_pipeline.defs.pipeline import evaluate, ingest, train
+from seg_pipeline.defs.pipeline import evaluate, export, ingest, train
 from seg_pipeline.defs.pipeline.train import GPU_TAGS
 from seg_pipeline.defs.presets import job_run_config, preset_path
 
@@ -18,7 +18,7 @@ PRESET = preset_path()
 
 def _assets() -> list[dg.AssetsDefinition]:
     """The assets whose config the jobs carry (a function: a module-level list would be loaded twice)."""
-    found = dg.load_assets_from_modules([ingest, train, evaluate])
+    found = dg.load_assets_from_modules([ingest, train, evaluate, export])
     return [asset for asset in found if isinstance(asset, dg.AssetsDefinition)]
 
 
@@ -52,7 +52,8 @@ train_job = _job(
 )
 full_pipeline_job = _job(
     "full_pipeline_job",
-    ("ingest", "train", "inference", "evaluation"),
-    "Ingest -> pretrain -> KD -> ensemble TTA predictions -> evaluation report -> champion gate.",
+    ("ingest", "train", "inference", "evaluation", "export"),
+    "Ingest -> pretrain -> KD -> ensemble TTA predictions -> evaluation report -> champion gate -> "
+    "TorchScript/ONNX export.",
     GPU_TAGS,
 )
