@@ -1,8 +1,9 @@
-"""The ``seg-pipeline`` command: train, predict, evaluate, export and summary, without Dagster.
+"""The ``seg-pipeline`` command: ingest, train, predict, evaluate, export and summary.
 
 The pipeline itself runs through Dagster (``dagster job execute -m seg_pipeline.definitions -j ...``);
 these commands call the same library functions with the same settings schema, for a terminal, a
 notebook's shell or torchrun (``seg-pipeline train``), and for models outside a pipeline run.
+``ingest`` is the exception: it runs ``ingest_job`` through Dagster, in a subprocess.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -244,6 +246,17 @@ def train_command(args: argparse.Namespace) -> None:
         print(f"experiment folder: {folder.root}")
 
 
+def ingest_command(args: argparse.Namespace) -> int:
+    """Run ``ingest_job`` through Dagster on the ingest sections of any run config (a subprocess:
+    the CLI never imports Dagster). The run lands in the Dagster instance like any other.
+    """
+    command = [sys.executable, "-m", "seg_pipeline.defs.job_config", "--job", "ingest_job", "--execute"]
+    for path in args.config:
+        command += ["-c", str(path)]
+    env = {**os.environ, DATA_ROOT_ENV: str(args.data_root)}
+    return subprocess.call(command, env=env)
+
+
 def export_command(args: argparse.Namespace) -> int:
     """Export a checkpoint (or ``models:/name@alias``) to TorchScript and ONNX with a model card."""
     from seg_pipeline.export.cli import run
@@ -357,13 +370,22 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="class names the post-processing cleans (default: all); probabilities always stay raw",
     )
 
+    p_ingest = sub.add_parser(
+        "ingest",
+        help="catalogue, split and shard the datasets of a run config (ingest_job; other sections ignored)",
+    )
+    p_ingest.add_argument(
+        "--config", action="append", type=Path, default=[], help="YAML run config; repeat to compose groups"
+    )
+
     p_train = sub.add_parser(
         "train",
         help="train one stage into an experiment folder (config files + key=value overrides)",
         description="Train stage 1 (pretrain) or stage 2 (kd) from the same settings the Dagster assets "
         "take: --config files (a Dagster run config or a stage's settings; later files win), then "
         "key=value overrides of the stage's settings (loop.epochs=3 optimizer.lr=1e-4). The dataset "
-        "must be ingested first (ingest_job). Under torchrun every rank runs this command.",
+        "must be ingested first (seg-pipeline ingest --config run.yaml). Under torchrun every rank "
+        "runs this command.",
     )
     p_train.add_argument("--stage", choices=sorted(STAGE_ASSETS), required=True)
     p_train.add_argument(
@@ -432,6 +454,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(summary(args.data_root, args.dataset))
         elif args.command == "predict":
             predict_command(args)
+        elif args.command == "ingest":
+            code = ingest_command(args)
+            if code:
+                raise SystemExit(code)
         elif args.command == "train":
             train_command(args)
         elif args.command == "export":

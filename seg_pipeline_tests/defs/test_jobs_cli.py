@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from seg_pipeline_tests.defs.cli_helpers import (
+    REPO,
     MaterializedPipeline,
     dagster_cli,
     new_dagster_home,
@@ -49,8 +50,21 @@ def test_ingest_job_cli_twice_reports_same_data_versions(tmp_path: Path) -> None
     assert (data_root / "processed" / "demo" / "manifest.json").exists()
     versions = _latest_data_versions(home)
 
-    second = _execute("ingest_job", home, data_root)
+    # A full-pipeline config cannot go to ingest_job as it is (Dagster refuses the other assets'
+    # sections); `seg-pipeline ingest` runs ingest_job on that file's ingest sections.
+    refused = dagster_cli(
+        "job", "execute", "-m", "seg_pipeline.definitions", "-j", "ingest_job", "-c", "configs/ci.yaml",
+        env={**os.environ, "DAGSTER_HOME": str(home), "SEG_PIPELINE_DATA_ROOT": str(data_root)}, timeout=300,
+    )  # fmt: skip
+    assert refused.returncode != 0 and "pretrained_model" in refused.stdout + refused.stderr
+    second = subprocess.run(
+        [sys.executable, "-m", "seg_pipeline.cli", "--data-root", str(data_root), "ingest",
+         "--config", "configs/ci.yaml"],
+        cwd=REPO, env={**os.environ, "DAGSTER_HOME": str(home)}, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
     assert second.returncode == 0, second.stderr[-3000:]
+    assert "leaving out the sections of other jobs' assets: ensemble_predictions" in second.stderr
     assert _latest_data_versions(home) == versions
     assert "6 unchanged" in second.stdout + second.stderr  # the catalog re-read nothing
 
