@@ -52,7 +52,7 @@ def test_bad_overrides_are_one_line_naming_the_field_before_any_work(data_root: 
     unknown = cli(
         "train", "--stage", "pretrain", "--dataset", "nowhere", "--output", str(out), data_root=data_root
     )
-    assert unknown.returncode == 2 and "ingest_job" in unknown.stderr
+    assert unknown.returncode == 2 and "seg-pipeline ingest" in unknown.stderr
     assert not out.exists()  # nothing was written for a run that could not start
 
 
@@ -80,12 +80,14 @@ def test_pretrain_then_resume_then_kd_then_export(data_root: Path, tmp_path: Pat
     predicted = sorted(p.name for p in (folder / "results" / "val_predictions").glob("*.tif"))
     assert predicted and scores["split"] == "val" and 0.0 <= scores["miou"] <= 1.0
 
-    # --resume last.pt continues the same run in its own folder, up to the new epoch count.
+    # --resume last.pt continues the same run in its own folder, up to the new epoch count; here on
+    # two DDP ranks that the command starts with torchrun (gloo on the CPU).
     resumed = cli("train", "--stage", "pretrain", "--config", str(CONFIG), "--output", str(out), *TINY,
                   "loop.epochs=3", "--resume", str(folder / "checkpoints" / "last.pt"), "--no-tracking",
-                  data_root=data_root)  # fmt: skip
+                  "--nproc-per-node", "2", data_root=data_root)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr
     assert experiment(resumed.stdout) == folder
+    assert json.loads((folder / "results" / "model.json").read_text())["world_size"] == 2
     assert "resumed from" in (folder / "logs" / "train.log").read_text()
     assert [row["epoch"] for row in csv.DictReader((folder / "metrics" / "metrics.csv").open())] == [
         "1",

@@ -303,7 +303,8 @@ def load_shard_set(dataset_dir: Path | str) -> ShardSet:
     ]
     if missing:
         raise ValueError(
-            f"{folder}: has no {', '.join(missing)}; point at data/processed/<dataset> after ingest_job"
+            f"{folder}: has no {', '.join(missing)}; ingest the dataset first (seg-pipeline ingest --config "
+            "run.yaml, or ingest_job) or point at data/processed/<dataset>"
         )
     settings = DatasetSettings.parse(
         {**read_catalog_settings(folder / "headers.parquet"), "dataset_id": folder.name}

@@ -88,6 +88,18 @@ def test_stage_without_tracking_trains_and_returns_a_typed_model(sources, tmp_pa
     assert TrainedModel.from_json(model.to_json()) == model  # what the IO manager stores
 
 
+def test_layer_decay_and_head_multiplier_reach_the_stage_optimizer(sources, tmp_path: Path) -> None:
+    """Seed 001's layer-wise LR decay and head LR multiplier, set in the stage settings, shape the groups."""
+    target, auxiliary = sources
+    optimizer = {"lr": 1e-3, "layer_decay": 0.5, "head_lr_mult": 4.0}
+    model = pretrain(_settings(1, optimizer=optimizer), target, auxiliary, StageRun(tmp_path / "ckpt"))
+    groups = load_checkpoint(Path(model.checkpoint_dir) / "last.pt")["optimizer"]["param_groups"]
+    mult = {group["name"]: group["lr_mult"] for group in groups}
+    assert mult["head_no_decay"] == pytest.approx(4.0 * mult["decoder_no_decay"])
+    encoder = [mult[f"encoder_stage{i}_decay"] for i in range(3)]  # tiny_stage: encoder depth 3
+    assert encoder[0] == pytest.approx(0.25 * encoder[2]) and encoder[1] == pytest.approx(0.5 * encoder[2])
+
+
 def test_kd_student_starts_from_the_teacher_and_learns_from_it(sources, tmp_path: Path) -> None:
     target, auxiliary = sources
     teacher = pretrain(_settings(1), target, auxiliary, StageRun(tmp_path / "teacher"))
