@@ -200,6 +200,27 @@ def test_predict_writes_probabilities_only_when_asked(predicted: Predictions, nu
         assert agree.mean() > 0.99
 
 
+def test_predict_says_per_raster_whether_it_holds_the_positive_classes(
+    predicted: Predictions, num_classes: int
+) -> None:
+    """Seed 003's detection from segmentation: any positive pixel, their share, the top probability."""
+    positive = list(range(1, num_classes))  # the dataset named none: every class after background
+    rows = {row["item_id"]: row for row in csv.DictReader((predicted.ensemble / "detections.csv").open())}
+    assert set(rows) == {*SCENES, PHOTO}
+    for name in SCENES:
+        with rasterio.open(predicted.ensemble / f"{name}.tif") as src:
+            classes = src.read(1)
+        with rasterio.open(predicted.ensemble / f"{name}.probs.tif") as src:
+            probabilities = src.read().astype(np.float64)
+        row = rows[name]
+        assert int(row["positive_pixels"]) == int(np.isin(classes, positive).sum())
+        assert int(row["valid_pixels"]) == classes.size
+        assert row["has_positive"] == str(int(row["positive_pixels"]) > 0)
+        assert float(row["positive_fraction"]) == pytest.approx(int(row["positive_pixels"]) / classes.size)
+        top = probabilities[positive].max()
+        assert float(row["max_positive_probability"]) == pytest.approx(top, abs=1 / 255)
+
+
 def test_predict_refuses_bad_input_in_one_line_naming_the_path(predicted: Predictions) -> None:
     line = error_line(predicted.runs["no rasters"])
     assert line.startswith("seg-pipeline predict: error:")

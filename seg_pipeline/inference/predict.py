@@ -7,6 +7,7 @@ prediction set (each model on its own, and the ensemble) is written in one pass 
 
 from __future__ import annotations
 
+import csv
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -21,6 +22,7 @@ from rasterio.enums import Resampling
 from rasterio.errors import RasterioIOError
 from torch import nn
 
+from seg_pipeline.contracts.data import positive_ids
 from seg_pipeline.data.normalization import BandStats, normalize
 from seg_pipeline.data.raster_io import RASTER_EXTENSIONS
 from seg_pipeline.inference.ensemble import ENSEMBLE, EnsemblePredictor, inference_dtype, resolve_device
@@ -29,6 +31,7 @@ from seg_pipeline.inference.palette import stored_palette
 from seg_pipeline.inference.tiling import SetTarget, predict_raster_sets
 from seg_pipeline.inference.tta import TTAConfig
 from seg_pipeline.inference.writers import save_color_png
+from seg_pipeline.io import atomic_write
 from seg_pipeline.models.loading import checkpoint_info, load_trained_model
 from seg_pipeline.progress import ItemProgress
 from seg_pipeline.settings import PredictSettings
@@ -220,6 +223,49 @@ def _write_mosaics(run: PredictionRun, model: LoadedModel, log_fn: LogFn | None)
             log_fn(f"{name}: no {MOSAIC_NAME}: {reason}")
 
 
+#: Per prediction set: one row per raster, "does it hold the positive classes?" (seed 003).
+DETECTIONS_NAME = "detections.csv"
+DETECTION_COLUMNS = (
+    "item_id", "has_positive", "positive_pixels", "valid_pixels", "positive_fraction",
+    "max_positive_probability",
+)  # fmt: skip
+
+
+def detection_rows(items: Sequence[Mapping[str, Any]], positive: Sequence[int]) -> list[dict[str, Any]]:
+    """Patch-level detection from segmentation (seed 003's ``predict_fire_detection`` and co.).
+
+    Any positive pixel, the positive share of the valid pixels, and the highest blended probability
+    of a positive class. Counts are of the class map before post-processing.
+    """
+    rows = []
+    for item in items:
+        counts = item["class_pixel_counts"]
+        positive_pixels = int(sum(counts[k] for k in positive))
+        valid = int(sum(counts))
+        rows.append(
+            {
+                "item_id": item["item_id"],
+                "has_positive": positive_pixels > 0,
+                "positive_pixels": positive_pixels,
+                "valid_pixels": valid,
+                "positive_fraction": round(positive_pixels / valid, 6) if valid else 0.0,
+                "max_positive_probability": max(item["class_max_probability"][k] for k in positive),
+            }
+        )
+    return rows
+
+
+def _write_detections(run: PredictionRun, model: LoadedModel) -> None:
+    positive = positive_ids(list(model.positive_classes), len(model.class_names))
+    if not positive:
+        return
+    for name, folder in run.out_dirs.items():
+        with atomic_write(folder / DETECTIONS_NAME) as tmp, tmp.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=DETECTION_COLUMNS)
+            writer.writeheader()
+            writer.writerows(detection_rows(run.items[name], positive))
+
+
 def predict_files(
     models: Sequence[LoadedModel],
     inputs: Sequence[tuple[str, Path]],
@@ -235,7 +281,9 @@ def predict_files(
     ``out_dirs`` maps set names (a model's ``name``, or ``"ensemble"``) to folders that receive
     ``<item_id>.tif`` class maps (plus ``.png`` previews and ``.probs.tif`` as ``settings`` ask).
     With ``settings.postprocess`` on, the class maps (and so the previews) are the cleaned ones and
-    carry the settings in their ``postprocess`` tag; the probabilities stay raw.
+    carry the settings in their ``postprocess`` tag; the probabilities stay raw. Each folder also
+    gets ``detections.csv``: per raster, whether it holds the model's positive classes (all but the
+    first unless the dataset named them), their pixel share and highest probability.
     """
     first = check_compatible(models)
     check_outputs(inputs, out_dirs)
@@ -288,6 +336,7 @@ def predict_files(
             run.items[name].append({"item_id": item_id, "input": str(path), **summary})
         progress.advance(detail=item_id)
     _write_mosaics(run, first, log_fn)
+    _write_detections(run, first)
     views = predictor.forward_views
     progress.done(f"{views} forward view{'s' if views != 1 else ''} per file")
     run.seconds = time.perf_counter() - started

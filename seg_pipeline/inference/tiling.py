@@ -86,6 +86,8 @@ class _SetWriter:
     counts: np.ndarray
     nodata_pixels: int = 0
     probability_dtype: str = "float32"
+    #: Per class, the highest blended probability of any valid pixel (seed 003's patch confidence).
+    max_probability: np.ndarray | None = None
 
     def flush(self, bottom: int, width: int, dtype: str, nodata: int) -> None:
         """Write the finished rows ``buffer.top .. bottom``."""
@@ -97,6 +99,11 @@ class _SetWriter:
         classes = probabilities.argmax(axis=0).astype(dtype)
         classes[~valid] = nodata
         self.counts += np.bincount(classes[valid].ravel(), minlength=len(self.counts))[: len(self.counts)]
+        if valid.any():
+            strip_max = probabilities.max(axis=(1, 2), where=valid[None], initial=0.0)
+            self.max_probability = (
+                strip_max if self.max_probability is None else np.maximum(self.max_probability, strip_max)
+            )
         self.nodata_pixels += int((~valid).sum())
         self.class_dst.write(classes, 1, window=rows)
         if self.prob_dst is not None:
@@ -408,6 +415,11 @@ def predict_raster_sets(
             else str(writer.target.probabilities_path),
             "nodata_pixels": writer.nodata_pixels,
             "class_pixel_counts": writer.counts.tolist(),
+            "class_max_probability": (
+                [0.0] * num_classes
+                if writer.max_probability is None
+                else [round(float(p), 6) for p in writer.max_probability]
+            ),
             **common,
         }
         for name, writer in writers.items()

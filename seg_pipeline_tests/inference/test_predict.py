@@ -64,9 +64,10 @@ def test_the_preview_is_decimated_and_can_be_turned_off(tmp_path: Path) -> None:
         [_model()], [("scene", scene)], {"ensemble": tmp_path / "without"}, _settings(color_png=False)
     )
     assert sorted(p.name for p in (tmp_path / "without").iterdir()) == [
+        "detections.csv",
         "scene.qml",
         "scene.tif",
-    ]  # + QGIS style
+    ]  # + QGIS style and the per-raster detection table
 
 
 def test_windows_per_pass_follow_the_device_unless_set() -> None:
