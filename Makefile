@@ -14,7 +14,7 @@ RUN_CONFIG ?= configs/demo.yaml
 JOB ?= full_pipeline_job
 PY_DIRS := seg_pipeline seg_pipeline_tests bench deploy
 
-.PHONY: install run test lint format ui mlflow-ui demo-data bench clean-demo
+.PHONY: install run test lint format ui mlflow-ui demo-data bench clean-demo screenshots
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -59,6 +59,10 @@ ui: install $(DAGSTER_HOME)/dagster.yaml
 mlflow-ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/data/mlflow/mlflow.db \
 		--default-artifact-root $(CURDIR)/data/mlflow/artifacts -h 127.0.0.1 -p 5000
+
+# The README's Dagster screenshots, taken from the demo instance `make run` wrote (needs Chromium).
+screenshots: install
+	$(PY) docs/take_screenshots.py
 
 bench: install
 	for b in bench/bench_*.py; do $(PY) $$b || exit 1; done

@@ -21,47 +21,70 @@ import pyarrow.parquet as pq
 
 from seg_pipeline.io import atomic_write
 
+
+def described(name: str, type_: pa.DataType, description: str) -> pa.Field:
+    """A parquet column with its meaning in the field metadata (readers and Dagster show it)."""
+    return pa.field(name, type_, metadata={"description": description})
+
+
 STATUS_OK = "ok"
 STATUS_QUARANTINED = "quarantined"
 #: Pixels per read block: bounds memory for big rasters (about 16 M values at a time).
 
+#: The catalog's columns; each field's ``description`` is shown as the asset's column schema.
 CATALOG_SCHEMA = pa.schema(
     [
-        ("item_id", pa.string()),
-        ("status", pa.string()),
-        ("reason", pa.string()),
-        ("fixed_split", pa.string()),
-        ("image_path", pa.string()),
-        ("mask_path", pa.string()),
-        ("driver", pa.string()),
-        ("width", pa.int64()),
-        ("height", pa.int64()),
-        ("bands", pa.int64()),
-        ("dtype", pa.string()),
-        ("crs", pa.string()),
-        ("transform", pa.list_(pa.float64())),
-        ("minx", pa.float64()),
-        ("miny", pa.float64()),
-        ("maxx", pa.float64()),
-        ("maxy", pa.float64()),
-        ("georeferenced", pa.bool_()),
-        ("nodata", pa.float64()),
-        ("nodata_fraction", pa.float64()),
-        ("band_mean", pa.list_(pa.float64())),
-        ("band_std", pa.list_(pa.float64())),
-        ("has_label", pa.bool_()),
-        ("labeled_fraction", pa.float64()),
-        ("class_counts", pa.list_(pa.int64())),
-        ("mask_driver", pa.string()),
-        ("mask_values", pa.list_(pa.int64())),
-        ("mask_value_counts", pa.list_(pa.int64())),
-        ("image_sha256", pa.string()),
-        ("mask_sha256", pa.string()),
-        ("image_size", pa.int64()),
-        ("image_mtime_ns", pa.int64()),
-        ("mask_size", pa.int64()),
-        ("mask_mtime_ns", pa.int64()),
-        ("settings_key", pa.string()),
+        described("item_id", pa.string(), "Tile id, unique in the dataset; the key of every later table."),
+        described("status", pa.string(), "ok, or quarantined (left out of every split, with a reason)."),
+        described("reason", pa.string(), "Why the tile was quarantined (null when ok)."),
+        described(
+            "fixed_split", pa.string(), "Split named by the folder layout (train/val/test), for policy fixed."
+        ),
+        described("image_path", pa.string(), "Absolute path of the image raster."),
+        described("mask_path", pa.string(), "Absolute path of the mask raster (null: unlabeled)."),
+        described("driver", pa.string(), "GDAL driver of the image (GTiff, PNG, JPEG, ...)."),
+        described("width", pa.int64(), "Image width in pixels."),
+        described("height", pa.int64(), "Image height in pixels."),
+        described("bands", pa.int64(), "Image band count."),
+        described("dtype", pa.string(), "Image data type."),
+        described("crs", pa.string(), "CRS as rasterio writes it (e.g. EPSG:4326; null: none)."),
+        described("transform", pa.list_(pa.float64()), "Affine geotransform (a, b, c, d, e, f)."),
+        described("minx", pa.float64(), "Footprint bounds in the CRS: west."),
+        described("miny", pa.float64(), "Footprint bounds in the CRS: south."),
+        described("maxx", pa.float64(), "Footprint bounds in the CRS: east."),
+        described("maxy", pa.float64(), "Footprint bounds in the CRS: north."),
+        described("georeferenced", pa.bool_(), "Whether the image has a CRS and transform (or GCPs)."),
+        described("nodata", pa.float64(), "Declared nodata value of the image (null: none)."),
+        described("nodata_fraction", pa.float64(), "Share of pixels whose bands are all nodata."),
+        described(
+            "band_mean",
+            pa.list_(pa.float64()),
+            "Per-band mean of the valid pixels (feeds the normalisation).",
+        ),
+        described("band_std", pa.list_(pa.float64()), "Per-band standard deviation of the valid pixels."),
+        described("has_label", pa.bool_(), "Whether the tile has a usable mask."),
+        described("labeled_fraction", pa.float64(), "Share of mask pixels that hold a class (not ignore)."),
+        described("class_counts", pa.list_(pa.int64()), "Pixels per class id after mask recoding."),
+        described("mask_driver", pa.string(), "GDAL driver of the mask."),
+        described("mask_values", pa.list_(pa.int64()), "Raw values found in the mask before recoding."),
+        described(
+            "mask_value_counts",
+            pa.list_(pa.int64()),
+            "Pixels per raw mask value (same order as mask_values).",
+        ),
+        described("image_sha256", pa.string(), "Content hash of the image file."),
+        described("mask_sha256", pa.string(), "Content hash of the mask file."),
+        described(
+            "image_size", pa.int64(), "Image file size in bytes (with mtime: reuse a row without re-reading)."
+        ),
+        described("image_mtime_ns", pa.int64(), "Image file modification time (ns)."),
+        described("mask_size", pa.int64(), "Mask file size in bytes."),
+        described("mask_mtime_ns", pa.int64(), "Mask file modification time (ns)."),
+        described(
+            "settings_key",
+            pa.string(),
+            "Hash of the ingest settings the row was read with (a change re-reads it).",
+        ),
     ]
 )
 COLUMNS: tuple[str, ...] = tuple(CATALOG_SCHEMA.names)

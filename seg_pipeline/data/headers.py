@@ -71,7 +71,8 @@ def _settings_key(expected_bands: int | None) -> str:
 
 
 def _none_if_na(value: Any) -> Any:
-    # cast: np.isscalar narrows to generic | memoryview, which pandas-stubs' isna does not list (it takes both)
+    # cast: np.isscalar narrows to generic | memoryview, which pandas-stubs' isna does not list
+    # (it takes both)
     return None if value is None or (np.isscalar(value) and pd.isna(cast(Any, value))) else value
 
 

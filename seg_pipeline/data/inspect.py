@@ -100,7 +100,9 @@ def _mask_problem(mask_info: RasterInfo, image_info: RasterInfo) -> str | None:
     """Why a mask cannot label its image (geometry, bands, dtype), or ``None``."""
     path = mask_info.path
     if mask_info.count in (3, 4) and mask_info.dtype != "uint8":
-        return f"mask {path} has {mask_info.count} bands of {mask_info.dtype}; colour masks must be 8-bit RGB(A)"
+        return (
+            f"mask {path} has {mask_info.count} bands of {mask_info.dtype}; colour masks must be 8-bit RGB(A)"
+        )
     if mask_info.count not in (1, 3, 4):
         return (
             f"mask {path} has {mask_info.count} bands; masks must be single-band class ids or RGB(A) colours "
@@ -120,7 +122,9 @@ def _mask_problem(mask_info: RasterInfo, image_info: RasterInfo) -> str | None:
         return f"mask {path} CRS {mask_info.crs} differs from image CRS {image_info.crs}; reproject the mask"
     # Both carry a real transform (with or without a CRS: a shift is a shift): they must agree.
     identity = tuple(Affine.identity())
-    both_placed = tuple(mask_info.transform)[:6] != identity[:6] and tuple(image_info.transform)[:6] != identity[:6]
+    both_placed = (
+        tuple(mask_info.transform)[:6] != identity[:6] and tuple(image_info.transform)[:6] != identity[:6]
+    )
     if both_placed and not np.allclose(
         mask_info.transform, image_info.transform, atol=_TRANSFORM_TOLERANCE, rtol=0
     ):

@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-
 import rasterio
 from rasterio.windows import Window
 
@@ -156,7 +155,9 @@ def _index_rows(
     ext = ".npy" if tile_format == "npy" else ".tif"
     rows = []
     # The recoding is part of a target's content: a changed recoding rewrites the shard.
-    recoding = {"mask_values": {str(k): int(v) for k, v in sorted(mask_values.items())}} if mask_values else {}
+    recoding = (
+        {"mask_values": {str(k): int(v) for k, v in sorted(mask_values.items())}} if mask_values else {}
+    )
     for item in items:
         has_target = bool(item.get("mask_path")) and isinstance(item.get("mask_path"), str)
         rows.append(
@@ -202,7 +203,9 @@ def _write_shard(
         for item in items:
             _store(Path(item["image_path"]), tmp / "inputs" / item["item_id"], tile_format)
             if isinstance(item.get("mask_path"), str) and item["mask_path"]:
-                _store_mask(Path(item["mask_path"]), tmp / "targets" / item["item_id"], tile_format, mask_values)
+                _store_mask(
+                    Path(item["mask_path"]), tmp / "targets" / item["item_id"], tile_format, mask_values
+                )
             if progress is not None:
                 progress.advance(detail=f"{final_dir.parent.name}/{final_dir.name}")
         (tmp / INDEX_NAME).write_text(index_text)
@@ -260,7 +263,9 @@ def write_shards(
                 reused += 1
                 progress.advance(len(chunk), detail=f"{split}/{name} unchanged")
             else:
-                _write_shard(split_dir / name, chunk, index_text, config.tile_format, mask_values or {}, progress)
+                _write_shard(
+                    split_dir / name, chunk, index_text, config.tile_format, mask_values or {}, progress
+                )
                 written += 1
             shards.append({"path": f"{split}/{name}", "items": len(chunk), "content_hash": content_hash})
         keep = {Path(s["path"]).name for s in shards}

@@ -11,8 +11,8 @@ Supported without configuration (case-insensitive folder names):
 
 Images and masks pair by file stem; a mask may end in ``_mask``, ``.mask``, ``_label``... (``x.mask.tif``
 labels ``x.tif``). Folders are walked following symbolic links (a raw folder of links to the real
-data is the usual way to bring data without copying it), each real folder once. Class names come from ``classes.txt`` in the root
-(``"<id> <name>"`` or one name per line) or from the spec.
+data is the usual way to bring data without copying it), each real folder once. Class names come
+from ``classes.txt`` in the root (``"<id> <name>"`` or one name per line) or from the spec.
 """
 
 from __future__ import annotations

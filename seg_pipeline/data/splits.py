@@ -36,18 +36,20 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from seg_pipeline.data.catalog import described
 from seg_pipeline.data.footprints import footprint_groups
 from seg_pipeline.data.headers import STATUS_OK
 from seg_pipeline.io import atomic_write
 from seg_pipeline.settings.data import SplitSettings
 
+#: The split table's columns; each field's ``description`` is shown as the asset's column schema.
 SPLIT_SCHEMA = pa.schema(
     [
-        ("item_id", pa.string()),
-        ("split", pa.string()),
-        ("group", pa.string()),
-        ("has_label", pa.bool_()),
-        ("hash_u", pa.float64()),
+        described("item_id", pa.string(), "Tile id (the catalog's item_id)."),
+        described("split", pa.string(), "The split the tile belongs to (train, val, test, ...)."),
+        described("group", pa.string(), "Spatial group of overlapping footprints (or the item itself)."),
+        described("has_label", pa.bool_(), "Whether the tile has a usable mask."),
+        described("hash_u", pa.float64(), "Stable hash of (group, seed) in [0, 1) that placed the tile."),
     ]
 )
 
@@ -160,8 +162,9 @@ def ensure_training_splits(table: pd.DataFrame, config: SplitSettings) -> pd.Dat
         donors = [str(s) for s, n in per_split.items() if n >= (2 if s in required else 1)]
         if not donors or n_groups < len(REQUIRED_SPLITS):
             raise SplitError(
-                f"split {split!r} gets no labeled tile: {len(labeled)} labeled tiles in {n_groups} group(s) "
-                f"({dict(per_split)}) under policy {config.policy!r}; training needs {list(REQUIRED_SPLITS)}. "
+                f"split {split!r} gets no labeled tile: {len(labeled)} labeled tiles in {n_groups} "
+                f"group(s) ({dict(per_split)}) under policy {config.policy!r}; training needs "
+                f"{list(REQUIRED_SPLITS)}. "
                 "Add labeled tiles, turn spatial grouping off, or use policy 'fixed' with your own folders"
             )
         candidates = labeled[labeled["split"].isin(donors)].groupby("group")["hash_u"].first()

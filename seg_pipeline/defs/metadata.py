@@ -41,6 +41,26 @@ def table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = Non
     return dg.MetadataValue.table(records=records, schema=schema)
 
 
+def type_name(type_: Any) -> str:
+    """A pyarrow type as a short name (``list<int64>``, not ``list<item: int64>``)."""
+    value_type = getattr(type_, "value_type", None)
+    return f"list<{type_name(value_type)}>" if value_type is not None else str(type_)
+
+
+def column_schema(schema: Any) -> dg.TableSchema:
+    """A parquet schema (``pyarrow.Schema``) as Dagster's column schema, descriptions from field metadata."""
+    return dg.TableSchema(
+        columns=[
+            dg.TableColumn(
+                field.name,
+                type_name(field.type),
+                description=(field.metadata or {}).get(b"description", b"").decode() or None,
+            )
+            for field in schema
+        ]
+    )
+
+
 def picture(path: Path | str | None) -> dg.MetadataValue | None:
     """A PNG embedded as markdown (shown on the asset page), or None when there is no file."""
     if path is None or not Path(path).is_file():

@@ -16,7 +16,7 @@ class ExportSettings(Settings):
     """What ``seg-pipeline export`` and the ``exported_model`` asset write beside the model card."""
 
     formats: list[str] = Field(
-        default_factory=lambda: ["torchscript", "onnx"],
+        default=["torchscript", "onnx"],
         min_length=1,
         description="Formats to write; each is checked against the eager model (parity) before it lands.",
     )

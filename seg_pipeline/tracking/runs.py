@@ -157,13 +157,18 @@ class TrackedRun:
             self._client.log_batch(self.run_id, params=chunk, synchronous=True)
         return flat
 
-    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
-        """Log all ``metrics`` at ``step`` in one ``log_batch`` call (one row per metric per step)."""
+    def log_metrics(self, metrics: Mapping[str, Any], step: int, model_id: str | None = None) -> None:
+        """Log all ``metrics`` at ``step`` in one ``log_batch`` call (one row per metric per step).
+
+        With ``model_id`` (an MLflow 3 logged model) the metrics are that model's: the model's page
+        in the MLflow UI lists them, whichever run logged them.
+        """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step={step!r} must be a non-negative int (epoch or global step)")
         timestamp_ms = int(time.time() * 1000)
         entries = [
-            Metric(key, _metric_value(key, value), timestamp_ms, step) for key, value in metrics.items()
+            Metric(key, _metric_value(key, value), timestamp_ms, step, model_id=model_id)
+            for key, value in metrics.items()
         ]
         for chunk in _chunks(entries, MAX_METRICS_PER_BATCH):
             self._client.log_batch(self.run_id, metrics=chunk, synchronous=True)
@@ -230,6 +235,26 @@ class TrackedRun:
         for key, value in tags.items():
             client.set_model_version_tag(name, version, key, truncate_value(str(value), MAX_TAG_VAL_LENGTH))
 
+    def score_model_version(
+        self, name: str, version: str, metrics: Mapping[str, float], summary_keys: Sequence[str] = ()
+    ) -> None:
+        """Record this run's scores of a registered version: linked to its logged model, and as tags.
+
+        The metrics (shared key names such as ``evaluation/test/miou``) are logged against
+        the version's MLflow 3 logged model, so its model page shows how it scored; the version gets
+        ``summary_keys`` as tags and ``evaluation_run_id`` pointing at this run.
+        """
+        client = self.settings.client()
+        entry = client.get_model_version(name, version)
+        model_id = getattr(entry, "model_id", None)
+        if not model_id and str(entry.source).startswith("models:/m-"):  # MLflow 3 leaves model_id unset
+            model_id = str(entry.source).removeprefix("models:/").split("/")[0]
+        self.log_metrics(metrics, step=0, model_id=model_id)
+        for key in summary_keys:
+            if key in metrics:
+                client.set_model_version_tag(name, version, key, f"{metrics[key]:.4f}")
+        client.set_model_version_tag(name, version, "evaluation_run_id", self.run_id)
+
     def log_model(
         self,
         model: Any,
@@ -237,15 +262,23 @@ class TrackedRun:
         registered_model_name: str | None = None,
         pip_requirements: Sequence[str] | None = None,
         step: int = 0,
+        bands: int | None = None,
+        classes: int | None = None,
+        example_side: int = 64,
     ) -> LoggedModelInfo:
         """Log a torch module with ``mlflow.pytorch.log_model`` (pickle format), optionally registering it.
 
         Pickle is used because MLflow 3's default ``pt2`` export needs an input example; the model's
         classes must be importable where it is loaded. ``pip_requirements`` defaults to the installed
-        torch/SMP/timm versions, which also skips MLflow's slow requirement inference.
+        torch/SMP/timm versions, which also skips MLflow's slow requirement inference. With ``bands``
+        and ``classes`` the model gets a signature (float32 ``(batch, bands, H, W)`` normalised pixels
+        in, ``(batch, classes, H, W)`` logits out) and a zero input example of ``example_side`` px.
         """
         import mlflow.pytorch  # imports torch
 
+        signature, example = None, None
+        if bands is not None and classes is not None:
+            signature, example = tensor_signature(bands, classes, example_side)
         requirements = list(pip_requirements) if pip_requirements is not None else default_pip_requirements()
         with _using_uris(self.settings):
             info = mlflow.pytorch.log_model(
@@ -256,6 +289,8 @@ class TrackedRun:
                 registered_model_name=registered_model_name,
                 step=step,
                 run_id=self.run_id,
+                signature=signature,
+                input_example=example,
             )
         version = info.registered_model_version
         return LoggedModelInfo(
@@ -264,6 +299,19 @@ class TrackedRun:
             registered_model_name=registered_model_name if version is not None else None,
             registered_version=None if version is None else str(version),
         )
+
+
+def tensor_signature(bands: int, classes: int, example_side: int) -> tuple[Any, Any]:
+    """The MLflow signature of a segmentation model and a matching input example (zeros)."""
+    import numpy as np
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype("float32"), (-1, bands, -1, -1), "image")]),
+        outputs=Schema([TensorSpec(np.dtype("float32"), (-1, classes, -1, -1), "logits")]),
+    )
+    return signature, np.zeros((1, bands, example_side, example_side), dtype=np.float32)
 
 
 def start_run(

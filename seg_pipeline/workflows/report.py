@@ -222,16 +222,35 @@ def _track(
                 ),
             }
         )
-        metrics = {}
+        metrics: dict[str, float] = {}
         for s in scores:
-            values = s.model_dump(exclude={"name", "iou", "pooled", "detection"})
-            metrics.update({f"{s.name}/{key}": value for key, value in values.items()})
-            metrics.update({f"{s.name}/iou/{cls}": value for cls, value in s.iou.items()})
-            metrics.update({f"{s.name}/pooled/{key}": value for key, value in s.pooled.items()})
-            metrics.update({f"{s.name}/detection/{key}": value for key, value in s.detection.items()})
-        run.log_metrics({k: v for k, v in metrics.items() if np.isfinite(v)}, step=0)
+            metrics.update(model_metrics(s, s.name))
+        run.log_metrics(metrics, step=0)
+        by_name = {s.name: s for s in scores}
+        for member in predictions.members:
+            if member.registered_model and member.registered_version and member.name in by_name:
+                run.score_model_version(
+                    member.registered_model,
+                    member.registered_version,
+                    model_metrics(by_name[member.name], f"evaluation/{predictions.split}"),
+                    summary_keys=(f"evaluation/{predictions.split}/miou",),
+                )
         run.log_artifact(report_dir, artifact_path="report")
         return run.run_id, run.url
+
+
+def model_metrics(scores: ModelScores, prefix: str) -> dict[str, float]:
+    """One model's finite scores as ``<prefix>/miou``, ``<prefix>/iou/<class>``, ``<prefix>/pooled/...``.
+
+    With ``evaluation/<split>`` as prefix every model shares the key names
+    (``evaluation/test/miou``, apart from training's ``val/*``), which is how they are logged against
+    each registered version; the run's own keys carry the model name instead.
+    """
+    flat = dict(scores.model_dump(exclude={"name", "iou", "pooled", "detection"}))
+    flat.update({f"iou/{cls}": value for cls, value in scores.iou.items()})
+    flat.update({f"pooled/{key}": value for key, value in scores.pooled.items()})
+    flat.update({f"detection/{key}": value for key, value in scores.detection.items()})
+    return {f"{prefix}/{key}": float(value) for key, value in flat.items() if np.isfinite(value)}
 
 
 def build_report(

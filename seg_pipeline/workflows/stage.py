@@ -367,7 +367,11 @@ def _log_outputs(
     if model.curve_path is not None:
         run.log_artifact(model.curve_path, artifact_path="plots")
     logged = run.log_model(
-        load_trained_model(model.checkpoint), artifact_path="model", registered_model_name=job.register_as
+        load_trained_model(model.checkpoint),
+        artifact_path="model",
+        registered_model_name=job.register_as,
+        bands=model.spec.in_channels,
+        classes=model.spec.num_classes,
     )
     run.set_tags({"seg_pipeline.best_checkpoint": model.checkpoint})
     if logged.registered_model_name and logged.registered_version:

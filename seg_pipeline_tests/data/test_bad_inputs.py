@@ -17,11 +17,11 @@ import pandas as pd
 import pytest
 from rasterio.transform import Affine
 
-from seg_pipeline.settings import SettingsError, ShardSettings, SplitSettings
 from seg_pipeline.data.headers import STATUS_OK, STATUS_QUARANTINED, HeaderResult, build_headers
-from seg_pipeline.data.shards import ShardError, read_shard_index, write_shards
+from seg_pipeline.data.shards import ShardError, read_shard_index
 from seg_pipeline.data.spec import DatasetSpec, DatasetSpecError
 from seg_pipeline.data.splits import SplitError, assign_splits
+from seg_pipeline.settings import SettingsError, ShardSettings, SplitSettings
 
 MakeDataset = Callable[..., Path]
 WriteRaster = Callable[..., Path]

@@ -1,4 +1,7 @@
-"""Tests for header building (F3 in docs/architecture.md): catalog columns, statistics, checksums, incremental rebuilds."""
+"""Tests for header building (F3 in docs/architecture.md).
+
+Catalog columns, statistics, checksums, incremental rebuilds.
+"""
 
 from __future__ import annotations
 

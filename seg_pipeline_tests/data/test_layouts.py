@@ -46,7 +46,11 @@ def test_ungeoreferenced_images_pair_with_georeferenced_masks(tmp_path: Path) ->
 def test_explicit_globs_pair_masks_with_a_suffix(tmp_path: Path) -> None:
     root = copy_real("kampala", tmp_path)
     spec = DatasetSpec(
-        dataset_id="k", root=root, images_glob="*chips/*.tif", masks_glob="*binarymasks/*.tif", class_names=BINARY
+        dataset_id="k",
+        root=root,
+        images_glob="*chips/*.tif",
+        masks_glob="*binarymasks/*.tif",
+        class_names=BINARY,
     )
     records = discover(spec).records
     assert len(records) == 11 and all(r.mask_path is not None and not r.problem for r in records)

@@ -71,7 +71,9 @@ def test_declared_mask_values_win_over_detection(tmp_path: Path) -> None:
     assert any("building" in w and "no labelled pixel" in w for w in as_ignore.warnings)
 
 
-def test_labels_outside_the_classes_after_recoding_are_quarantined(tmp_path: Path, write_tif: WriteRaster) -> None:
+def test_labels_outside_the_classes_after_recoding_are_quarantined(
+    tmp_path: Path, write_tif: WriteRaster
+) -> None:
     write_tif(tmp_path / "images" / "a.tif", np.ones((3, 8, 8), np.uint8))
     write_tif(tmp_path / "masks" / "a.tif", np.full((8, 8), 4, np.uint8))
     write_tif(tmp_path / "images" / "b.tif", np.ones((3, 8, 8), np.uint8))
@@ -118,7 +120,9 @@ def test_colour_masks_are_recoded_to_class_ids(tmp_path: Path, write_tif: WriteR
         from seg_pipeline.settings import ShardSettings
 
         out = tmp_path / fmt
-        write_shards(result.catalog, splits, out, ShardSettings(tile_format=fmt), mask_values=result.mask_values)
+        write_shards(
+            result.catalog, splits, out, ShardSettings(tile_format=fmt), mask_values=result.mask_values
+        )
         (row,) = read_shard_index(shard_dirs(out, "train")[0])
         _image, mask, _ = read_raw_tile(row)
         np.testing.assert_array_equal(mask, ids)

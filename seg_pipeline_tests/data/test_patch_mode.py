@@ -46,7 +46,9 @@ def shards(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     catalog = build_headers(DatasetSpec(dataset_id="mixed", root=root / "raw")).catalog
     assert (catalog["status"] == STATUS_OK).all(), catalog[["item_id", "status", "reason"]]
     splits = pd.DataFrame({"item_id": catalog["item_id"], "split": "train"})
-    write_shards(catalog, splits, root / "out", ShardSettings(tile_format=request.param, max_items_per_shard=2))
+    write_shards(
+        catalog, splits, root / "out", ShardSettings(tile_format=request.param, max_items_per_shard=2)
+    )
     return root / "out", band_stats_from_catalog(catalog)
 
 

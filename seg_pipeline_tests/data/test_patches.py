@@ -8,9 +8,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from seg_pipeline.data.augment import Augmenter
-from seg_pipeline.settings import AugmentSettings
 from seg_pipeline.data.patches import GeoPatchDataset, PatchSizeBatchSampler
 from seg_pipeline.data.raster_io import write_geotiff
+from seg_pipeline.settings import AugmentSettings
 
 IGNORE = 255
 

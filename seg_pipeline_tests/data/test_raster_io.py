@@ -1,4 +1,7 @@
-"""Tests for raster I/O (F1 in docs/architecture.md): headers, non-georeferenced rasters, read errors, atomic writes."""
+"""Tests for raster I/O (F1 in docs/architecture.md).
+
+Headers, non-georeferenced rasters, read errors, atomic writes.
+"""
 
 from __future__ import annotations
 

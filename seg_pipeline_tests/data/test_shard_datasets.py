@@ -13,9 +13,7 @@ import rasterio
 import torch
 from torch.utils.data import DataLoader
 
-from seg_pipeline.settings import ShardSettings
 from seg_pipeline.data.augment import Augmenter
-from seg_pipeline.settings import AugmentSettings
 from seg_pipeline.data.headers import STATUS_OK, build_headers
 from seg_pipeline.data.normalization import BandStats, band_stats_from_catalog
 from seg_pipeline.data.raster_io import write_geotiff
@@ -23,6 +21,7 @@ from seg_pipeline.data.shard_datasets import ShardIterableDataset, ShardMapDatas
 from seg_pipeline.data.shards import read_shard_index, shard_dirs, write_shards
 from seg_pipeline.data.spec import DatasetSpec
 from seg_pipeline.data.synthetic import SyntheticSpec, write_synthetic_dataset
+from seg_pipeline.settings import AugmentSettings, ShardSettings
 
 IGNORE = 255
 

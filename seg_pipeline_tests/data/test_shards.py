@@ -1,4 +1,7 @@
-"""Tests for shards (F5 in docs/architecture.md): layout, index rows, size bounds, reuse, data version, atomicity."""
+"""Tests for shards (F5 in docs/architecture.md).
+
+Layout, index rows, size bounds, reuse, data version, atomicity.
+"""
 
 from __future__ import annotations
 
@@ -16,12 +19,11 @@ import pandas as pd
 import pytest
 import rasterio
 
-from seg_pipeline.settings import SplitSettings
 from seg_pipeline.data.headers import HeaderResult, build_headers
 from seg_pipeline.data.shards import (
     MANIFEST_NAME,
-    ShardSettings,
     ShardError,
+    ShardSettings,
     read_manifest,
     read_shard_index,
     shard_dirs,
@@ -30,6 +32,7 @@ from seg_pipeline.data.shards import (
 from seg_pipeline.data.spec import DatasetSpec
 from seg_pipeline.data.splits import assign_splits
 from seg_pipeline.io import is_temp
+from seg_pipeline.settings import SplitSettings
 
 MakeDataset = Callable[..., Path]
 WriteRaster = Callable[..., Path]
@@ -110,7 +113,9 @@ def test_index_rows_point_inside_the_shard(demo: tuple[HeaderResult, pd.DataFram
 def test_unlabeled_tiles_have_a_null_target(demo: tuple[HeaderResult, pd.DataFrame], tmp_path: Path) -> None:
     headers, splits = demo
     write_shards(headers.catalog, splits, tmp_path / "demo")
-    rows = read_shard_index(tmp_path / "demo" / "train" / "shard-00000")  # v0: unlabeled tiles and some labeled
+    rows = read_shard_index(
+        tmp_path / "demo" / "train" / "shard-00000"
+    )  # v0: unlabeled tiles and some labeled
     unlabeled = set(headers.catalog.loc[~headers.catalog["has_label"], "item_id"])
     assert unlabeled and unlabeled <= {r.item_id for r in rows}
     for row in rows:

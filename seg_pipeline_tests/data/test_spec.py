@@ -1,4 +1,7 @@
-"""Tests for dataset discovery (F2 in docs/architecture.md): layouts, pairing, fixed splits, class names, spec errors."""
+"""Tests for dataset discovery (F2 in docs/architecture.md).
+
+Layouts, pairing, fixed splits, class names, spec errors.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from seg_pipeline.settings import SettingsError
 from seg_pipeline.data.spec import (
     DatasetSpec,
     DatasetSpecError,
@@ -17,6 +19,7 @@ from seg_pipeline.data.spec import (
     discover,
     read_class_names,
 )
+from seg_pipeline.settings import SettingsError
 
 WriteRaster = Callable[..., Path]
 MakeDataset = Callable[..., Path]
@@ -124,7 +127,9 @@ def test_explicit_globs_override_folder_detection(write_tif: WriteRaster, tmp_pa
     _write_pairs(
         write_tif, tmp_path, {"rgb_2024/x1": "truth/x1_mask", "rgb_2024/x2": None, "rgb_2023/old": None}
     )
-    spec = DatasetSpec(dataset_id="d", root=tmp_path, images_glob="rgb_2024/*.tif", masks_glob="truth/*_mask.tif")
+    spec = DatasetSpec(
+        dataset_id="d", root=tmp_path, images_glob="rgb_2024/*.tif", masks_glob="truth/*_mask.tif"
+    )
     found = discover(spec)
     records = _by_id(found)
     assert found.layout == "globs"
@@ -175,7 +180,10 @@ def test_discover_reads_classes_txt_unless_the_spec_names_classes(
 ) -> None:
     root = make_dataset(tmp_path / "d", rows=1, cols=1)
     assert discover(DatasetSpec(dataset_id="d", root=root)).class_names[:2] == ("bare_soil", "water")
-    assert discover(DatasetSpec(dataset_id="d", root=root, class_names=("bg", "fg"))).class_names == ("bg", "fg")
+    assert discover(DatasetSpec(dataset_id="d", root=root, class_names=("bg", "fg"))).class_names == (
+        "bg",
+        "fg",
+    )
     (root / "classes.txt").unlink()
     assert discover(DatasetSpec(dataset_id="d", root=root)).class_names == ()
 

@@ -13,8 +13,8 @@ import pytest
 from seg_pipeline.data.headers import STATUS_OK, STATUS_QUARANTINED, build_headers
 from seg_pipeline.data.spec import DatasetSpec
 from seg_pipeline.data.splits import (
-    SplitSettings,
     SplitError,
+    SplitSettings,
     assign_splits,
     duplicated_items,
     leaking_groups,
@@ -124,10 +124,12 @@ def test_v0_policy_statistics_over_2000_labeled_tiles() -> None:
 
 
 def test_v0_metrics_fraction_is_configurable() -> None:
-    table = assign_splits(_catalog(2000), SplitSettings(policy="v0", metrics_fraction=0.6, v0_train_fraction=0.3))
+    table = assign_splits(
+        _catalog(2000), SplitSettings(policy="v0", metrics_fraction=0.6, v0_train_fraction=0.3)
+    )
     assert _within_3_sd(int((table["split"] == "metrics_train").sum()), 2000, 0.6)
     assert _within_3_sd(int((table["split"] == "train").sum()), 2000, 0.3)
-    with pytest.raises(ValueError, match="metrics_fraction 0.6 \\+ v0_train_fraction 0.5 exceed 1"):
+    with pytest.raises(ValueError, match=r"metrics_fraction 0\.6 \+ v0_train_fraction 0\.5 exceed 1"):
         SplitSettings(policy="v0", metrics_fraction=0.6)
 
 
@@ -268,7 +270,9 @@ def test_a_tiny_dataset_still_gets_train_and_val() -> None:
 
 
 def test_too_few_labeled_tiles_name_what_to_change() -> None:
-    with pytest.raises(SplitError, match=r"split '(train|val)' gets no labeled tile: 1 labeled tiles in 1 group"):
+    with pytest.raises(
+        SplitError, match=r"split '(train|val)' gets no labeled tile: 1 labeled tiles in 1 group"
+    ):
         assign_splits(_catalog(1, 5), SplitSettings(seed=0))
 
 

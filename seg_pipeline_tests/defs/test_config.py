@@ -30,6 +30,7 @@ ASSETS_WITH_CONFIG = {
     "ensemble_predictions",
     "evaluation_report",
     "champion_model",
+    "exported_model",
 }
 
 

@@ -10,6 +10,7 @@ import pytest
 from seg_pipeline.contracts import AuxiliarySet, ShardSet
 from seg_pipeline.data.synthetic import SyntheticSpec, write_synthetic_dataset
 from seg_pipeline.defs.io_manager import ContractIOManager
+from seg_pipeline.defs.metadata import type_name
 from seg_pipeline.defs.pipeline import ingest
 from seg_pipeline.defs.resources import StorageResource
 
@@ -77,6 +78,23 @@ def test_ingest_materializes_catalog_splits_shards_and_checks_pass(data_root: Pa
     meta = result.asset_materializations_for_node("tile_headers")[0].metadata
     assert meta["tiles"].value == 12 and meta["tiles_quarantined"].value == 0
     assert "class_histogram" in meta
+
+
+def test_the_catalogs_columns_are_described_as_they_are_stored(data_root: Path) -> None:
+    """The asset's column schema is the parquet file's own: every column, its type and meaning."""
+    import pyarrow.parquet as pq
+
+    result = _materialize(data_root)
+    processed = data_root / "processed" / "demo"
+    for node, file in (("tile_headers", "headers.parquet"), ("dataset_splits", "splits.parquet")):
+        schema = result.asset_materializations_for_node(node)[0].metadata["dagster/column_schema"].value
+        stored = pq.read_schema(processed / file)
+        assert [(c.name, c.type) for c in schema.columns] == [(f.name, type_name(f.type)) for f in stored]
+        assert all(c.description for c in schema.columns), node
+    columns = {c.name: c for c in result.asset_materializations_for_node("tile_headers")[0]
+               .metadata["dagster/column_schema"].value.columns}  # fmt: skip
+    assert columns["class_counts"].type == "list<int64>" and columns["width"].type == "int64"
+    assert "recoding" in columns["class_counts"].description
 
 
 def test_rerun_over_unchanged_data_keeps_data_versions(data_root: Path) -> None:

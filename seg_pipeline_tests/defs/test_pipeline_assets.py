@@ -182,6 +182,25 @@ def test_mlflow_runs_hold_params_metrics_tags_and_registered_models(materialized
             assert "demo_aux" in inputs  # the auxiliary source is a training input too
         artifacts = {a.path for a in client.list_artifacts(value.tracking.run_id)}
         assert {"checkpoints", "resolved_config.json"} <= artifacts
+        # MLflow power users' model page: a signature, an input example, and the evaluation's scores
+        from seg_pipeline.tracking import TrackingSettings
+        from seg_pipeline.tracking.settings import _using_uris
+
+        with _using_uris(TrackingSettings.from_data_root(root)):
+            info = mlflow.models.get_model_info(f"models:/{name}/{version.version}")
+        assert str(info.signature.inputs) == "['image': Tensor('float32', (-1, 3, -1, -1))]"
+        assert str(info.signature.outputs) == "['logits': Tensor('float32', (-1, 6, -1, -1))]"
+        assert info.saved_input_example_info["type"] == "ndarray"
+        report: EvaluationReport = result.output_for_node("evaluation_report")
+        member = {"pretrain": "pretrained", "kd": "kd_student"}[stage]
+        assert version.tags["evaluation/val/miou"] == f"{report.score(member).miou:.4f}"
+        assert version.tags["evaluation_run_id"] == report.run_id
+        logged = client.get_logged_model(version.source.removeprefix("models:/"))
+        linked = {m.key: m.value for m in logged.metrics or []}
+        assert linked["evaluation/val/miou"] == pytest.approx(report.score(member).miou)
+        assert {f"evaluation/val/iou/{cls}" for cls in report.score(member).iou} >= {
+            k for k in linked if k.startswith("evaluation/val/iou/")
+        } and any(k.startswith("evaluation/val/iou/") for k in linked)
     kd_run = client.get_run(result.output_for_node("kd_student_model").tracking.run_id)
     assert "train/kd" in kd_run.data.metrics and "train/ignored_fraction" in kd_run.data.metrics
     assert kd_run.data.params["config.kd.alpha"] == "0.7"

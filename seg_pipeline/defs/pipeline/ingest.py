@@ -10,8 +10,10 @@ from typing import TYPE_CHECKING, Any
 import dagster as dg
 
 from seg_pipeline.contracts import AuxiliarySet, Catalog, ShardSet, SplitTable
+from seg_pipeline.data.catalog import CATALOG_SCHEMA
+from seg_pipeline.data.splits import SPLIT_SCHEMA
 from seg_pipeline.defs.config import dagster_config, to_settings
-from seg_pipeline.defs.metadata import table, without_none
+from seg_pipeline.defs.metadata import column_schema, table, without_none
 from seg_pipeline.defs.resources import StorageResource
 from seg_pipeline.defs.versions import code_version
 from seg_pipeline.settings import AuxiliarySettings, DatasetSettings, ShardSettings, SplitSettings
@@ -39,6 +41,7 @@ def _catalog_metadata(run: ingest.CatalogueRun) -> dict[str, Any]:
     total = max(sum(histogram.values()), 1)
     return {
         "catalog_path": dg.MetadataValue.path(catalog.catalog_path),
+        "dagster/column_schema": column_schema(CATALOG_SCHEMA),
         "tiles": catalog.n_tiles,
         "tiles_ok": catalog.n_ok,
         "tiles_labeled": catalog.n_labeled,
@@ -126,6 +129,7 @@ def dataset_splits(
     )
     metadata: dict[str, Any] = {
         "splits_path": dg.MetadataValue.path(splits.splits_path),
+        "dagster/column_schema": column_schema(SPLIT_SCHEMA),
         "split_sizes": table([{"split": k, "tiles": v} for k, v in splits.counts.items()]),
         "policy": splits.policy,
         **{f"tiles_{k}": v for k, v in splits.counts.items()},
