@@ -68,4 +68,4 @@ bench: install
 	for b in bench/bench_*.py; do $(PY) $$b || exit 1; done
 
 clean-demo:
-	rm -rf data/raw/demo data/raw/demo_aux data/processed/* data/models/* data/predictions/* data/reports/* data/mlflow/* .dagster
+	rm -rf data/raw/demo data/raw/demo_aux data/processed/* data/models/* data/predictions/* data/reports/* data/exports/* data/mlflow/* .dagster
