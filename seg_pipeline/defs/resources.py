@@ -18,6 +18,11 @@ from seg_pipeline.workflows.layout import DATA_ROOT_ENV, DataLayout
 REPO_DIR = Path(__file__).resolve().parents[2]
 
 
+def run_family(context: dg.AssetExecutionContext) -> str:
+    """The folder key of a run and its retries: the root run id, so a re-execution writes in place."""
+    return context.run.root_run_id or context.run.run_id
+
+
 class StorageResource(dg.ConfigurableResource):
     """Folders of the pipeline, all under one data root."""
 

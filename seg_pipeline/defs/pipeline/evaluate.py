@@ -12,7 +12,7 @@ from seg_pipeline.contracts import ChampionDecision, EvaluationReport, Predictio
 from seg_pipeline.defs.config import dagster_config, to_settings
 from seg_pipeline.defs.failures import no_retry_for_bad_input
 from seg_pipeline.defs.metadata import link, picture, rounded, table, without_none
-from seg_pipeline.defs.resources import MlflowResource, StorageResource
+from seg_pipeline.defs.resources import MlflowResource, StorageResource, run_family
 from seg_pipeline.defs.versions import code_version
 from seg_pipeline.inference.ensemble import ENSEMBLE
 from seg_pipeline.settings import ChampionSettings, EvaluationSettings, PredictSettings
@@ -32,10 +32,6 @@ else:
     PredictionConfig = dagster_config(PredictSettings, name="PredictionConfig")
     EvaluationConfig = dagster_config(EvaluationSettings, name="EvaluationConfig")
     ChampionConfig = dagster_config(ChampionSettings, name="ChampionConfig")
-
-
-def _run_family(context: dg.AssetExecutionContext) -> str:
-    return context.run.root_run_id or context.run.run_id
 
 
 @dg.asset(
@@ -61,7 +57,7 @@ def ensemble_predictions(
             tile_shards,
             [("pretrained", pretrained_model), (CANDIDATE, kd_student_model)],
             CANDIDATE,
-            storage.layout.predictions_dir(_run_family(context)),
+            storage.layout.predictions_dir(run_family(context)),
             tracking=mlflow.settings(storage.layout),
             log_fn=context.log.info,
         )
@@ -140,7 +136,7 @@ def evaluation_report(
         value = report.build_report(
             to_settings(config, EvaluationSettings, "evaluation_report"),
             ensemble_predictions,
-            storage.layout.reports_dir(_run_family(context)),
+            storage.layout.reports_dir(run_family(context)),
             tracking=mlflow.settings(storage.layout),
             run_tags=tags,
             log_fn=context.log.info,
@@ -215,7 +211,7 @@ def champion_model(
             to_settings(config, ChampionSettings, "champion_model"),
             ensemble_predictions,
             evaluation_report,
-            storage.layout.reports_dir(_run_family(context)) / "champion",
+            storage.layout.reports_dir(run_family(context)) / "champion",
             mlflow.settings(storage.layout),
             log_fn=context.log.info,
         )

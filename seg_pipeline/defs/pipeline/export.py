@@ -11,7 +11,7 @@ from seg_pipeline.contracts import ChampionDecision, ExportedModel, TrainedModel
 from seg_pipeline.defs.config import dagster_config, to_settings
 from seg_pipeline.defs.failures import no_retry_for_bad_input
 from seg_pipeline.defs.metadata import without_none
-from seg_pipeline.defs.resources import StorageResource
+from seg_pipeline.defs.resources import StorageResource, run_family
 from seg_pipeline.defs.versions import code_version
 from seg_pipeline.settings import ExportSettings
 from seg_pipeline.workflows import export
@@ -40,12 +40,11 @@ def exported_model(
     storage: StorageResource,
 ) -> dg.Output[ExportedModel]:
     """Export the student the champion gate judged, beside its checkpoints."""
-    family = context.run.root_run_id or context.run.run_id
     with no_retry_for_bad_input():
         value = export.export_trained(
             to_settings(config, ExportSettings, "exported_model"),
             kd_student_model,
-            storage.layout.exports_dir(family),
+            storage.layout.exports_dir(run_family(context)),
             champion_model,
             lineage={"dagster_run_id": context.run.run_id},
         )

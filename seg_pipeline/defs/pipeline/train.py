@@ -16,7 +16,7 @@ from seg_pipeline.contracts import AuxiliarySet, ShardSet, TrainedModel
 from seg_pipeline.defs.config import dagster_config, to_settings
 from seg_pipeline.defs.failures import no_retry_for_bad_input
 from seg_pipeline.defs.metadata import link, picture, rounded, table, without_none
-from seg_pipeline.defs.resources import MlflowResource, StorageResource
+from seg_pipeline.defs.resources import MlflowResource, StorageResource, run_family
 from seg_pipeline.defs.versions import code_version
 from seg_pipeline.settings import KDStageSettings, PretrainSettings, override
 from seg_pipeline.workflows import train
@@ -71,7 +71,7 @@ def _stage_run(
     """
     tags = mlflow.run_tags(context, stage=context.asset_key.to_user_string(), data_version=data_version)
     return train.StageRun(
-        checkpoint_dir=storage.layout.models_dir(stage, context.run.root_run_id or context.run.run_id),
+        checkpoint_dir=storage.layout.models_dir(stage, run_family(context)),
         tracking=mlflow.settings(storage.layout),
         run_tags=tags,
         register_as=config.register_as,
