@@ -57,6 +57,30 @@ def test_the_definitions_load_in_a_fresh_interpreter_without_import_tricks() -> 
     assert done.stdout.strip() == "Definitions True True"
 
 
+HEAVY = ("torch", "segmentation_models_pytorch", "timm", "mlflow")
+
+
+def test_loading_the_code_location_imports_no_torch_smp_or_mlflow(tmp_path: Path) -> None:
+    """Dagster loads the definitions in every step subprocess: the heavy stack loads in the steps
+    that use it. Checked with a cold encoder-name cache (its first fill imports smp in a child) and
+    then again with the cache in place.
+    """
+    code = (
+        "import sys\n"
+        "from seg_pipeline.definitions import defs\n"
+        "defs.resolve_job_def('full_pipeline_job')\n"
+        "import seg_pipeline.workflows.ingest\n"  # what the ingest steps and their checks run
+        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
+    )
+    env = {**os.environ, "SEG_PIPELINE_CACHE_DIR": str(tmp_path / "cache")}
+    first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert list((tmp_path / "cache").glob("smp-*-encoders.json")), "the first load fills the cache"
+    again = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.strip() == "[]", again.stdout
+
+
 def test_dagster_finds_the_jobs_with_the_package_name_alone(tmp_path: Path) -> None:
     """``dagster job execute -m seg_pipeline`` works as well as ``-m seg_pipeline.definitions``."""
     from seg_pipeline_tests.defs.cli_helpers import new_dagster_home

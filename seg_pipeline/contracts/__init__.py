@@ -8,6 +8,7 @@ from seg_pipeline.contracts.base import Contract
 from seg_pipeline.contracts.data import AuxiliarySet, BandStatistics, Catalog, ShardSet, SplitTable
 from seg_pipeline.contracts.models import ExportedModel, TrackingRecord, TrainedModel
 from seg_pipeline.contracts.predictions import (
+    ENSEMBLE,
     ChampionDecision,
     ClassDelta,
     EnsembleMember,
@@ -43,6 +44,7 @@ CONTRACT_TYPES: dict[str, type[Contract]] = {
 
 __all__ = [
     "CONTRACT_TYPES",
+    "ENSEMBLE",
     "AuxiliarySet",
     "BandStatistics",
     "Catalog",

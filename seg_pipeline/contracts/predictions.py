@@ -9,6 +9,9 @@ from pydantic import Field
 from seg_pipeline.contracts.base import Contract
 from seg_pipeline.settings.inference import PredictSettings
 
+#: Name of the ensemble's prediction set and of its row in the report (never a member's name).
+ENSEMBLE = "ensemble"
+
 
 class PredictionItem(Contract):
     """One predicted tile: its id, the image that was predicted and its ground truth (if any)."""

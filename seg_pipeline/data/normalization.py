@@ -14,12 +14,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import torch
 
 from seg_pipeline.data.catalog import ok_rows
+
+if TYPE_CHECKING:
+    import torch
 
 #: Default divisors of the scale fallback, by dtype name.
 DTYPE_MAX: dict[str, float] = {"uint8": 255.0, "uint16": 65535.0, "int16": 32767.0}
@@ -149,7 +152,9 @@ def normalize(array: np.ndarray | torch.Tensor, stats: BandStats) -> np.ndarray 
             "expected (..., bands, H, W)"
         )
     scale, offset = stats.scale_and_offset()
-    if isinstance(array, torch.Tensor):
+    if not isinstance(array, np.ndarray):  # a tensor (torch loads only where tensors exist)
+        import torch
+
         out = array.to(torch.float32)
         out = out * torch.from_numpy(scale)[:, None, None] + torch.from_numpy(offset)[:, None, None]
         return out

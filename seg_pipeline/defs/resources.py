@@ -7,12 +7,15 @@ Small ``ConfigurableResource`` classes so a deployment can point the whole pipel
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dagster as dg
 from pydantic import Field
 
-from seg_pipeline.tracking import TrackingSettings, build_run_tags
 from seg_pipeline.workflows.layout import DATA_ROOT_ENV, DataLayout
+
+if TYPE_CHECKING:
+    from seg_pipeline.tracking import TrackingSettings
 
 #: The checkout the code runs from: its git commit goes into every MLflow run's tags.
 REPO_DIR = Path(__file__).resolve().parents[2]
@@ -66,6 +69,8 @@ class MlflowResource(dg.ConfigurableResource):
         self, context: dg.AssetExecutionContext, stage: str, data_version: str | None = None
     ) -> dict[str, str]:
         """The standard MLflow tags of a run made by this asset step (Dagster run, asset, code, git)."""
+        from seg_pipeline.tracking import build_run_tags  # MLflow loads only in the steps that track
+
         run_id = context.run.run_id
         key = context.asset_key.to_user_string()
         return build_run_tags(
@@ -82,6 +87,8 @@ class MlflowResource(dg.ConfigurableResource):
 
     def settings(self, layout: DataLayout) -> TrackingSettings:
         """Tracking settings for runs of this pipeline."""
+        from seg_pipeline.tracking import TrackingSettings
+
         ui_url = self.mlflow_ui_url or None
         if not self.tracking_uri:
             return TrackingSettings.from_data_root(

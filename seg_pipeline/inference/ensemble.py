@@ -12,13 +12,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from seg_pipeline.contracts import ENSEMBLE
 from seg_pipeline.hardware import AMX_FLAG, cpu_bf16_is_fast, resolve_device
 from seg_pipeline.inference.tta import TTAConfig, member_term, merge_terms, tta_predict
 
 __all__ = ["ENSEMBLE", "EnsemblePredictor", "resolve_device"]
 
 #: The name of the merged output among :meth:`EnsemblePredictor.predict_sets`'s results.
-ENSEMBLE = "ensemble"
 
 
 class EnsemblePredictor:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 from typing import Any, Literal, Self
 
 from pydantic import Field, field_validator, model_validator
 
 from seg_pipeline.settings.base import Settings
+from seg_pipeline.settings.encoders import smp_encoder_names
 
 Architecture = Literal[
     "unet",
@@ -60,18 +62,18 @@ class ModelSettings(Settings):
     @field_validator("encoder")
     @classmethod
     def _known_encoder(cls, value: str) -> str:
-        import segmentation_models_pytorch as smp  # heavy (torch): only when an encoder is validated
-
-        if value in smp.encoders.get_encoder_names():
+        known = smp_encoder_names()
+        if value in known:
             return value
         if value.startswith("tu-"):
             import timm
 
             if timm.is_model(value.removeprefix("tu-")):
                 return value
+        version = importlib.metadata.version("segmentation-models-pytorch")
         raise ValueError(
-            f"unknown to segmentation_models_pytorch {smp.__version__}; use one of "
-            f"{sorted(smp.encoders.get_encoder_names())} or 'tu-<timm model name>'"
+            f"unknown to segmentation_models_pytorch {version}; use one of {sorted(known)} or "
+            "'tu-<timm model name>'"
         )
 
 

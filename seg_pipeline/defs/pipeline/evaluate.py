@@ -8,15 +8,20 @@ from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 
-from seg_pipeline.contracts import ChampionDecision, EvaluationReport, PredictionSet, ShardSet, TrainedModel
+from seg_pipeline.contracts import (
+    ENSEMBLE,
+    ChampionDecision,
+    EvaluationReport,
+    PredictionSet,
+    ShardSet,
+    TrainedModel,
+)
 from seg_pipeline.defs.config import dagster_config, to_settings
 from seg_pipeline.defs.failures import no_retry_for_bad_input
 from seg_pipeline.defs.metadata import link, picture, rounded, table, without_none
 from seg_pipeline.defs.resources import MlflowResource, StorageResource, run_family
 from seg_pipeline.defs.versions import code_version
-from seg_pipeline.inference.ensemble import ENSEMBLE
 from seg_pipeline.settings import ChampionSettings, EvaluationSettings, PredictSettings
-from seg_pipeline.workflows import champion, predict, report
 
 INFERENCE_GROUP = "inference"
 EVALUATION_GROUP = "evaluation"
@@ -36,7 +41,7 @@ else:
 
 @dg.asset(
     group_name=INFERENCE_GROUP,
-    code_version=code_version(predict.predict_split),
+    code_version=code_version("seg_pipeline.workflows.predict"),
     kinds={"pytorch", "geotiff"},
     description="Georeferenced class maps of the evaluation split by every single model and by the "
     "ensemble (models x scales x flips, sliding windows), from one set of forward passes.",
@@ -51,6 +56,8 @@ def ensemble_predictions(
     mlflow: MlflowResource,
 ) -> dg.Output[PredictionSet]:
     """Predict the evaluation split with each model and the TTA ensemble."""
+    from seg_pipeline.workflows import predict
+
     with no_retry_for_bad_input():
         value = predict.predict_split(
             to_settings(config, PredictSettings, "ensemble_predictions"),
@@ -83,6 +90,8 @@ def ensemble_predictions(
 )
 def predictions_overlay_their_inputs(ensemble_predictions: PredictionSet) -> dg.AssetCheckResult:
     """A class map that does not overlay its image is wrong however good its classes are."""
+    from seg_pipeline.workflows import predict
+
     problems = predict.georeference_problems(ensemble_predictions)
     return dg.AssetCheckResult(
         passed=not problems,
@@ -118,7 +127,7 @@ def _report_metadata(value: EvaluationReport) -> dict[str, Any]:
 
 @dg.asset(
     group_name=EVALUATION_GROUP,
-    code_version=code_version(report.build_report),
+    code_version=code_version("seg_pipeline.workflows.report"),
     kinds={"python", "mlflow"},
     description="Single models vs ensemble: confusion matrix, per-class and mean IoU/Dice/precision/recall, "
     "pixel accuracy, FWIoU, kappa; markdown report in data/reports/ and an MLflow run.",
@@ -131,6 +140,8 @@ def evaluation_report(
     mlflow: MlflowResource,
 ) -> dg.Output[EvaluationReport]:
     """Score every prediction set against the ground truth and write the report."""
+    from seg_pipeline.workflows import report
+
     tags = mlflow.run_tags(context, stage="evaluation")
     with no_retry_for_bad_input():
         value = report.build_report(
@@ -192,7 +203,7 @@ def evaluation_report_checks(evaluation_report: EvaluationReport) -> Iterator[dg
 
 @dg.asset(
     group_name=EVALUATION_GROUP,
-    code_version=code_version(champion.champion_gate),
+    code_version=code_version("seg_pipeline.workflows.champion"),
     kinds={"mlflow"},
     description="Moves the MLflow 'champion' alias to the new KD student only when it beats the current "
     "champion on the same evaluation split by the configured margin.",
@@ -206,6 +217,8 @@ def champion_model(
     mlflow: MlflowResource,
 ) -> dg.Output[ChampionDecision]:
     """Compare candidate and champion on the fixed split; promote or keep."""
+    from seg_pipeline.workflows import champion
+
     with no_retry_for_bad_input():
         decision = champion.champion_gate(
             to_settings(config, ChampionSettings, "champion_model"),

@@ -14,7 +14,6 @@ from seg_pipeline.defs.metadata import without_none
 from seg_pipeline.defs.resources import StorageResource, run_family
 from seg_pipeline.defs.versions import code_version
 from seg_pipeline.settings import ExportSettings
-from seg_pipeline.workflows import export
 
 EXPORT_GROUP = "export"
 
@@ -26,7 +25,7 @@ else:
 
 @dg.asset(
     group_name=EXPORT_GROUP,
-    code_version=code_version(export.export_trained),
+    code_version=code_version("seg_pipeline.workflows.export"),
     kinds={"pytorch", "onnx"},
     description="The KD student exported for runtimes without this package (TorchScript, ONNX), each "
     "format checked against the eager model, with a model card naming its MLflow run and the gate's "
@@ -40,6 +39,8 @@ def exported_model(
     storage: StorageResource,
 ) -> dg.Output[ExportedModel]:
     """Export the student the champion gate judged, beside its checkpoints."""
+    from seg_pipeline.workflows import export
+
     with no_retry_for_bad_input():
         value = export.export_trained(
             to_settings(config, ExportSettings, "exported_model"),

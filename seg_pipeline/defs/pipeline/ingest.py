@@ -17,13 +17,14 @@ from seg_pipeline.defs.metadata import column_schema, table, without_none
 from seg_pipeline.defs.resources import StorageResource
 from seg_pipeline.defs.versions import code_version
 from seg_pipeline.settings import AuxiliarySettings, DatasetSettings, ShardSettings, SplitSettings
-from seg_pipeline.workflows import ingest
 
 GROUP = "ingest"
 _SHOWN_QUARANTINE_ROWS = 50
 
 # For the type checker the derived classes are plain dg.Config (fields are reached via to_settings).
 if TYPE_CHECKING:
+    from seg_pipeline.workflows import ingest
+
     HeadersConfig = dg.Config
     SplitsConfig = dg.Config
     ShardsConfig = dg.Config
@@ -35,7 +36,7 @@ else:
     AuxiliaryConfig = dagster_config(AuxiliarySettings, name="AuxiliaryConfig")
 
 
-def _catalog_metadata(run: ingest.CatalogueRun) -> dict[str, Any]:
+def _catalog_metadata(run: "ingest.CatalogueRun") -> dict[str, Any]:
     catalog, result = run.catalog, run.result
     histogram = result.class_histogram()
     total = max(sum(histogram.values()), 1)
@@ -69,6 +70,8 @@ def _catalog_metadata(run: ingest.CatalogueRun) -> dict[str, Any]:
 )
 def raw_tiles(storage: StorageResource) -> dg.ObserveResult:
     """Fingerprint each dataset folder without opening a raster (what the sensor compares too)."""
+    from seg_pipeline.workflows import ingest
+
     observed = ingest.observe_raw(storage.layout)
     return dg.ObserveResult(
         data_version=dg.DataVersion(observed.fingerprint),
@@ -92,7 +95,7 @@ def raw_tiles(storage: StorageResource) -> dg.ObserveResult:
 @dg.asset(
     group_name=GROUP,
     deps=[raw_tiles],
-    code_version=code_version(ingest.catalogue),
+    code_version=code_version("seg_pipeline.workflows.ingest"),
     kinds={"python", "parquet"},
     description="Per-tile catalog (shape, bands, dtype, CRS, transform, bounds, nodata, labels, checksums) "
     "with validation; bad tiles are quarantined with a reason.",
@@ -101,6 +104,8 @@ def tile_headers(
     context: dg.AssetExecutionContext, config: HeadersConfig, storage: StorageResource
 ) -> dg.Output[Catalog]:
     """Catalogue and validate the raw tiles of the target dataset."""
+    from seg_pipeline.workflows import ingest
+
     run = ingest.catalogue(
         to_settings(config, DatasetSettings, "tile_headers"), storage.layout, context.log.info
     )
@@ -115,7 +120,7 @@ def tile_headers(
 
 @dg.asset(
     group_name=GROUP,
-    code_version=code_version(ingest.split),
+    code_version=code_version("seg_pipeline.workflows.ingest"),
     kinds={"python", "parquet"},
     description="Hash-stable split table: a tile's split depends only on (item id or spatial group, seed, "
     "policy).",
@@ -124,6 +129,8 @@ def dataset_splits(
     context: dg.AssetExecutionContext, config: SplitsConfig, tile_headers: Catalog
 ) -> dg.Output[SplitTable]:
     """Assign every valid tile of the target dataset to a split."""
+    from seg_pipeline.workflows import ingest
+
     splits = ingest.split(
         to_settings(config, SplitSettings, "dataset_splits"), tile_headers, context.log.info
     )
@@ -137,7 +144,7 @@ def dataset_splits(
     return dg.Output(splits, metadata=metadata, data_version=dg.DataVersion(splits.content_hash))
 
 
-def _shard_metadata(run: ingest.ShardRun) -> dict[str, Any]:
+def _shard_metadata(run: "ingest.ShardRun") -> dict[str, Any]:
     return {
         "dataset_dir": dg.MetadataValue.path(run.shards.dataset_dir),
         "shards": table(run.shard_table),
@@ -150,7 +157,7 @@ def _shard_metadata(run: ingest.ShardRun) -> dict[str, Any]:
 
 @dg.asset(
     group_name=GROUP,
-    code_version=code_version(ingest.shard),
+    code_version=code_version("seg_pipeline.workflows.ingest"),
     kinds={"python"},
     description="Training-ready shards (processed/DATASET/SPLIT/shard-xxxxx holding inputs/, targets/ and "
     "index.jsonl) plus a manifest of content hashes.",
@@ -159,6 +166,8 @@ def tile_shards(
     context: dg.AssetExecutionContext, config: ShardsConfig, tile_headers: Catalog, dataset_splits: SplitTable
 ) -> dg.Output[ShardSet]:
     """Write the target dataset's split table as atomic, size-bounded shards."""
+    from seg_pipeline.workflows import ingest
+
     settings = to_settings(config, ShardSettings, "tile_shards")
     run = ingest.shard(settings, tile_headers, dataset_splits, context.log.info)
     return dg.Output(
@@ -179,7 +188,7 @@ def _source_row(shards: ShardSet) -> dict[str, Any]:
 
 @dg.asset(
     group_name=GROUP,
-    code_version=code_version(ingest.ingest_auxiliary),
+    code_version=code_version("seg_pipeline.workflows.ingest"),
     kinds={"python"},
     description="Auxiliary sources for pretraining (catalog + split + shards each); class remapping "
     "happens at training time, the raw data is never modified.",
@@ -188,6 +197,8 @@ def auxiliary_sources(
     context: dg.AssetExecutionContext, config: AuxiliaryConfig, storage: StorageResource
 ) -> dg.Output[AuxiliarySet]:
     """Catalogue, split (train/val) and shard every auxiliary dataset."""
+    from seg_pipeline.workflows import ingest
+
     settings = to_settings(config, AuxiliarySettings, "auxiliary_sources")
     value = ingest.ingest_auxiliary(settings, storage.layout, context.log.info)
     metadata = {
@@ -214,6 +225,8 @@ def quarantine_below_threshold(tile_headers: Catalog) -> dg.AssetCheckResult:
 )
 def splits_leakage_free(dataset_splits: SplitTable) -> dg.AssetCheckResult:
     """An item (or, with grouping, a spatial block of labeled tiles) must sit in exactly one split."""
+    from seg_pipeline.workflows import ingest
+
     duplicates, leaks = ingest.split_leaks(dataset_splits)
     return dg.AssetCheckResult(
         passed=not duplicates and not leaks,
@@ -232,6 +245,8 @@ def splits_leakage_free(dataset_splits: SplitTable) -> dg.AssetCheckResult:
 )
 def shards_match_headers(tile_shards: ShardSet) -> dg.AssetCheckResult:
     """Every assigned tile appears once, in its split, with the checksum the catalog recorded."""
+    from seg_pipeline.workflows import ingest
+
     problems, seen = ingest.shard_problems(tile_shards)
     return dg.AssetCheckResult(
         passed=not problems,

@@ -19,7 +19,6 @@ from seg_pipeline.defs.metadata import link, picture, rounded, table, without_no
 from seg_pipeline.defs.resources import MlflowResource, StorageResource, run_family
 from seg_pipeline.defs.versions import code_version
 from seg_pipeline.settings import KDStageSettings, PretrainSettings, override
-from seg_pipeline.workflows import train
 
 GROUP = "train"
 GPU_TAGS = {"seg_pipeline/gpu": "true"}
@@ -51,6 +50,8 @@ class KDRunConfig(StageRunConfig):
 
 # For the type checker the derived classes are their Dagster-only bases (settings via to_settings).
 if TYPE_CHECKING:
+    from seg_pipeline.workflows import train
+
     PretrainConfig = PretrainRunConfig
     KDConfig = KDRunConfig
 else:
@@ -65,10 +66,12 @@ def _stage_run(
     mlflow: MlflowResource,
     stage: str,
     data_version: str,
-) -> train.StageRun:
+) -> "train.StageRun":
     """How this step runs the stage: checkpoints stable across retries and re-executions of one run
     family (fresh for a new run), MLflow with the Dagster tags, the ranks and the registry name.
     """
+    from seg_pipeline.workflows import train
+
     tags = mlflow.run_tags(context, stage=context.asset_key.to_user_string(), data_version=data_version)
     return train.StageRun(
         checkpoint_dir=storage.layout.models_dir(stage, run_family(context)),
@@ -116,7 +119,7 @@ def _metadata(model: TrainedModel) -> dict[str, Any]:
 
 @dg.asset(
     group_name=GROUP,
-    code_version=code_version(train.pretrain),
+    code_version=code_version("seg_pipeline.workflows.train"),
     kinds={"pytorch", "mlflow"},
     tags=GPU_TAGS,
     retry_policy=dg.RetryPolicy(max_retries=1, delay=5),
@@ -132,6 +135,8 @@ def pretrained_model(
     mlflow: MlflowResource,
 ) -> dg.Output[TrainedModel]:
     """Pretrain on combined sources and track it in MLflow."""
+    from seg_pipeline.workflows import train
+
     with no_retry_for_bad_input():
         settings = to_settings(config, PretrainSettings, "pretrained_model")
         run = _stage_run(context, config, storage, mlflow, "pretrain", tile_shards.data_version)
@@ -141,7 +146,7 @@ def pretrained_model(
 
 @dg.asset(
     group_name=GROUP,
-    code_version=code_version(train.distill),
+    code_version=code_version("seg_pipeline.workflows.train"),
     kinds={"pytorch", "mlflow"},
     tags=GPU_TAGS,
     retry_policy=dg.RetryPolicy(max_retries=1, delay=5),
@@ -157,6 +162,8 @@ def kd_student_model(
     mlflow: MlflowResource,
 ) -> dg.Output[TrainedModel]:
     """Distil stage 1 (plus any extra teachers) into the student on target data."""
+    from seg_pipeline.workflows import train
+
     with no_retry_for_bad_input():
         settings = to_settings(config, KDStageSettings, "kd_student_model")
         run = _stage_run(context, config, storage, mlflow, "kd", tile_shards.data_version)
