@@ -7,7 +7,9 @@ evaluates a prediction folder against a ground-truth folder (seed 002's ``model_
 
 from __future__ import annotations
 
+import base64
 import csv
+import html
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -239,6 +241,20 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _report_tables(
+    rows: Sequence[Mapping[str, Any]], deltas: Sequence[Mapping[str, Any]], class_names: Sequence[str]
+) -> list[tuple[str, Sequence[Mapping[str, Any]], list[str]]]:
+    """(heading, rows, columns) of each table of the report, for the markdown and the HTML page alike."""
+    tables: list[tuple[str, Sequence[Mapping[str, Any]], list[str]]] = [
+        ("Single models vs ensemble", rows, ["model", *SCALARS]),
+        ("Per-class IoU", rows, ["model", *[f"iou/{c}" for c in class_names]]),
+    ]
+    if deltas:
+        baseline = [k for k in deltas[0] if k not in ("class", "delta")]
+        tables.append(("Per-class delta (ensemble - best single)", deltas, ["class", *baseline, "delta"]))
+    return tables
+
+
 def write_markdown_report(
     path: Path,
     *,
@@ -250,25 +266,68 @@ def write_markdown_report(
     notes: Sequence[str] = (),
 ) -> Path:
     """The human-readable report: comparison table, per-class deltas, pictures, notes."""
-    scalar_cols = ["model", *SCALARS]
-    iou_cols = ["model", *[f"iou/{c}" for c in class_names]]
-    parts = [
-        f"# {title}\n\n",
-        "## Single models vs ensemble\n\n",
-        _markdown_table(rows, scalar_cols),
-        "\n## Per-class IoU\n\n",
-        _markdown_table(rows, iou_cols),
-    ]
-    if deltas:
-        baseline = [k for k in deltas[0] if k not in ("class", "delta")]
-        parts += [
-            "\n## Per-class delta (ensemble - best single)\n\n",
-            _markdown_table(deltas, ["class", *baseline, "delta"]),
-        ]
+    parts = [f"# {title}\n"]
+    for heading, table_rows, columns in _report_tables(rows, deltas, class_names):
+        parts += [f"\n## {heading}\n\n", _markdown_table(table_rows, columns)]
     for caption, relative in images.items():
         parts.append(f"\n## {caption}\n\n![{caption}]({relative})\n")
     if notes:
         parts.append("\n## Notes\n\n" + "".join(f"- {n}\n" for n in notes))
+    with atomic_write(path) as tmp:
+        tmp.write_text("".join(parts))
+    return path
+
+
+def _html_text(text: str) -> str:
+    """Escaped text with the notes' `code` spans as <code>."""
+    pieces = html.escape(text).split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(pieces))
+
+
+def _html_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    cells = ("".join(f"<td>{html.escape(_fmt(row.get(c)))}</td>" for c in columns) for row in rows)
+    body = "".join(f"<tr>{row}</tr>" for row in cells)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+_HTML_STYLE = (
+    "body{font-family:sans-serif;margin:1.5em;max-width:70em}table{border-collapse:collapse;margin:.5em 0}"
+    "th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right}th:first-child,td:first-child"
+    "{text-align:left}img{max-width:100%;border:1px solid #ddd}code{background:#f3f3f3;padding:0 .2em}"
+)
+
+
+def write_html_report(
+    path: Path,
+    *,
+    title: str,
+    rows: Sequence[Mapping[str, Any]],
+    deltas: Sequence[Mapping[str, Any]],
+    class_names: Sequence[str],
+    images: Mapping[str, str],
+    notes: Sequence[str] = (),
+) -> Path:
+    """The report as one self-contained HTML page, pictures inlined as data URIs.
+
+    MLflow's artefact viewer renders an HTML file in place but not a markdown file's relative
+    images; this page shows the same tables, pictures and notes as ``report.md`` with no other file.
+    """
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"]
+    parts.append(f"<style>{_HTML_STYLE}</style></head><body><h1>{html.escape(title)}</h1>")
+    for heading, table_rows, columns in _report_tables(rows, deltas, class_names):
+        parts += [f"<h2>{html.escape(heading)}</h2>", _html_table(table_rows, columns)]
+    for caption, relative in images.items():
+        picture = path.parent / relative
+        mime = "image/jpeg" if picture.suffix.lower() in (".jpg", ".jpeg") else "image/png"
+        encoded = base64.b64encode(picture.read_bytes()).decode("ascii")
+        parts.append(
+            f"<h2>{html.escape(caption)}</h2><img alt='{html.escape(caption)}' "
+            f"src='data:{mime};base64,{encoded}'>"
+        )
+    if notes:
+        parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{_html_text(n)}</li>" for n in notes) + "</ul>")
+    parts.append("</body></html>\n")
     with atomic_write(path) as tmp:
         tmp.write_text("".join(parts))
     return path

@@ -23,6 +23,7 @@ from seg_pipeline.evaluation.report import (
     evaluate_pairs,
     per_class_deltas,
     write_confusion_csv,
+    write_html_report,
     write_json,
     write_markdown_report,
 )
@@ -172,15 +173,12 @@ def _write_files(
         ]
     images = {"Confusion matrix (ensemble)": confusion_png.name}
     images.update({f"Overlay {p.stem.removeprefix('overlay_')}": p.name for p in overlays})
-    markdown = write_markdown_report(
-        report_dir / "report.md",
-        title="Evaluation report",
-        rows=rows,
-        deltas=deltas,
-        class_names=class_names,
-        images=images,
-        notes=notes,
-    )
+    # report.md for the Dagster page and the repo; report.html (pictures inlined) for MLflow's viewer
+    markdown, _ = (
+        write(report_dir / name, title="Evaluation report", rows=rows, deltas=deltas,
+              class_names=class_names, images=images, notes=notes)
+        for write, name in ((write_markdown_report, "report.md"), (write_html_report, "report.html"))
+    )  # fmt: skip
     scores = {
         name: {
             "miou": float(ev.metrics.miou),

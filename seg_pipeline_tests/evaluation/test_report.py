@@ -14,6 +14,7 @@ from seg_pipeline.evaluation.report import (
     evaluate_folders,
     per_class_deltas,
     write_confusion_csv,
+    write_html_report,
     write_markdown_report,
 )
 
@@ -80,3 +81,43 @@ def test_report_tables_and_files(folders: tuple[Path, Path], tmp_path: Path) -> 
     )
     text = report.read_text()
     assert "| single |" in text and "![cm](cm.png)" in text and "delta" in text
+
+
+def test_html_report_is_one_file_with_the_pictures_inlined(
+    folders: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """MLflow's artefact viewer renders HTML but not a markdown file's relative images."""
+    import base64
+    import html.parser
+
+    pred, gt = folders
+    metrics = evaluate_folders(pred, gt, num_classes=2).metrics
+    rows = comparison_rows({"single": metrics, "ensemble": metrics}, ["soil", "water"])
+    picture = b"\x89PNG\r\n\x1a\n-not-really-a-png"
+    (tmp_path / "cm.png").write_bytes(picture)
+    page = write_html_report(
+        tmp_path / "r.html", title="T <&>", rows=rows, deltas=[], class_names=["soil", "water"],
+        images={"cm": "cm.png"}, notes=["best single model: `single` <b>"],
+    )  # fmt: skip
+    text = page.read_text()
+
+    class Collect(html.parser.HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cells: list[str] = []
+            self.sources: list[str] = []
+
+        def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+            if tag == "img":
+                self.sources.append(dict(attrs)["src"] or "")
+
+        def handle_data(self, data: str) -> None:
+            self.cells.append(data)
+
+    parsed = Collect()
+    parsed.feed(text)
+    (source,) = parsed.sources
+    assert source == "data:image/png;base64," + base64.b64encode(picture).decode()
+    assert "0.7500" in parsed.cells  # the water IoU, as in the markdown table
+    assert "T <&>" in parsed.cells and "<b>" not in text  # text is escaped, never markup
+    assert "<code>single</code>" in text

@@ -28,7 +28,9 @@ def test_a_later_call_reads_the_cache_file(cache: Path) -> None:
     smp_encoder_names()
     (written,) = cache.glob("smp-*-encoders.json")
     written.write_text('["resnet18", "an_encoder_only_the_cache_knows"]')
-    assert ModelSettings(encoder="an_encoder_only_the_cache_knows").encoder == "an_encoder_only_the_cache_knows"
+    assert (
+        ModelSettings(encoder="an_encoder_only_the_cache_knows").encoder == "an_encoder_only_the_cache_knows"
+    )
 
 
 def test_a_damaged_cache_file_is_rebuilt_from_smp(cache: Path) -> None:
