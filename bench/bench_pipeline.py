@@ -7,6 +7,10 @@ step statistics from the Dagster instance: overhead = process wall time - sum of
 
     .venv/bin/python bench/bench_pipeline.py            # runs the job (minutes)
     .venv/bin/python bench/bench_pipeline.py --analyze-home .dagster --wall 0   # latest run only
+    .venv/bin/python bench/bench_pipeline.py --tree /tmp/old_checkout   # another commit's code, same data
+
+After the run it prints the demo's test-split scores (``seg-pipeline summary``), so that settings
+which trade speed for quality (``amp``, ``bf16``) are judged on both in one run.
 """
 
 from __future__ import annotations
@@ -46,9 +50,13 @@ def run_stats(home: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"))
+    parser.add_argument("--config", default=None, help="run config (default: the tree's configs/demo.yaml)")
     parser.add_argument("--analyze-home", type=Path, help="only analyse the latest run of this DAGSTER_HOME")
     parser.add_argument("--wall", type=float, default=0.0, help="process wall time of that run, if known")
+    parser.add_argument("--keep", action="store_true", help="keep the temp DAGSTER_HOME and data root")
+    parser.add_argument(
+        "--tree", type=Path, default=REPO, help="checkout to run (e.g. a worktree of an old commit)"
+    )
     args = parser.parse_args()
     print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M} | {platform.platform()} | cpus={os.cpu_count()}")
     if args.analyze_home:
@@ -61,8 +69,10 @@ def main() -> None:
             shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
             for name in ("demo", "demo_aux"):
                 shutil.copytree(REPO / "data" / "raw" / name, data / "raw" / name)
+            tree = args.tree.resolve()
             env = {
                 **os.environ,
+                "PYTHONPATH": str(tree),  # ahead of the editable install of this checkout
                 "DAGSTER_HOME": str(home),
                 "SEG_PIPELINE_DATA_ROOT": str(data),
                 "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -78,9 +88,9 @@ def main() -> None:
                     "-j",
                     "full_pipeline_job",
                     "-c",
-                    args.config,
+                    args.config or str(tree / "configs" / "demo.yaml"),
                 ],
-                cwd=REPO,
+                cwd=tree,
                 env=env,
                 capture_output=True,
                 text=True,
@@ -89,8 +99,22 @@ def main() -> None:
             if done.returncode != 0:
                 sys.exit(f"job failed:\n{done.stderr[-3000:]}")
             stats = run_stats(home)
+            for line in done.stderr.splitlines():
+                if "training on " in line or "inference precision" in line:
+                    print("log:", line.strip()[-160:])
+            cli = [sys.executable, "-m", "seg_pipeline.cli", "--data-root", str(data)]
+            summary = subprocess.run(
+                [*cli, "summary", "--dataset", "demo"], cwd=tree, env=env, capture_output=True, text=True
+            )
+            print(summary.stdout.strip() or summary.stderr.strip()[-2000:])
+            for report in sorted((data / "reports").glob("*/metrics.json")):
+                scores = json.loads(report.read_text())["scores"]
+                print("test mIoU:", ", ".join(f"{name} {s['miou']:.4f}" for name, s in scores.items()))
         finally:
-            shutil.rmtree(work, ignore_errors=True)
+            if args.keep:
+                print(f"kept {work}")
+            else:
+                shutil.rmtree(work, ignore_errors=True)
     step_total = sum(seconds for _, seconds in stats["steps"])
     print(f"run {stats['run_id']} ({stats['job']}, {stats['status']})")
     print(f"{'step':<52}{'seconds':>9}")

@@ -4,9 +4,11 @@ Rows (same model: SMP Unet-resnet18, encoder_weights=None, 3 -> 6 classes; data 
   a  bare loop, fp32: forward, F.cross_entropy, backward, AdamW step (torch defaults)
   b  our fit() in fp32, contiguous: objective + grad clipping + EMA + progress logging + cosine scheduler
   c  bare loop with bf16 autocast + channels_last (input converted every step, as a loader would need)
-  d  our fit() with the default CPU policy (fp32 + channels_last)
-  e  our fit() with opt-in CPU AMP (bf16 autocast + channels_last)
-Goals from the brief: b within 5% of a; the CPU default at least 2.3x faster than a.
+  d  our fit() with the default CPU policy (``amp: null``: bf16 + channels_last where the CPU has
+     AMX, else fp32 + channels_last; the resolved policy is printed in the row's label)
+  e  our fit() with CPU AMP forced on (bf16 autocast + channels_last)
+Goals (issue 13): b within 5% of a; e within 5% of c (our bf16 fit() vs the bare bf16 loop); on an
+AMX CPU the default (d) picks bf16 by itself.
 ``--detail`` adds a2 (bare loop with the same fused AdamW as ours, isolating the machinery cost)
 and b0 (our fit() fp32 without EMA, isolating the EMA cost).
 
@@ -37,9 +39,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seg_pipeline.hardware import cpu_flags
 from seg_pipeline.settings import LoopSettings
 from seg_pipeline.training.objectives import SupervisedObjective
 from seg_pipeline.training.optim import build_optimizer, build_scheduler
+from seg_pipeline.training.precision import PrecisionPolicy
 from seg_pipeline.training.trainer import fit
 
 CLASSES = 6
@@ -160,11 +164,13 @@ def main() -> None:
     batch = make_batch(args.batch, args.size)
     total = args.warmup + args.steps
 
+    default_policy = PrecisionPolicy.from_rule(torch.device("cpu")).describe()
+    default_policy = default_policy.removeprefix("cpu ").split(" (")[0]
     rows: dict[str, tuple[str, Callable[[], list[Sample]]]] = {
         "a": ("bare SMP loop, fp32", lambda: bare_loop(batch, total, amp=False, channels_last=False)),
         "b": ("our fit(), fp32 contiguous (clip+EMA+log+sched)", lambda: our_fit(batch, total, False, False)),
         "c": ("bare loop, bf16 autocast + channels_last", lambda: bare_loop(batch, total, True, True)),
-        "d": ("our fit(), CPU default (fp32 + channels_last)", lambda: our_fit(batch, total, None, None)),
+        "d": (f"our fit(), CPU default ({default_policy})", lambda: our_fit(batch, total, None, None)),
         "e": ("our fit(), amp=True (bf16 + channels_last)", lambda: our_fit(batch, total, True, None)),
     }
     if args.detail:
@@ -191,6 +197,9 @@ def main() -> None:
         f"# machine: {cpu_name()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
         f"threads {args.threads}, python {platform.python_version()}"
     )
+    wanted = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2")
+    present = [flag for flag in wanted if flag in cpu_flags()]
+    print(f"# CPU flags: {' '.join(present) or 'none of ' + ' '.join(wanted)}")
     print(
         f"# Unet-resnet18 3->{CLASSES}, batch {args.batch} x {args.size}x{args.size}, "
         f"{args.steps} steps x {args.rounds} rounds (+{args.warmup} warm-up each), "
@@ -210,7 +219,8 @@ def main() -> None:
             f"[{label}] fit() fp32 overhead vs bare (b/a - 1): {metric['b'] / metric['a'] - 1:+.1%} "
             "(goal <= +5%); "
             f"CPU default speed-up (a/d): {metric['a'] / metric['d']:.2f}x; "
-            f"amp=True speed-up (a/e): {metric['a'] / metric['e']:.2f}x (brief's goal >= 2.3x)"
+            f"amp=True speed-up (a/e): {metric['a'] / metric['e']:.2f}x; "
+            f"our bf16 fit() vs bare bf16 (e/c - 1): {metric['e'] / metric['c'] - 1:+.1%} (goal <= +5%)"
         )
         if args.detail:
             print(
