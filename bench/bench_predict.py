@@ -3,7 +3,8 @@
 Two SMP Unet-resnet18 models (2 classes, random init), 3 scales x 3 flips = 18 views per window, as
 ``ensemble_predictions`` runs them (``predict_files``: every member's and the ensemble's class map
 from one set of forward passes, blended windows, GeoTIFF writers). The baseline runs the same
-forward passes (same window batches, same scales and flips, same precision) and nothing else.
+forward passes (same window batches, same scales and flips, same precision and memory layout) and
+nothing else.
 ``overhead_pct`` = (ours - bare) / bare x 100; window overlap is counted as overhead (the bare
 passes see each window once, with no overlap). Cases:
 
@@ -35,7 +36,7 @@ import torch
 
 from seg_pipeline.data.normalization import BandStats
 from seg_pipeline.hardware import cpu_flags
-from seg_pipeline.inference.ensemble import inference_dtype
+from seg_pipeline.inference.ensemble import inference_channels_last, inference_dtype
 from seg_pipeline.inference.predict import LoadedModel, predict_files
 from seg_pipeline.inference.sliding import sliding_probabilities
 from seg_pipeline.inference.tta import TTAConfig, apply_transform, invert_transform
@@ -75,6 +76,7 @@ def bare_passes(
             for start in range(0, len(grid), batch):
                 crops = [src.read(window=w).astype(np.float32) for w in grid[start : start + batch]]
                 x = torch.from_numpy(np.stack(crops))
+                layout = torch.channels_last if tta.channels_last else torch.contiguous_format
                 with torch.inference_mode(), torch.autocast("cpu", dtype=tta.amp_dtype or torch.float32,
                                                             enabled=tta.amp_dtype is not None):  # fmt: skip
                     for member in members:
@@ -82,7 +84,8 @@ def bare_passes(
                             size = [max(32, round(s * scale / 32) * 32) for s in x.shape[-2:]]
                             scaled = torch.nn.functional.interpolate(x, size=size, mode="bilinear")
                             for flip in FLIPS:
-                                invert_transform(member.model(apply_transform(scaled, flip)), flip)
+                                view = apply_transform(scaled, flip).contiguous(memory_format=layout)
+                                invert_transform(member.model.to(memory_format=layout)(view), flip)
     return time.perf_counter() - started
 
 
@@ -116,8 +119,9 @@ def main() -> None:
         {"tta": tta_settings, "windows": {"batch_size": args.batch_size}, "color_png": False}
     )
     amp_dtype, reason = inference_dtype(torch.device("cpu"), settings.bf16)
-    tta = TTAConfig.from_settings(settings.tta, amp_dtype=amp_dtype)
-    print(f"precision: {reason}")
+    channels_last = inference_channels_last(torch.device("cpu"), settings.channels_last)
+    tta = TTAConfig.from_settings(settings.tta, amp_dtype=amp_dtype, channels_last=channels_last)
+    print(f"precision: {reason}; channels_last={channels_last}")
     overheads = []
     with tempfile.TemporaryDirectory(prefix="bench_predict_") as tmp:
         work = Path(tmp)

@@ -71,6 +71,7 @@ def predict_settings(args: argparse.Namespace) -> PredictSettings:
             "windows": {"window": args.window, "overlap": args.overlap, "batch_size": args.batch_size},
             "device": args.device,
             "bf16": args.bf16,
+            "channels_last": args.channels_last,
             "write_probabilities": args.probabilities,
             "color_png": args.preview,
             "postprocess": {
@@ -324,6 +325,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         action=argparse.BooleanOptionalAction,
         default=predict.bf16,
         help="bf16 autocast (default: chosen by the device: AMX CPUs and bf16 GPUs)",
+    )
+    p_predict.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=predict.channels_last,
+        help="channels-last (NHWC) forward passes (default: on for CPU and CUDA, off for MPS)",
     )
     p_predict.add_argument("--probabilities", action="store_true", help="also write probability GeoTIFFs")
     p_predict.add_argument(

@@ -64,6 +64,9 @@ class PredictionSet(Contract):
     views_per_input: int
     settings: PredictSettings
     seconds: dict[str, float] = Field(default_factory=dict)
+    precision: str = Field(
+        default="", description="Device, autocast dtype and memory format of the forward passes, and why."
+    )
     tuning: EnsembleTuning | None = Field(default=None, description="Choices tuned before predicting.")
 
     def member(self, name: str) -> EnsembleMember:

@@ -38,6 +38,8 @@ class EnsemblePredictor:
             range means "not labelled": the models never learnt it).
         class_bias: Per-class offsets added to the ensemble's log-probabilities (tuned decision
             thresholds, :mod:`~seg_pipeline.inference.tuning`); the single models stay as trained.
+        precision_reason: Why ``tta.amp_dtype`` was chosen (:func:`inference_dtype`), for
+            :attr:`precision`.
     """
 
     def __init__(
@@ -50,6 +52,7 @@ class EnsemblePredictor:
         weights: Sequence[float] | None = None,
         suppressed_class: int | None = None,
         class_bias: Sequence[float] | None = None,
+        precision_reason: str = "",
     ) -> None:
         models = list(models)
         if not models:
@@ -67,6 +70,7 @@ class EnsemblePredictor:
         self.class_bias = None if class_bias is None or not any(class_bias) else list(class_bias)
         self.tta = tta or TTAConfig()
         self.device = resolve_device(device)
+        self.precision_reason = precision_reason
         memory_format = torch.channels_last if self.tta.channels_last else torch.preserve_format
         # torch's stubs list memory_format only alone; Module.to takes it with a device (_parse_to)
         self.models = [
@@ -78,6 +82,16 @@ class EnsemblePredictor:
     def forward_views(self) -> int:
         """Views averaged per input: models x scales x transforms (18 for the defaults and 2 models)."""
         return len(self.models) * self.tta.views_per_model
+
+    @property
+    def precision(self) -> str:
+        """One line for logs and metadata, e.g. ``cpu bf16-autocast channels_last (bf16 chosen: ...)``."""
+        dtype = "bf16-autocast" if self.tta.amp_dtype == torch.bfloat16 else "fp32"
+        if self.tta.amp_dtype not in (None, torch.bfloat16):
+            dtype = f"{self.tta.amp_dtype}-autocast"
+        layout = "channels_last" if self.tta.channels_last else "contiguous"
+        text = f"{self.device.type} {dtype} {layout}"
+        return f"{text} ({self.precision_reason})" if self.precision_reason else text
 
     def _suppress(self, probabilities: Tensor) -> Tensor:
         if self.suppressed_class is None or not 0 <= self.suppressed_class < probabilities.shape[1]:
@@ -141,3 +155,14 @@ def inference_dtype(device: torch.device, bf16: bool | None) -> tuple[torch.dtyp
     if device.type == "cpu" and cpu_bf16_is_fast():
         return torch.bfloat16, f"bf16 chosen: CPU has {AMX_FLAG}"
     return None, f"fp32 chosen: no {AMX_FLAG} on this CPU" if device.type == "cpu" else "fp32 on MPS"
+
+
+def inference_channels_last(device: torch.device, channels_last: bool | None) -> bool:
+    """Whether forward-only passes use channels-last: ``None`` = on for CPU and CUDA, off for MPS.
+
+    oneDNN (CPU) and cuDNN run NHWC convolutions without the layout reorders that NCHW costs; with
+    bf16 on an AMX CPU a Unet-resnet18 pass of 1024 px took 0.22 s in NHWC vs 0.64 s in NCHW.
+    """
+    if channels_last is not None:
+        return channels_last
+    return device.type in ("cpu", "cuda")

@@ -25,7 +25,13 @@ from torch import nn
 from seg_pipeline.contracts.data import positive_ids
 from seg_pipeline.data.normalization import BandStats, normalize
 from seg_pipeline.data.raster_io import RASTER_EXTENSIONS
-from seg_pipeline.inference.ensemble import ENSEMBLE, EnsemblePredictor, inference_dtype, resolve_device
+from seg_pipeline.inference.ensemble import (
+    ENSEMBLE,
+    EnsemblePredictor,
+    inference_channels_last,
+    inference_dtype,
+    resolve_device,
+)
 from seg_pipeline.inference.gis import ClassStyle, write_mosaic_vrt, write_qml
 from seg_pipeline.inference.palette import stored_palette
 from seg_pipeline.inference.tiling import SetTarget, predict_raster_sets
@@ -160,9 +166,10 @@ def build_predictor(
 ) -> EnsemblePredictor:
     """The ensemble of ``models`` with the TTA, device and precision of ``settings``."""
     first = check_compatible(models)
-    amp_dtype, reason = inference_dtype(resolve_device(settings.device), settings.bf16)
-    logger.info("inference precision: %s", reason)
-    tta = TTAConfig.from_settings(settings.tta, amp_dtype=amp_dtype)
+    device = resolve_device(settings.device)
+    amp_dtype, reason = inference_dtype(device, settings.bf16)
+    channels_last = inference_channels_last(device, settings.channels_last)
+    tta = TTAConfig.from_settings(settings.tta, amp_dtype=amp_dtype, channels_last=channels_last)
     suppressed = first.ignore_index if first.ignore_index < len(first.class_names) else None
     return EnsemblePredictor(
         [m.model for m in models],
@@ -172,6 +179,7 @@ def build_predictor(
         weights=weights,
         suppressed_class=suppressed,
         class_bias=class_bias,
+        precision_reason=reason,
     )
 
 
@@ -183,6 +191,7 @@ class PredictionRun:
     views_per_input: int
     items: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     seconds: float = 0.0
+    precision: str = ""
 
     @property
     def tiles_per_second(self) -> float:
@@ -296,8 +305,12 @@ def predict_files(
     for folder in folders.values():
         folder.mkdir(parents=True, exist_ok=True)
     run = PredictionRun(
-        out_dirs=folders, views_per_input=predictor.forward_views, items={n: [] for n in folders}
+        out_dirs=folders,
+        views_per_input=predictor.forward_views,
+        items={n: [] for n in folders},
+        precision=predictor.precision,
     )
+    (log_fn or logger.info)(f"inference precision: {predictor.precision}")
     label = first.name if len(models) == 1 else f"ensemble of {len(models)}"
     progress = ItemProgress(f"predict {label}", len(inputs), unit="files", log_fn=log_fn)
     started = time.perf_counter()

@@ -64,10 +64,11 @@ class TTAConfig:
             1 thread, CPU time) it was 17% slower at batch 4 and 2% faster at batch 1. On a GPU,
             where one small batch does not fill the device, it usually pays off: measure there.
         amp_dtype: Autocast dtype for the forward passes (e.g. ``torch.bfloat16`` on CUDA);
-            ``None`` runs in full precision. Merging is always done in float32. On the 2-core
-            CPU box (AVX-512 BF16, no AMX) bf16 autocast was 1.2-1.3x slower, so it is opt-in.
+            ``None`` runs in full precision. Merging is always done in float32. Which one is faster
+            depends on the CPU (``inference_dtype`` picks bf16 only with AMX: bench/RESULTS.md).
         channels_last: Feed inputs in channels-last memory format (pair with a channels-last model,
-            which ``EnsemblePredictor`` does for you).
+            which ``EnsemblePredictor`` does for you). ``PredictSettings.channels_last: null`` turns
+            it on for CPU and CUDA.
         pad_multiple: Inputs are padded (reflect) to a multiple of this before the forward pass and
             outputs cropped back; 1 disables padding.
     """

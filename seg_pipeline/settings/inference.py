@@ -194,6 +194,11 @@ class PredictSettings(Settings):
         default=None,
         description="bf16 autocast for the forward passes; null = on for bf16 GPUs and AMX CPUs, else fp32.",
     )
+    channels_last: bool | None = Field(
+        default=None,
+        description="Channels-last (NHWC) models and windows; null = on for CPU and CUDA, off for MPS. On a "
+        "2-core AMX CPU it made a Unet-resnet18 forward pass 2-3x faster in bf16 and 1.3x in fp32.",
+    )
     tuning: TuningSettings = Field(
         default_factory=TuningSettings, description="Member weights and decision offsets tuned on validation."
     )

@@ -231,6 +231,7 @@ def predict_split(
         views_per_input=run.views_per_input,
         settings=settings,
         seconds={"predict": round(run.seconds, 3), "tune": round(tune_seconds, 3)},
+        precision=run.precision,
         tuning=tuning,
     )
 

@@ -207,6 +207,7 @@ def _track(
                 "split": predictions.split,
                 "models": [m.name for m in predictions.members],
                 "views_per_input": predictions.views_per_input,
+                "inference_precision": predictions.precision,
                 "ignore_nonpositive": settings.scoring.ignore_nonpositive,
                 "positive_classes": [predictions.class_names[i] for i in _positive(predictions)],
                 **(

@@ -431,7 +431,7 @@ def run_stage(job: StageJob, log_fn: LogFn | None = None) -> TrainedModel:
     with start_run(
         tracking, run_name=_run_name(job), tags={**job.run_tags, "seg_pipeline.stage": job.stage}
     ) as run:
-        run.log_params({"stage": job.stage, **trainer.run_config})
+        run.log_params({"stage": job.stage, "precision": trainer.policy.describe(), **trainer.run_config})
         log_environment(run)
         for source in job.sources:
             run.log_dataset(source.name, source.shards.dataset_dir, source.shards.data_version)

@@ -164,6 +164,8 @@ def test_mlflow_runs_hold_params_metrics_tags_and_registered_models(materialized
             run.data.tags["seg_pipeline.data_version"] == result.output_for_node("tile_shards").data_version
         )
         assert run.data.params["config.optimizer.lr"] in ("0.0003", "0.0001")
+        # the precision the machine chose (bf16 on AMX CPUs, fp32 elsewhere) and why, on the run
+        assert run.data.params["precision"] == value.precision and value.precision.startswith("cpu ")
         assert "val/miou" in run.data.metrics and "train/loss" in run.data.metrics
         history = client.get_metric_history(value.tracking.run_id, "train/loss")
         assert [m.step for m in history] == list(range(1, value.epochs_run + 1))
@@ -229,6 +231,13 @@ def test_predictions_are_georeferenced_class_maps_per_model_and_ensemble(materia
     assert set(value.sets) == {"pretrained", "kd_student", "ensemble"}
     assert value.views_per_input == 2 * 2 * 3  # models x scales x flips
     assert value.candidate == "kd_student" and value.member("kd_student").registered_version
+    # the forward passes' precision follows the CPU (inference bf16: null) and says why
+    from seg_pipeline.hardware import cpu_bf16_is_fast
+
+    expected = "bf16-autocast" if cpu_bf16_is_fast() else "fp32"
+    assert value.precision.startswith(f"cpu {expected} ") and "chosen" in value.precision
+    meta = result.asset_materializations_for_node("ensemble_predictions")[0].metadata
+    assert meta["precision"].value == value.precision
     item = value.items[0]
     with (
         rasterio.open(item.input) as src,

@@ -80,3 +80,35 @@ def test_inference_precision_follows_the_cpu_unless_set(monkeypatch: pytest.Monk
     monkeypatch.setattr(ensemble, "cpu_bf16_is_fast", lambda: False)
     assert ensemble.inference_dtype(cpu, None) == (None, "fp32 chosen: no amx_bf16 on this CPU")
     assert ensemble.inference_dtype(cpu, True)[0] is torch.bfloat16
+
+
+def test_inference_is_channels_last_on_cpu_and_cuda_unless_set() -> None:
+    from seg_pipeline.inference.ensemble import inference_channels_last
+
+    assert inference_channels_last(torch.device("cpu"), None) is True
+    assert inference_channels_last(torch.device("cuda"), None) is True
+    assert inference_channels_last(torch.device("mps"), None) is False
+    assert inference_channels_last(torch.device("cpu"), False) is False
+
+
+def test_channels_last_predictions_equal_contiguous_ones() -> None:
+    import segmentation_models_pytorch as smp
+
+    from seg_pipeline.inference.tta import TTAConfig
+
+    torch.manual_seed(0)
+    net = smp.Unet("resnet18", encoder_weights=None, classes=3)
+    x = torch.rand(1, 3, 64, 96)
+    plain = EnsemblePredictor([net], TTAConfig(channels_last=False)).predict_probabilities(x)
+    nhwc = EnsemblePredictor([net], TTAConfig(channels_last=True)).predict_probabilities(x)
+    torch.testing.assert_close(nhwc, plain, atol=1e-4, rtol=1e-4)
+
+
+def test_a_predictor_describes_its_precision_and_why() -> None:
+    from seg_pipeline.inference.tta import TTAConfig
+
+    model = ConstantLogits([0.0, 1.0])
+    fp32 = EnsemblePredictor([model], TTAConfig(channels_last=False), precision_reason="bf16=False set")
+    assert fp32.precision == "cpu fp32 contiguous (bf16=False set)"
+    bf16 = EnsemblePredictor([model], TTAConfig(amp_dtype=torch.bfloat16, channels_last=True))
+    assert bf16.precision == "cpu bf16-autocast channels_last"

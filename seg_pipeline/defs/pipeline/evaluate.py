@@ -74,6 +74,7 @@ def ensemble_predictions(
         "models": ", ".join(m.name for m in value.members),
         "views_per_input": value.views_per_input,
         "seconds": round(value.seconds.get("predict", 0.0), 1),
+        "precision": value.precision,
         "predictions": dg.MetadataValue.path(value.out_root),
         "tuning": "; ".join(value.tuning.notes) if value.tuning else "off or skipped (see the log)",
     }
