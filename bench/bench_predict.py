@@ -106,7 +106,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiles", type=int, default=8)
     parser.add_argument("--side", type=int, default=2000)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="windows per pass (default: the CPU default, 1)"
+    )
     parser.add_argument("--seam-side", type=int, default=1536, help="crop side of the seam check (0 = skip)")
     args = parser.parse_args()
     flags = " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in cpu_flags())
@@ -121,7 +123,8 @@ def main() -> None:
     amp_dtype, reason = inference_dtype(torch.device("cpu"), settings.bf16)
     channels_last = inference_channels_last(torch.device("cpu"), settings.channels_last)
     tta = TTAConfig.from_settings(settings.tta, amp_dtype=amp_dtype, channels_last=channels_last)
-    print(f"precision: {reason}; channels_last={channels_last}")
+    print(f"precision: {reason}; channels_last={channels_last}; "
+          f"windows per pass {settings.windows.for_device('cpu').windows_per_pass}")  # fmt: skip
     overheads = []
     with tempfile.TemporaryDirectory(prefix="bench_predict_") as tmp:
         work = Path(tmp)
@@ -140,7 +143,8 @@ def main() -> None:
             started = time.perf_counter()
             predict_files(members, [(p.stem, p) for p in paths], outs, settings)
             ours = time.perf_counter() - started
-            bare = bare_passes(members, paths, settings.windows.window, args.batch_size, tta)
+            batch = settings.windows.for_device("cpu").windows_per_pass
+            bare = bare_passes(members, paths, settings.windows.window, batch, tta)
             pixels = sum(rasterio.open(p).width * rasterio.open(p).height for p in paths)
             overhead = 100 * (ours - bare) / bare
             overheads.append(overhead)
