@@ -26,7 +26,10 @@ class TrainedModel(Contract):
     """A trained stage: its best checkpoint and everything inference needs to use it correctly."""
 
     stage: str
-    checkpoint: str = Field(description="best.pt (or the last checkpoint when nothing was monitored).")
+    checkpoint: str = Field(
+        description="The checkpoint handed on: best.pt, or final.pt with loop.hand_over: final (or "
+        "when nothing was monitored)."
+    )
     last_checkpoint: str | None
     checkpoint_dir: str
     spec: ModelSpec
@@ -34,9 +37,9 @@ class TrainedModel(Contract):
     ignore_index: int
     normalization: BandStatistics
     monitor: str
-    best_score: float | None
+    best_score: float | None = Field(description="Monitor value of the handed-on checkpoint's epoch.")
     score_floor: float = Field(default=0.0, description="The floor the model's check holds best_score to.")
-    best_epoch: int | None
+    best_epoch: int | None = Field(description="Epoch of the handed-on checkpoint.")
     epochs_run: int
     stopped_early: bool
     resumed_from_epoch: int

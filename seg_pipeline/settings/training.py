@@ -117,6 +117,12 @@ class LoopSettings(Settings):
     mode: Literal["max", "min"] = Field(
         default="max", description="Whether a larger monitor value is better."
     )
+    hand_over: Literal["best", "final"] = Field(
+        default="best",
+        description="Checkpoint the stage hands on (KD teacher and init, ensemble member, registered "
+        "model): best = best.pt, the epoch with the best monitor; final = final.pt, the last epoch "
+        "(EMA weights when on), which a small, noisy validation split cannot mis-pick.",
+    )
     early_stopping_patience: int | None = Field(
         default=10, ge=1, description="Epochs without improvement before stopping; null = off."
     )

@@ -312,12 +312,24 @@ def prepare_stage(job: StageJob, log: LogFn) -> PreparedStage:
     )
 
 
-def _result(job: StageJob, fit: FitResult, started: float, tracking: TrackingRecord | None) -> TrainedModel:
-    best = fit.best_checkpoint or fit.final_checkpoint or fit.last_checkpoint
-    if best is None:
+def _handed_over(job: StageJob, fit: FitResult) -> tuple[Path, int | None, float | None]:
+    """The checkpoint the stage hands on (``loop.hand_over``), its epoch and its monitor value."""
+    loop = job.settings.loop
+    if loop.hand_over == "final" and fit.final_checkpoint is not None and fit.history:
+        last = fit.history[-1]
+        score = last.get(loop.monitor_key)
+        epoch = last.get("epoch")
+        return fit.final_checkpoint, None if epoch is None else int(epoch), score
+    chosen = fit.best_checkpoint or fit.final_checkpoint or fit.last_checkpoint
+    if chosen is None:
         raise RuntimeError(f"{job.stage}: training wrote no checkpoint in {job.checkpoint_dir}")
+    return chosen, fit.best_epoch, fit.best_score
+
+
+def _result(job: StageJob, fit: FitResult, started: float, tracking: TrackingRecord | None) -> TrainedModel:
+    best, best_epoch, best_score = _handed_over(job, fit)
     best_logs = next(
-        (h for h in fit.history if fit.best_epoch is not None and h.get("epoch") == fit.best_epoch),
+        (h for h in fit.history if best_epoch is not None and h.get("epoch") == best_epoch),
         fit.history[-1] if fit.history else {},
     )
     catalog = job.target.catalog
@@ -340,9 +352,9 @@ def _result(job: StageJob, fit: FitResult, started: float, tracking: TrackingRec
         ignore_index=catalog.ignore_index,
         normalization=catalog.normalization,
         monitor=job.settings.loop.monitor_key,
-        best_score=fit.best_score,
+        best_score=best_score,
         score_floor=job.settings.score_floor,
-        best_epoch=fit.best_epoch,
+        best_epoch=best_epoch,
         epochs_run=fit.epochs_run,
         stopped_early=fit.stopped_early,
         resumed_from_epoch=fit.start_epoch - 1,

@@ -88,6 +88,17 @@ def test_stage_without_tracking_trains_and_returns_a_typed_model(sources, tmp_pa
     assert TrainedModel.from_json(model.to_json()) == model  # what the IO manager stores
 
 
+def test_hand_over_final_passes_on_the_last_epoch_instead_of_the_best(sources, tmp_path: Path) -> None:
+    """``loop.hand_over: final``: the last epoch goes on, not the one a small val split picked."""
+    target, auxiliary = sources
+    best = pretrain(_settings(2), target, auxiliary, StageRun(tmp_path / "best"))
+    assert Path(best.checkpoint).name == "best.pt"
+    final = pretrain(_settings(2, {"hand_over": "final"}), target, auxiliary, StageRun(tmp_path / "final"))
+    assert Path(final.checkpoint).name == "final.pt" and final.best_epoch == 2
+    assert final.best_score == final.history[-1]["val/miou"]
+    assert load_checkpoint(final.checkpoint)["epoch"] == 2
+
+
 def test_layer_decay_and_head_multiplier_reach_the_stage_optimizer(sources, tmp_path: Path) -> None:
     """Seed 001's layer-wise LR decay and head LR multiplier, set in the stage settings, shape the groups."""
     target, auxiliary = sources
