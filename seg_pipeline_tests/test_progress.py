@@ -275,12 +275,17 @@ def test_predict_files_and_build_report_log_progress(tmp_path: Path, write_tif: 
     predict_lines: list[str] = []
     out_dirs = {"m0": tmp_path / "m0", "ensemble": tmp_path / "ensemble"}
     result = predict_files(models, inputs, out_dirs, settings, log_fn=predict_lines.append)
+    # first what the forward passes run in and why, then the progress lines
+    precision, *predict_lines = predict_lines
+    assert precision == f"inference precision: {result.precision}" and precision.startswith(
+        "inference precision: cpu "
+    )
     assert [line for line in predict_lines if " windows " in line] == []  # small rasters: no window lines
     _assert_progress(predict_lines, "predict ensemble of 2", "files", 3)
     assert predict_lines[0].endswith(" | t0")
     single_lines: list[str] = []
     predict_files(models[:1], inputs, {"ensemble": tmp_path / "single"}, settings, log_fn=single_lines.append)
-    _assert_progress(single_lines, "predict m0", "files", 3)
+    _assert_progress(single_lines[1:], "predict m0", "files", 3)
 
     predictions = PredictionSet(
         split="test",

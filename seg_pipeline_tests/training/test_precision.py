@@ -78,10 +78,10 @@ def test_autocast_context_and_tensor_preparation_on_cpu() -> None:
     x = torch.randn(2, 4)
     with PrecisionPolicy.from_rule(CPU, amp=True).autocast_context():
         assert layer(x).dtype == torch.bfloat16
-    with PrecisionPolicy.from_rule(CPU).autocast_context():
+    with PrecisionPolicy.from_rule(CPU, cpu_bf16_fast=False).autocast_context():  # a CPU without AMX
         assert layer(x).dtype == torch.float32
 
-    policy = PrecisionPolicy.from_rule(CPU)
+    policy = PrecisionPolicy.from_rule(CPU)  # bf16 or fp32 by this machine: channels-last either way
     image = policy.prepare_tensor(torch.randn(2, 3, 8, 8))
     mask = policy.prepare_tensor(torch.zeros(2, 8, 8, dtype=torch.int64))
     assert image.is_contiguous(memory_format=torch.channels_last)
