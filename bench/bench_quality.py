@@ -11,6 +11,11 @@ and batch size) and scores it on the same evaluation split with the same confusi
 
     .venv/bin/python bench/bench_quality.py                       # about 30 minutes on 2 CPU cores
     .venv/bin/python bench/bench_quality.py --reuse /tmp/run      # score a finished pipeline run again
+    .venv/bin/python bench/bench_quality.py --seed 1              # another seed for both sides
+
+``--seed`` sets ``loop.seed`` of both training stages (written to a copy of the config in the work
+folder) and the bare loop's ``torch.manual_seed``; the split stays the config's, so seeds differ
+only in initialisation, patch positions, augmentation and batch order.
 
 The pipeline's figures come from its own evaluation report (``evaluation_report`` asset).
 """
@@ -140,9 +145,10 @@ def bare_loop(
     epochs: int,
     budget_s: float,
     batch: int,
+    seed: int = 0,
 ) -> list[dict]:
     """A plain SMP loop; evaluated after ``epochs`` and again when ``budget_s`` is spent."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     x = torch.from_numpy(train[0]).float()
     mean, std = x.mean((0, 2, 3), keepdim=True), x.std((0, 2, 3), keepdim=True)
     x, y = (x - mean) / std, torch.from_numpy(train[1])
@@ -197,15 +203,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "kampala.yaml")
     parser.add_argument("--reuse", type=Path, help="a work folder of an earlier run: skip the pipeline")
+    parser.add_argument("--seed", type=int, default=None, help="loop.seed of both stages and the bare loop's")
     args = parser.parse_args()
     print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M} | {platform.platform()} | {cpu_line()}")
     work = args.reuse or Path(tempfile.mkdtemp(prefix="bench_quality_"))
+    config_path = args.config
+    if args.seed is not None and not args.reuse:
+        seeded = yaml.safe_load(args.config.read_text())
+        for stage in ("pretrained_model", "kd_student_model"):
+            seeded["ops"][stage]["config"].setdefault("loop", {})["seed"] = args.seed
+        config_path = work / "config.yaml"
+        config_path.write_text(yaml.safe_dump(seeded, sort_keys=False))
     wall = (
         json.loads((work / "wall.json").read_text())["seconds"]
         if args.reuse
-        else run_pipeline(work, args.config)
+        else run_pipeline(work, config_path)
     )
-    config = yaml.safe_load(args.config.read_text())["ops"]
+    config = yaml.safe_load(config_path.read_text())["ops"]
     epochs = (
         config["pretrained_model"]["config"]["loop"]["epochs"]
         + config["kd_student_model"]["config"]["loop"]["epochs"]
@@ -220,14 +234,14 @@ def main() -> None:
     test = read_tiles(rows[rows["split"] == predictions["split"]])
     print(f"work folder {work}; pipeline wall time {wall:.0f} s; train {len(train[0])} tiles, "
           f"{predictions['split']} {len(test[0])} tiles; bare loop: {epochs} epochs, "
-          f"batch {batch}")  # fmt: skip
+          f"batch {batch}, seed {args.seed or 0}")  # fmt: skip
 
     table = [
         {"run": f"pipeline: {s['name']}", "epochs": "", "seconds": wall if s["name"] == "ensemble" else "",
          "miou": s["miou"], "background": s["iou"]["background"], "building": s["iou"]["building"]}
         for s in report["scores"]
     ]  # fmt: skip
-    table += bare_loop(train, test, epochs, wall, batch)
+    table += bare_loop(train, test, epochs, wall, batch, seed=args.seed or 0)
     print("\n| run | epochs | wall s | mIoU | IoU background | IoU building |\n|---|---|---|---|---|---|")
     for r in table:
         seconds = f"{r['seconds']:.0f}" if r["seconds"] != "" else ""
