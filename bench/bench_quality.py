@@ -12,6 +12,7 @@ and batch size) and scores it on the same evaluation split with the same confusi
     .venv/bin/python bench/bench_quality.py                       # about 30 minutes on 2 CPU cores
     .venv/bin/python bench/bench_quality.py --reuse /tmp/run      # score a finished pipeline run again
     .venv/bin/python bench/bench_quality.py --seed 1              # another seed for both sides
+    .venv/bin/python bench/bench_quality.py --reuse /tmp/run --bare-bf16   # bare loop in bf16 + NHWC
 
 ``--seed`` sets ``loop.seed`` of both training stages (written to a copy of the config in the work
 folder) and the bare loop's ``torch.manual_seed``; the split stays the config's, so seeds differ
@@ -146,14 +147,21 @@ def bare_loop(
     budget_s: float,
     batch: int,
     seed: int = 0,
+    bf16: bool = False,
 ) -> list[dict]:
-    """A plain SMP loop; evaluated after ``epochs`` and again when ``budget_s`` is spent."""
+    """A plain SMP loop; evaluated after ``epochs`` and again when ``budget_s`` is spent.
+
+    ``bf16``: what a user who knows the CPU has AMX would write: bf16 autocast for the forward pass
+    and loss, model and batches channels-last (scoring stays fp32).
+    """
     torch.manual_seed(seed)
+    label = "bare loop bf16" if bf16 else "bare loop"
+    layout = torch.channels_last if bf16 else torch.contiguous_format
     x = torch.from_numpy(train[0]).float()
     mean, std = x.mean((0, 2, 3), keepdim=True), x.std((0, 2, 3), keepdim=True)
     x, y = (x - mean) / std, torch.from_numpy(train[1])
     x_test = (torch.from_numpy(test[0]).float() - mean) / std
-    model = bare_model()
+    model = bare_model().to(memory_format=layout)
     steps_per_epoch = -(-len(x) // batch)
     total_epochs = max(epochs, 200)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
@@ -170,8 +178,9 @@ def bare_loop(
                 xb, yb = xb.flip(-1), yb.flip(-1)
             if torch.rand(()) < 0.5:
                 xb, yb = xb.flip(-2), yb.flip(-2)
-            logits = model(xb)
-            loss = 0.5 * ce(logits, yb) + 0.5 * dice(logits, yb)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                logits = model(xb.contiguous(memory_format=layout))
+                loss = 0.5 * ce(logits.float(), yb) + 0.5 * dice(logits.float(), yb)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -181,7 +190,7 @@ def bare_loop(
         if epoch == epochs:
             for flips in (False, True):
                 results.append(
-                    _row(f"bare loop, {epochs} epochs", epoch, elapsed, model, x_test, test[1], flips)
+                    _row(f"{label}, {epochs} epochs", epoch, elapsed, model, x_test, test[1], flips)
                 )
             # Equal wall time: restart the schedule over the epochs the remaining budget allows.
             per_epoch = elapsed / epoch
@@ -193,7 +202,7 @@ def bare_loop(
                 group["lr"] = 1e-3
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, remaining * steps_per_epoch)
     elapsed = time.perf_counter() - started
-    name = f"bare loop, equal wall time ({epoch} epochs)"
+    name = f"{label}, equal wall time ({epoch} epochs)"
     for flips in (False, True):
         results.append(_row(name, epoch, elapsed, model, x_test, test[1], flips))
     return results
@@ -204,6 +213,7 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "kampala.yaml")
     parser.add_argument("--reuse", type=Path, help="a work folder of an earlier run: skip the pipeline")
     parser.add_argument("--seed", type=int, default=None, help="loop.seed of both stages and the bare loop's")
+    parser.add_argument("--bare-bf16", action="store_true", help="the bare loop in bf16 + channels-last")
     args = parser.parse_args()
     print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M} | {platform.platform()} | {cpu_line()}")
     work = args.reuse or Path(tempfile.mkdtemp(prefix="bench_quality_"))
@@ -241,7 +251,8 @@ def main() -> None:
          "miou": s["miou"], "background": s["iou"]["background"], "building": s["iou"]["building"]}
         for s in report["scores"]
     ]  # fmt: skip
-    table += bare_loop(train, test, epochs, wall, batch, seed=args.seed or 0)
+    table += bare_loop(train, test, epochs, wall, batch, seed=args.seed or 0, bf16=args.bare_bf16)
+    label = "bare loop bf16" if args.bare_bf16 else "bare loop"
     print("\n| run | epochs | wall s | mIoU | IoU background | IoU building |\n|---|---|---|---|---|---|")
     for r in table:
         seconds = f"{r['seconds']:.0f}" if r["seconds"] != "" else ""
@@ -250,9 +261,9 @@ def main() -> None:
             f"| {r['building']:.4f} |"
         )
     ensemble = next(r for r in table if r["run"] == "pipeline: ensemble")
-    equal_epochs = next(r for r in table if r["run"] == f"bare loop, {epochs} epochs")
+    equal_epochs = next(r for r in table if r["run"] == f"{label}, {epochs} epochs")
     equal_wall = next(
-        r for r in table if r["run"].startswith("bare loop, equal wall time") and "flip" not in r["run"]
+        r for r in table if r["run"].startswith(f"{label}, equal wall time") and "flip" not in r["run"]
     )
     singles = [r for r in table if r["run"].startswith("pipeline:") and r is not ensemble]
     print(f"\nensemble - bare loop at equal epochs: {points(ensemble, equal_epochs)}")
