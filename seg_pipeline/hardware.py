@@ -25,6 +25,25 @@ def cpu_bf16_is_fast() -> bool:
     return AMX_FLAG in cpu_flags()
 
 
+def describe_precision(
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    channels_last: bool,
+    note: str = "",
+    *,
+    loss_scaling: bool = False,
+) -> str:
+    """One line for logs, run params and metadata, e.g. ``cpu bf16-autocast channels_last (why)``.
+
+    Training and inference both describe their precision with it, so the two read alike.
+    """
+    fp16 = "fp16-autocast+gradscaler" if loss_scaling else "fp16-autocast"
+    names: dict[torch.dtype | None, str] = {torch.bfloat16: "bf16-autocast", torch.float16: fp16}
+    layout = "channels_last" if channels_last else "contiguous"
+    text = f"{device} {names.get(amp_dtype, 'fp32')} {layout}"
+    return f"{text} ({note})" if note else text
+
+
 DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
 
 

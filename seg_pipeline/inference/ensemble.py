@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from seg_pipeline.contracts import ENSEMBLE
-from seg_pipeline.hardware import AMX_FLAG, cpu_bf16_is_fast, resolve_device
+from seg_pipeline.hardware import AMX_FLAG, cpu_bf16_is_fast, describe_precision, resolve_device
 from seg_pipeline.inference.tta import TTAConfig, member_term, merge_terms, tta_predict
 
 __all__ = ["ENSEMBLE", "EnsemblePredictor", "resolve_device"]
@@ -86,12 +86,8 @@ class EnsemblePredictor:
     @property
     def precision(self) -> str:
         """One line for logs and metadata, e.g. ``cpu bf16-autocast channels_last (bf16 chosen: ...)``."""
-        dtype = "bf16-autocast" if self.tta.amp_dtype == torch.bfloat16 else "fp32"
-        if self.tta.amp_dtype not in (None, torch.bfloat16):
-            dtype = f"{self.tta.amp_dtype}-autocast"
-        layout = "channels_last" if self.tta.channels_last else "contiguous"
-        text = f"{self.device.type} {dtype} {layout}"
-        return f"{text} ({self.precision_reason})" if self.precision_reason else text
+        tta = self.tta
+        return describe_precision(self.device, tta.amp_dtype, tta.channels_last, self.precision_reason)
 
     def _suppress(self, probabilities: Tensor) -> Tensor:
         if self.suppressed_class is None or not 0 <= self.suppressed_class < probabilities.shape[1]:

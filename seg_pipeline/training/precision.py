@@ -21,7 +21,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from seg_pipeline.hardware import AMX_FLAG, DEVICE_CHOICES, cpu_bf16_is_fast, resolve_device
+from seg_pipeline.hardware import (
+    AMX_FLAG,
+    DEVICE_CHOICES,
+    cpu_bf16_is_fast,
+    describe_precision,
+    resolve_device,
+)
 
 __all__ = ["DEVICE_CHOICES", "PrecisionPolicy", "resolve_device"]
 
@@ -108,14 +114,9 @@ class PrecisionPolicy:
 
     def describe(self) -> str:
         """One readable line for the run log, e.g. ``cpu bf16-autocast channels_last``."""
-        names: dict[torch.dtype | None, str] = {
-            torch.bfloat16: "bf16-autocast",
-            torch.float16: "fp16-autocast+gradscaler",
-        }
-        dtype = names.get(self.amp_dtype, "fp32")
-        layout = "channels_last" if self.channels_last else "contiguous"
-        text = f"{self.device} {dtype} {layout}"
-        return f"{text} ({self.note})" if self.note else text
+        return describe_precision(
+            self.device, self.amp_dtype, self.channels_last, self.note, loss_scaling=self.uses_grad_scaler
+        )
 
     @contextlib.contextmanager
     def autocast_context(self) -> Iterator[None]:
