@@ -68,7 +68,9 @@ def models() -> list[LoadedModel]:
 def bare_passes(
     members: list[LoadedModel], paths: list[Path], window: int, batch: int, tta: TTAConfig
 ) -> float:
-    """Seconds of the forward passes alone over the same windows, views and precision."""
+    """Seconds of the forward passes alone over the same windows, views, precision and layout."""
+    layout = torch.channels_last if tta.channels_last else torch.contiguous_format
+    nets = [member.model.to(memory_format=layout) for member in members]  # once, outside the timing
     started = time.perf_counter()
     for path in paths:
         with rasterio.open(path) as src:
@@ -76,16 +78,15 @@ def bare_passes(
             for start in range(0, len(grid), batch):
                 crops = [src.read(window=w).astype(np.float32) for w in grid[start : start + batch]]
                 x = torch.from_numpy(np.stack(crops))
-                layout = torch.channels_last if tta.channels_last else torch.contiguous_format
                 with torch.inference_mode(), torch.autocast("cpu", dtype=tta.amp_dtype or torch.float32,
                                                             enabled=tta.amp_dtype is not None):  # fmt: skip
-                    for member in members:
+                    for net in nets:
                         for scale in SCALES:
                             size = [max(32, round(s * scale / 32) * 32) for s in x.shape[-2:]]
                             scaled = torch.nn.functional.interpolate(x, size=size, mode="bilinear")
                             for flip in FLIPS:
                                 view = apply_transform(scaled, flip).contiguous(memory_format=layout)
-                                invert_transform(member.model.to(memory_format=layout)(view), flip)
+                                invert_transform(net(view), flip)
     return time.perf_counter() - started
 
 

@@ -179,8 +179,8 @@ def bare_loop(
             if torch.rand(()) < 0.5:
                 xb, yb = xb.flip(-2), yb.flip(-2)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                logits = model(xb.contiguous(memory_format=layout))
-                loss = 0.5 * ce(logits.float(), yb) + 0.5 * dice(logits.float(), yb)
+                logits = model(xb.contiguous(memory_format=layout)).float()
+                loss = 0.5 * ce(logits, yb) + 0.5 * dice(logits, yb)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
