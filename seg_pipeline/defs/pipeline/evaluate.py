@@ -19,6 +19,7 @@ from seg_pipeline.contracts import (
 from seg_pipeline.defs.config import dagster_config, to_settings
 from seg_pipeline.defs.failures import no_retry_for_bad_input
 from seg_pipeline.defs.metadata import link, picture, rounded, table, without_none
+from seg_pipeline.defs.ownership import owners, stage_tags
 from seg_pipeline.defs.resources import MlflowResource, StorageResource, run_family
 from seg_pipeline.defs.versions import code_version
 from seg_pipeline.settings import ChampionSettings, EvaluationSettings, PredictSettings
@@ -41,6 +42,8 @@ else:
 
 @dg.asset(
     group_name=INFERENCE_GROUP,
+    owners=owners(),
+    tags=stage_tags(INFERENCE_GROUP),
     code_version=code_version("seg_pipeline.workflows.predict"),
     kinds={"pytorch", "geotiff"},
     description="Georeferenced class maps of the evaluation split by every single model and by the "
@@ -128,6 +131,8 @@ def _report_metadata(value: EvaluationReport) -> dict[str, Any]:
 
 @dg.asset(
     group_name=EVALUATION_GROUP,
+    owners=owners(),
+    tags=stage_tags(EVALUATION_GROUP),
     code_version=code_version("seg_pipeline.workflows.report"),
     kinds={"python", "mlflow"},
     description="Single models vs ensemble: confusion matrix, per-class and mean IoU/Dice/precision/recall, "
@@ -204,6 +209,8 @@ def evaluation_report_checks(evaluation_report: EvaluationReport) -> Iterator[dg
 
 @dg.asset(
     group_name=EVALUATION_GROUP,
+    owners=owners(),
+    tags=stage_tags(EVALUATION_GROUP),
     code_version=code_version("seg_pipeline.workflows.champion"),
     kinds={"mlflow"},
     description="Moves the MLflow 'champion' alias to the new KD student only when it beats the current "

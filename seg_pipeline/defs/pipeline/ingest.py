@@ -14,6 +14,7 @@ from seg_pipeline.data.catalog import CATALOG_SCHEMA
 from seg_pipeline.data.splits import SPLIT_SCHEMA
 from seg_pipeline.defs.config import dagster_config, to_settings
 from seg_pipeline.defs.metadata import column_schema, table, without_none
+from seg_pipeline.defs.ownership import owners, stage_tags
 from seg_pipeline.defs.resources import StorageResource
 from seg_pipeline.defs.versions import code_version
 from seg_pipeline.settings import AuxiliarySettings, DatasetSettings, ShardSettings, SplitSettings
@@ -65,6 +66,7 @@ def _catalog_metadata(run: "ingest.CatalogueRun") -> dict[str, Any]:
 
 @dg.observable_source_asset(
     group_name=GROUP,
+    tags=stage_tags(GROUP),  # Dagster 1.13 takes no owners on an observable source asset
     description="The raw tile folders under data/raw (one per dataset). Its data version is a fingerprint "
     "of every raster's path, size and mtime, so new or changed tiles show the ingest assets as unsynced.",
 )
@@ -94,6 +96,8 @@ def raw_tiles(storage: StorageResource) -> dg.ObserveResult:
 
 @dg.asset(
     group_name=GROUP,
+    owners=owners(),
+    tags=stage_tags(GROUP),
     deps=[raw_tiles],
     code_version=code_version("seg_pipeline.workflows.ingest"),
     kinds={"python", "parquet"},
@@ -120,6 +124,8 @@ def tile_headers(
 
 @dg.asset(
     group_name=GROUP,
+    owners=owners(),
+    tags=stage_tags(GROUP),
     code_version=code_version("seg_pipeline.workflows.ingest"),
     kinds={"python", "parquet"},
     description="Hash-stable split table: a tile's split depends only on (item id or spatial group, seed, "
@@ -157,6 +163,8 @@ def _shard_metadata(run: "ingest.ShardRun") -> dict[str, Any]:
 
 @dg.asset(
     group_name=GROUP,
+    owners=owners(),
+    tags=stage_tags(GROUP),
     code_version=code_version("seg_pipeline.workflows.ingest"),
     kinds={"python"},
     description="Training-ready shards (processed/DATASET/SPLIT/shard-xxxxx holding inputs/, targets/ and "
@@ -188,6 +196,8 @@ def _source_row(shards: ShardSet) -> dict[str, Any]:
 
 @dg.asset(
     group_name=GROUP,
+    owners=owners(),
+    tags=stage_tags(GROUP),
     code_version=code_version("seg_pipeline.workflows.ingest"),
     kinds={"python"},
     description="Auxiliary sources for pretraining (catalog + split + shards each); class remapping "

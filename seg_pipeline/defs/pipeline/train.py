@@ -16,12 +16,14 @@ from seg_pipeline.contracts import AuxiliarySet, ShardSet, TrainedModel
 from seg_pipeline.defs.config import dagster_config, to_settings
 from seg_pipeline.defs.failures import no_retry_for_bad_input
 from seg_pipeline.defs.metadata import link, picture, rounded, table, without_none
+from seg_pipeline.defs.ownership import GPU_TAG, owners, stage_tags
 from seg_pipeline.defs.resources import MlflowResource, StorageResource, run_family
 from seg_pipeline.defs.versions import code_version
 from seg_pipeline.settings import KDStageSettings, PretrainSettings, override
 
 GROUP = "train"
-GPU_TAGS = {"seg_pipeline/gpu": "true"}
+#: Run tags of the jobs that train (dagster.yaml can limit how many such runs share a machine).
+GPU_TAGS = {GPU_TAG: "true"}
 
 
 class StageRunConfig(dg.Config):
@@ -119,9 +121,10 @@ def _metadata(model: TrainedModel) -> dict[str, Any]:
 
 @dg.asset(
     group_name=GROUP,
+    owners=owners(),
+    tags=stage_tags(GROUP, gpu=True),
     code_version=code_version("seg_pipeline.workflows.train"),
     kinds={"pytorch", "mlflow"},
-    tags=GPU_TAGS,
     retry_policy=dg.RetryPolicy(max_retries=1, delay=5),
     description="Stage 1: supervised SMP model trained on the target train split plus auxiliary sources "
     "(class-remapped), validated on the target val split; one MLflow run, registered model version.",
@@ -146,9 +149,10 @@ def pretrained_model(
 
 @dg.asset(
     group_name=GROUP,
+    owners=owners(),
+    tags=stage_tags(GROUP, gpu=True),
     code_version=code_version("seg_pipeline.workflows.train"),
     kinds={"pytorch", "mlflow"},
-    tags=GPU_TAGS,
     retry_policy=dg.RetryPolicy(max_retries=1, delay=5),
     description="Stage 2: KD finetune on the target from stage 1: alpha*CE + (1-alpha)*T^2*KL with teacher "
     "confidence masking and CE-only warmup; one MLflow run, registered model version.",
