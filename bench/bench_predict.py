@@ -4,7 +4,9 @@ Two SMP Unet-resnet18 models (2 classes, random init), 3 scales x 3 flips = 18 v
 ``ensemble_predictions`` runs them (``predict_files``: every member's and the ensemble's class map
 from one set of forward passes, blended windows, GeoTIFF writers). The baseline runs the same
 forward passes (same window batches, same scales and flips, same precision and memory layout) and
-nothing else.
+nothing else, with the models as SMP builds them; ``fold_batchnorm`` is on by default in ours, so
+the script also times the bare passes over the same BatchNorm-folded models ("overhead vs
+folded": what the sliding windows, blending and writers cost beyond those passes).
 ``overhead_pct`` = (ours - bare) / bare x 100; window overlap is counted as overhead (the bare
 passes see each window once, with no overlap). Cases:
 
@@ -37,6 +39,7 @@ import torch
 from seg_pipeline.data.normalization import BandStats
 from seg_pipeline.hardware import cpu_flags
 from seg_pipeline.inference.ensemble import inference_channels_last, inference_dtype
+from seg_pipeline.inference.folding import fold_batchnorm
 from seg_pipeline.inference.predict import LoadedModel, predict_files
 from seg_pipeline.inference.sliding import sliding_probabilities
 from seg_pipeline.inference.tta import TTAConfig, apply_transform, invert_transform
@@ -66,11 +69,11 @@ def models() -> list[LoadedModel]:
 
 
 def bare_passes(
-    members: list[LoadedModel], paths: list[Path], window: int, batch: int, tta: TTAConfig
+    members: list[torch.nn.Module], paths: list[Path], window: int, batch: int, tta: TTAConfig
 ) -> float:
     """Seconds of the forward passes alone over the same windows, views, precision and layout."""
     layout = torch.channels_last if tta.channels_last else torch.contiguous_format
-    nets = [member.model.to(memory_format=layout) for member in members]  # once, outside the timing
+    nets = [member.to(memory_format=layout) for member in members]  # once, outside the timing
     started = time.perf_counter()
     for path in paths:
         with rasterio.open(path) as src:
@@ -137,7 +140,8 @@ def main() -> None:
             write_rgb(path, 320, 480, i)
         write_rgb(cases["raster"][0], args.side, args.side, 99)
         print(
-            "| case | pixels | ours s | bare forwards s | overhead_pct | Mpx/s |\n|---|---|---|---|---|---|"
+            "| case | pixels | ours s | bare forwards s | overhead_pct | bare, BN folded s "
+            "| overhead vs folded pct | Mpx/s |\n|---|---|---|---|---|---|---|---|"
         )
         for name, paths in cases.items():
             outs = {m.name: work / name / m.name for m in members} | {"ensemble": work / name / "ensemble"}
@@ -145,12 +149,16 @@ def main() -> None:
             predict_files(members, [(p.stem, p) for p in paths], outs, settings)
             ours = time.perf_counter() - started
             batch = settings.windows.for_device("cpu").windows_per_pass
-            bare = bare_passes(members, paths, settings.windows.window, batch, tta)
+            bare = bare_passes([m.model for m in members], paths, settings.windows.window, batch, tta)
+            folded = [fold_batchnorm(m.model).model for m in members]
+            bare_folded = bare_passes(folded, paths, settings.windows.window, batch, tta)
             pixels = sum(rasterio.open(p).width * rasterio.open(p).height for p in paths)
             overhead = 100 * (ours - bare) / bare
+            machinery = 100 * (ours - bare_folded) / bare_folded
             overheads.append(overhead)
             mpx = pixels / 1e6
-            print(f"| {name} | {mpx:.2f} M | {ours:.1f} | {bare:.1f} | {overhead:.1f} | {mpx / ours:.3f} |")
+            print(f"| {name} | {mpx:.2f} M | {ours:.1f} | {bare:.1f} | {overhead:.1f} | {bare_folded:.1f} "
+                  f"| {machinery:.1f} | {mpx / ours:.3f} |")  # fmt: skip
     if args.seam_side:
         for label, windows in (
             ("default", settings.windows),

@@ -72,6 +72,7 @@ def predict_settings(args: argparse.Namespace) -> PredictSettings:
             "device": args.device,
             "bf16": args.bf16,
             "channels_last": args.channels_last,
+            "fold_batchnorm": args.fold_batchnorm,
             "write_probabilities": args.probabilities,
             "color_png": args.preview,
             "postprocess": {
@@ -331,6 +332,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         action=argparse.BooleanOptionalAction,
         default=predict.channels_last,
         help="channels-last (NHWC) forward passes (default: on for CPU and CUDA, off for MPS)",
+    )
+    p_predict.add_argument(
+        "--fold-batchnorm",
+        action=argparse.BooleanOptionalAction,
+        default=predict.fold_batchnorm,
+        help="fold BatchNorm into the convolutions before the forward passes (default: on)",
     )
     p_predict.add_argument("--probabilities", action="store_true", help="also write probability GeoTIFFs")
     p_predict.add_argument(

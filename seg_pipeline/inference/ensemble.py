@@ -40,6 +40,8 @@ class EnsemblePredictor:
             thresholds, :mod:`~seg_pipeline.inference.tuning`); the single models stay as trained.
         precision_reason: Why ``tta.amp_dtype`` was chosen (:func:`inference_dtype`), for
             :attr:`precision`.
+        model_note: What was done to the models for inference (e.g. ``batchnorm folded 30/30``,
+            :mod:`~seg_pipeline.inference.folding`), appended to :attr:`precision`.
     """
 
     def __init__(
@@ -53,6 +55,7 @@ class EnsemblePredictor:
         suppressed_class: int | None = None,
         class_bias: Sequence[float] | None = None,
         precision_reason: str = "",
+        model_note: str = "",
     ) -> None:
         models = list(models)
         if not models:
@@ -71,6 +74,7 @@ class EnsemblePredictor:
         self.tta = tta or TTAConfig()
         self.device = resolve_device(device)
         self.precision_reason = precision_reason
+        self.model_note = model_note
         memory_format = torch.channels_last if self.tta.channels_last else torch.preserve_format
         # torch's stubs list memory_format only alone; Module.to takes it with a device (_parse_to)
         self.models = [
@@ -87,7 +91,8 @@ class EnsemblePredictor:
     def precision(self) -> str:
         """One line for logs and metadata, e.g. ``cpu bf16-autocast channels_last (bf16 chosen: ...)``."""
         tta = self.tta
-        return describe_precision(self.device, tta.amp_dtype, tta.channels_last, self.precision_reason)
+        line = describe_precision(self.device, tta.amp_dtype, tta.channels_last, self.precision_reason)
+        return f"{line}, {self.model_note}" if self.model_note else line
 
     def _suppress(self, probabilities: Tensor) -> Tensor:
         if self.suppressed_class is None or not 0 <= self.suppressed_class < probabilities.shape[1]:

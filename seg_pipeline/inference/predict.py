@@ -32,6 +32,7 @@ from seg_pipeline.inference.ensemble import (
     inference_dtype,
     resolve_device,
 )
+from seg_pipeline.inference.folding import fold_batchnorm
 from seg_pipeline.inference.gis import ClassStyle, write_mosaic_vrt, write_qml
 from seg_pipeline.inference.palette import stored_palette
 from seg_pipeline.inference.tiling import SetTarget, predict_raster_sets
@@ -171,8 +172,14 @@ def build_predictor(
     channels_last = inference_channels_last(device, settings.channels_last)
     tta = TTAConfig.from_settings(settings.tta, amp_dtype=amp_dtype, channels_last=channels_last)
     suppressed = first.ignore_index if first.ignore_index < len(first.class_names) else None
+    nets = [m.model for m in models]
+    note = ""
+    if settings.fold_batchnorm:
+        folds = [fold_batchnorm(net) for net in nets]
+        nets = [fold.model for fold in folds]
+        note = "; ".join(dict.fromkeys(fold.note for fold in folds if fold.note))
     return EnsemblePredictor(
-        [m.model for m in models],
+        nets,
         tta,
         device=settings.device,
         names=[m.name for m in models],
@@ -180,6 +187,7 @@ def build_predictor(
         suppressed_class=suppressed,
         class_bias=class_bias,
         precision_reason=reason,
+        model_note=note,
     )
 
 
