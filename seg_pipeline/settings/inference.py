@@ -202,8 +202,8 @@ class PredictSettings(Settings):
     fold_batchnorm: bool = Field(
         default=True,
         description="Fold each BatchNorm into the convolution before it for the forward passes (the same "
-        "outputs up to float rounding; the bare passes of bench/bench_predict.py ran 10-13 % faster on a 2-core "
-        "CPU); a model whose folded copy differs runs as loaded.",
+        "outputs up to float rounding; the bare passes of bench/bench_predict.py ran 10-13 % faster on a "
+        "2-core CPU); a model whose folded copy differs runs as loaded.",
     )
     tuning: TuningSettings = Field(
         default_factory=TuningSettings, description="Member weights and decision offsets tuned on validation."
