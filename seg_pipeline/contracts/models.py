@@ -17,6 +17,8 @@ class TrackingRecord(Contract):
     run_id: str
     run_url: str
     model_uri: str | None = None
+    model_id: str | None = Field(default=None, description="MLflow 3 logged-model id (m-...).")
+    model_url: str | None = Field(default=None, description="MLflow UI page of that logged model.")
     registered_model: str | None = None
     registered_version: str | None = None
     registered_version_url: str | None = Field(default=None, description="MLflow UI page of that version.")

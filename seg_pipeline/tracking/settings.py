@@ -113,6 +113,13 @@ class TrackingSettings:
             return None
         return f"{base}/#/models/{urllib.parse.quote(name, safe='')}/versions/{version}"
 
+    def logged_model_link(self, experiment_id: str, model_id: str) -> str | None:
+        """The UI page of an MLflow 3 logged model (``m-...``: its metrics, params and artefacts)."""
+        base = self.ui_base
+        if base is None:
+            return None
+        return f"{base}/#/experiments/{experiment_id}/models/{model_id}"
+
     @property
     def effective_registry_uri(self) -> str:
         """The registry URI actually used (the tracking URI unless one was given)."""

@@ -407,6 +407,10 @@ def _log_outputs(
         run_id=run.run_id,
         run_url=run.url,
         model_uri=logged.model_uri,
+        model_id=logged.model_id,
+        model_url=run.settings.logged_model_link(run.experiment_id, logged.model_id)
+        if logged.model_id
+        else None,
         registered_model=logged.registered_model_name,
         registered_version=logged.registered_version,
         registered_version_url=run.settings.model_version_link(

@@ -110,6 +110,13 @@ def test_asset_pages_link_to_the_mlflow_run_and_the_registered_version(materiali
     assert isinstance(meta["mlflow_run"], dg.UrlMetadataValue)
     assert meta["mlflow_run"].value.startswith("http://127.0.0.1:5000/#/experiments/")
     assert meta["mlflow_run"].value.endswith(f"/runs/{kd.tracking.run_id}")
+    # MLflow 3's logged model (metrics, params, artefacts of the model itself) has its own page
+    assert kd.tracking.model_id is not None and kd.tracking.model_id.startswith("m-")
+    assert kd.tracking.model_uri == f"models:/{kd.tracking.model_id}"
+    logged = meta["mlflow_logged_model"]
+    assert isinstance(logged, dg.UrlMetadataValue) and logged.value.endswith(
+        f"/models/{kd.tracking.model_id}"
+    )
     page = meta["registered_version_page"]
     assert isinstance(page, dg.UrlMetadataValue)
     assert (

@@ -148,6 +148,8 @@ def test_a_local_store_links_to_the_ui_that_serves_it() -> None:
     server = TrackingSettings("https://mlflow.example.org", ui_url="http://127.0.0.1:5000")
     assert server.run_link("3", "abc").startswith("https://mlflow.example.org/#/")  # the server is its own UI
     assert TrackingSettings("sqlite:////d/mlflow.db").model_version_link("m", "1") is None
+    assert local.logged_model_link("3", "m-0af1") == "http://127.0.0.1:5000/#/experiments/3/models/m-0af1"
+    assert TrackingSettings("sqlite:////d/mlflow.db").logged_model_link("3", "m-0af1") is None
 
 
 def test_experiments_are_tagged_as_model_development_so_the_ui_opens_their_runs(

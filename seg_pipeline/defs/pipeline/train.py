@@ -106,6 +106,7 @@ def _metadata(model: TrainedModel) -> dict[str, Any]:
             "mlflow_run": link(tracking.run_url) if tracking else None,
             "mlflow_run_id": tracking.run_id if tracking else None,
             "model_uri": tracking.model_uri if tracking else None,
+            "mlflow_logged_model": link(tracking.model_url) if tracking and tracking.model_url else None,
             "registered_version": f"{tracking.registered_model} v{tracking.registered_version}"
             if tracking and tracking.registered_model
             else None,
