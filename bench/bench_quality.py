@@ -14,8 +14,8 @@ and batch size) and scores it on the same evaluation split with the same confusi
     .venv/bin/python bench/bench_quality.py --seed 1              # another seed for both sides
     .venv/bin/python bench/bench_quality.py --reuse /tmp/run --bare-bf16   # bare loop in bf16 + NHWC
 
-``--seed`` sets ``loop.seed`` of both training stages (written to a copy of the config in the work
-folder) and the bare loop's ``torch.manual_seed``; the split stays the config's, so seeds differ
+``--seed`` sets ``loop.seed`` of both training stages and of ``extra_members`` (written to a copy of
+the config in the work folder) and the bare loop's ``torch.manual_seed``; the split stays the config's, so seeds differ
 only in initialisation, patch positions, augmentation and batch order.
 
 The pipeline's figures come from its own evaluation report (``evaluation_report`` asset).
@@ -226,8 +226,9 @@ def main() -> None:
     config_path = args.config
     if args.seed is not None and not args.reuse:
         seeded = yaml.safe_load(args.config.read_text())
-        for stage in ("pretrained_model", "kd_student_model"):
-            seeded["ops"][stage]["config"].setdefault("loop", {})["seed"] = args.seed
+        for stage in ("pretrained_model", "kd_student_model", "extra_members"):
+            if stage in seeded["ops"]:  # extra members then take --seed + their position + 1
+                seeded["ops"][stage]["config"].setdefault("loop", {})["seed"] = args.seed
         config_path = work / "config.yaml"
         config_path.write_text(yaml.safe_dump(seeded, sort_keys=False))
     wall = (

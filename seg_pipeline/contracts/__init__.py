@@ -6,7 +6,13 @@ paths, counts, hashes, scores, never "the newest file on disk" and never a ``dic
 
 from seg_pipeline.contracts.base import Contract
 from seg_pipeline.contracts.data import AuxiliarySet, BandStatistics, Catalog, ShardSet, SplitTable
-from seg_pipeline.contracts.models import ExportedModel, TrackingRecord, TrainedModel
+from seg_pipeline.contracts.models import (
+    ExportedModel,
+    MemberModels,
+    NamedModel,
+    TrackingRecord,
+    TrainedModel,
+)
 from seg_pipeline.contracts.predictions import (
     ENSEMBLE,
     ChampionDecision,
@@ -32,7 +38,9 @@ CONTRACT_TYPES: dict[str, type[Contract]] = {
         EnsembleTuning,
         EvaluationReport,
         ExportedModel,
+        MemberModels,
         ModelScores,
+        NamedModel,
         PredictionItem,
         PredictionSet,
         ShardSet,
@@ -55,7 +63,9 @@ __all__ = [
     "EnsembleTuning",
     "EvaluationReport",
     "ExportedModel",
+    "MemberModels",
     "ModelScores",
+    "NamedModel",
     "PredictionItem",
     "PredictionSet",
     "ShardSet",

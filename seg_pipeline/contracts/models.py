@@ -82,3 +82,16 @@ class ExportedModel(Contract):
     champion: bool = Field(
         default=False, description="Whether the champion gate promoted this model in the same run."
     )
+
+
+class NamedModel(Contract):
+    """A trained model under the name it has in the ensemble."""
+
+    name: str
+    model: TrainedModel
+
+
+class MemberModels(Contract):
+    """The extra ensemble members (``extra_members``), in the order the config lists them."""
+
+    members: list[NamedModel] = Field(default_factory=list)

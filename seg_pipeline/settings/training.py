@@ -271,3 +271,65 @@ class KDStageSettings(StageSettings):
     student_model: ModelSettings | None = Field(
         default=None, description="A different (e.g. smaller) student; null = the teacher's architecture."
     )
+
+
+#: Names the ensemble already uses for its other members and for itself.
+RESERVED_MEMBER_NAMES = frozenset({"pretrained", "kd_student", "ensemble"})
+
+
+class MemberVariant(Settings):
+    """One extra ensemble member: the ``extra_members`` recipe with a seed and model of its own."""
+
+    name: str = Field(
+        pattern=r"^[a-z][a-z0-9_]{0,39}$",
+        description="Member name in the predictions and the report (lower case, digits, _).",
+    )
+    seed: int | None = Field(
+        default=None,
+        ge=0,
+        lt=2**32 - 1024,
+        description="loop.seed of this member; null = the recipe's loop.seed + the member's position + 1, "
+        "so no member repeats the KD student's seed.",
+    )
+    student_model: ModelSettings | None = Field(
+        default=None,
+        description="This member's architecture/encoder (trained from its own initialisation); null = the "
+        "recipe's student_model, else the teacher's architecture, warm-started from the teacher.",
+    )
+
+
+class ExtraMembersSettings(KDStageSettings):
+    """More ensemble members, each one more KD student of the stage-1 teacher (its own MLflow run).
+
+    Members that differ (another seed, another encoder) make errors the KD student does not, which is
+    what an ensemble can average away; a teacher and its own student make similar ones. The default,
+    no member, trains nothing.
+    """
+
+    members: list[MemberVariant] = Field(
+        default=[],
+        description="Extra members, each trained with this recipe and its own seed/model; [] = none.",
+    )
+
+    @field_validator("members")
+    @classmethod
+    def _distinct_names(cls, members: list[MemberVariant]) -> list[MemberVariant]:
+        names = [m.name for m in members]
+        taken = sorted(RESERVED_MEMBER_NAMES.intersection(names))
+        if taken:
+            raise ValueError(f"member names {taken} are taken by the pipeline's own models; choose others")
+        if len(set(names)) != len(names):
+            raise ValueError(f"member names must be distinct, got {names}")
+        if any(name.startswith("extra_") for name in names):
+            raise ValueError("member names starting with 'extra_' are taken by predict.extra_checkpoints")
+        return members
+
+    def for_member(self, index: int) -> KDStageSettings:
+        """The KD recipe of member ``index``: its seed and student model in place of the recipe's."""
+        variant = self.members[index]
+        seed = variant.seed if variant.seed is not None else self.loop.seed + index + 1
+        recipe = KDStageSettings.parse(self.model_dump(exclude={"members"}))
+        return recipe.replace(
+            loop=self.loop.replace(seed=seed),
+            student_model=variant.student_model if variant.student_model is not None else self.student_model,
+        )

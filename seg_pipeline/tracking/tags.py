@@ -13,6 +13,8 @@ TAG_PIPELINE_RUN_ID = "dagster.run_id"
 TAG_PIPELINE_RUN_URL = "dagster.run_url"
 TAG_ASSET_KEY = "dagster.asset_key"
 TAG_STAGE = "seg_pipeline.stage"
+#: The ensemble member an extra KD run trains (``extra_members``).
+TAG_MEMBER = "seg_pipeline.member"
 TAG_CODE_VERSION = "seg_pipeline.code_version"
 TAG_DATA_VERSION = "seg_pipeline.data_version"
 TAG_GIT_COMMIT = "mlflow.source.git.commit"

@@ -29,6 +29,7 @@ from seg_pipeline.progress import default_log_fn
 from seg_pipeline.settings import KDStageSettings, LoopSettings, PretrainSettings, StageSettings
 from seg_pipeline.settings.models import ModelSpec
 from seg_pipeline.tracking import (
+    TAG_MEMBER,
     TAG_PIPELINE_RUN_ID,
     TrackedRun,
     TrackingSettings,
@@ -422,9 +423,11 @@ def _log_outputs(
 
 
 def _run_name(job: StageJob) -> str:
-    """``<stage> <dataset> <Dagster run id[:8]>``: a run list that says what each run trained."""
+    """``<stage> [<member>] <dataset> <Dagster run id[:8]>``: a run list that says what each run trained."""
     pipeline_run = job.run_tags.get(TAG_PIPELINE_RUN_ID, "")
-    return " ".join(part for part in (job.stage, job.target.dataset_id, pipeline_run[:8]) if part)
+    member = job.run_tags.get(TAG_MEMBER, "")  # an extra ensemble member says which
+    parts = (job.stage, member, job.target.dataset_id, pipeline_run[:8])
+    return " ".join(part for part in parts if part)
 
 
 def run_stage(job: StageJob, log_fn: LogFn | None = None) -> TrainedModel:

@@ -12,9 +12,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from seg_pipeline.contracts import AuxiliarySet, ShardSet, TrainedModel
+from seg_pipeline.contracts import AuxiliarySet, MemberModels, NamedModel, ShardSet, TrainedModel
 from seg_pipeline.models.loading import checkpoint_info
-from seg_pipeline.settings import KDStageSettings, ModelSettings, PretrainSettings
+from seg_pipeline.settings import ExtraMembersSettings, KDStageSettings, ModelSettings, PretrainSettings
 from seg_pipeline.settings.models import ModelSpec
 from seg_pipeline.tracking import TrackingSettings
 from seg_pipeline.training.sources import TrainingSource
@@ -156,3 +156,24 @@ def distill_from(
         metrics_csv=None if run.metrics_csv is None else str(run.metrics_csv),
     )
     return launch_stage(job, run.nproc_per_node, run.log_fn)
+
+
+def distill_members(
+    settings: ExtraMembersSettings,
+    target: ShardSet,
+    teacher: TrainedModel,
+    run_for: Callable[[str], StageRun],
+) -> MemberModels:
+    """The extra ensemble members: one KD run of ``teacher`` per ``settings.members`` entry, each with
+    its own seed and model (:meth:`ExtraMembersSettings.for_member`) and its own ``run_for(name)``
+    (checkpoint folder and MLflow run). No member, no training.
+    """
+    return MemberModels(
+        members=[
+            NamedModel(
+                name=variant.name,
+                model=distill(settings.for_member(index), target, teacher, run_for(variant.name)),
+            )
+            for index, variant in enumerate(settings.members)
+        ]
+    )

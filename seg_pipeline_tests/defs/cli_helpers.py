@@ -21,6 +21,7 @@ PIPELINE_ASSETS = (
     "auxiliary_sources",
     "pretrained_model",
     "kd_student_model",
+    "extra_members",
     "ensemble_predictions",
     "evaluation_report",
     "champion_model",

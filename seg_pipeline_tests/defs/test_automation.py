@@ -83,7 +83,8 @@ def test_every_job_opens_on_the_demo_preset_with_every_setting_written_out() -> 
     assert "transfer_split" in default["kd_student_model"]["config"]["kd"]
     assert set(default) == {  # every asset with settings
         "tile_headers", "dataset_splits", "tile_shards", "auxiliary_sources", "pretrained_model",
-        "kd_student_model", "ensemble_predictions", "evaluation_report", "champion_model", "exported_model",
+        "kd_student_model", "extra_members", "ensemble_predictions", "evaluation_report", "champion_model",
+        "exported_model",
     }  # fmt: skip
     schedule = defs.get_schedule_def("weekly_retrain")
     assert schedule.job_name == "full_pipeline_job"

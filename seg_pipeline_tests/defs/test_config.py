@@ -27,6 +27,7 @@ ASSETS_WITH_CONFIG = {
     "auxiliary_sources",
     "pretrained_model",
     "kd_student_model",
+    "extra_members",
     "ensemble_predictions",
     "evaluation_report",
     "champion_model",

@@ -46,6 +46,7 @@ def test_every_materialized_asset_has_the_default_owner_and_a_stage_tag() -> Non
         "auxiliary_sources": "ingest",
         "pretrained_model": "train",
         "kd_student_model": "train",
+        "extra_members": "train",
         "ensemble_predictions": "inference",
         "evaluation_report": "evaluation",
         "champion_model": "evaluation",
@@ -54,7 +55,7 @@ def test_every_materialized_asset_has_the_default_owner_and_a_stage_tag() -> Non
     # The observable source asset cannot carry owners in this Dagster; every other asset does.
     assert {name for name, e in catalog.items() if e.owners != [DEFAULT_OWNER]} == {"raw_tiles"}
     gpu = {name for name, e in catalog.items() if GPU_TAG in e.tags}
-    assert gpu == {"pretrained_model", "kd_student_model"}
+    assert gpu == {"pretrained_model", "kd_student_model", "extra_members"}
 
 
 def test_a_deployment_names_its_owners_in_the_environment() -> None:

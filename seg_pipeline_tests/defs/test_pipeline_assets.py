@@ -12,6 +12,7 @@ import pytest
 from seg_pipeline.contracts import (
     ChampionDecision,
     EvaluationReport,
+    MemberModels,
     PredictionSet,
     ShardSet,
     TrainedModel,
@@ -64,6 +65,10 @@ def materialized(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dg.Exe
                     "config": tiny_stage(
                         loop={"epochs": 2}, kd={"warmup_epochs": 1, "transfer_split": "unlabeled"}
                     )
+                },
+                # One more ensemble member: another KD student of stage 1, with its own seed.
+                "extra_members": {
+                    "config": tiny_stage(kd={"warmup_epochs": 0}, members=[{"name": "seed_b"}])
                 },
                 "ensemble_predictions": {
                     "config": {
@@ -215,6 +220,26 @@ def test_mlflow_runs_hold_params_metrics_tags_and_registered_models(materialized
     assert kd_run.data.params["config.kd.alpha"] == "0.7"
 
 
+def test_an_extra_member_is_one_more_kd_student_with_its_own_run_seed_and_checkpoints(materialized) -> None:
+    root, result = materialized
+    members = result.output_for_node("extra_members")
+    assert isinstance(members, MemberModels) and [m.name for m in members.members] == ["seed_b"]
+    member, kd = members.members[0].model, result.output_for_node("kd_student_model")
+    assert member.stage == "kd" and Path(member.checkpoint).is_file()
+    assert Path(member.checkpoint_dir) != Path(kd.checkpoint_dir)  # never the student's own files
+    assert member.tracking is not None and member.tracking.registered_model is None  # a member, not a release
+    run = _client(root).get_run(member.tracking.run_id)
+    run_id = result.dagster_run.run_id
+    assert run.info.run_name == f"kd seed_b demo {run_id[:8]}"
+    assert run.data.tags["seg_pipeline.member"] == "seed_b"
+    # no seed given: the recipe's loop.seed + 1, so it is not the KD student's seed
+    assert run.data.params["config.loop.seed"] == "43"
+    assert _client(root).get_run(kd.tracking.run_id).data.params["config.loop.seed"] == "42"
+    meta = result.asset_materializations_for_node("extra_members")[0].metadata
+    assert meta["members"].value == 1
+    assert [row.data["member"] for row in meta["trained"].value.records] == ["seed_b"]
+
+
 def test_registered_student_loads_and_predicts(materialized) -> None:
     import torch
 
@@ -235,8 +260,8 @@ def test_predictions_are_georeferenced_class_maps_per_model_and_ensemble(materia
     _root, result = materialized
     value = result.output_for_node("ensemble_predictions")
     assert isinstance(value, PredictionSet)
-    assert set(value.sets) == {"pretrained", "kd_student", "ensemble"}
-    assert value.views_per_input == 2 * 2 * 3  # models x scales x flips
+    assert set(value.sets) == {"pretrained", "kd_student", "seed_b", "ensemble"}
+    assert value.views_per_input == 3 * 2 * 3  # models x scales x flips
     assert value.candidate == "kd_student" and value.member("kd_student").registered_version
     # the forward passes' precision follows the CPU (inference bf16: null) and says why
     from seg_pipeline.hardware import cpu_bf16_is_fast
@@ -260,7 +285,7 @@ def test_evaluation_report_and_checks(materialized) -> None:
     report = result.output_for_node("evaluation_report")
     assert isinstance(report, EvaluationReport)
     assert Path(report.markdown).read_text().startswith("# Evaluation report")
-    assert {s.name for s in report.scores} == {"pretrained", "kd_student", "ensemble"}
+    assert {s.name for s in report.scores} == {"pretrained", "kd_student", "seed_b", "ensemble"}
     assert 0.0 <= report.score("ensemble").miou <= 1.0
     checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
     assert checks["metrics_above_floor"] and checks["ensemble_not_worse_than_best_single"]

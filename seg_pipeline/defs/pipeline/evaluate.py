@@ -12,6 +12,7 @@ from seg_pipeline.contracts import (
     ENSEMBLE,
     ChampionDecision,
     EvaluationReport,
+    MemberModels,
     PredictionSet,
     ShardSet,
     TrainedModel,
@@ -55,6 +56,7 @@ def ensemble_predictions(
     tile_shards: ShardSet,
     pretrained_model: TrainedModel,
     kd_student_model: TrainedModel,
+    extra_members: MemberModels,
     storage: StorageResource,
     mlflow: MlflowResource,
 ) -> dg.Output[PredictionSet]:
@@ -65,7 +67,11 @@ def ensemble_predictions(
         value = predict.predict_split(
             to_settings(config, PredictSettings, "ensemble_predictions"),
             tile_shards,
-            [("pretrained", pretrained_model), (CANDIDATE, kd_student_model)],
+            [
+                ("pretrained", pretrained_model),
+                (CANDIDATE, kd_student_model),
+                *((member.name, member.model) for member in extra_members.members),
+            ],
             CANDIDATE,
             storage.layout.predictions_dir(run_family(context)),
             tracking=mlflow.settings(storage.layout),

@@ -12,18 +12,19 @@ from typing import TYPE_CHECKING, Any
 import dagster as dg
 from pydantic import Field
 
-from seg_pipeline.contracts import AuxiliarySet, ShardSet, TrainedModel
+from seg_pipeline.contracts import AuxiliarySet, MemberModels, ShardSet, TrainedModel
 from seg_pipeline.defs.config import dagster_config, to_settings
 from seg_pipeline.defs.failures import no_retry_for_bad_input
 from seg_pipeline.defs.metadata import link, picture, rounded, table, without_none
 from seg_pipeline.defs.ownership import GPU_TAG, owners, stage_tags
 from seg_pipeline.defs.resources import MlflowResource, StorageResource, run_family
 from seg_pipeline.defs.versions import code_version
-from seg_pipeline.settings import KDStageSettings, PretrainSettings, override
+from seg_pipeline.settings import ExtraMembersSettings, KDStageSettings, PretrainSettings, override
 
 GROUP = "train"
 #: Run tags of the jobs that train (dagster.yaml can limit how many such runs share a machine).
 GPU_TAGS = {GPU_TAG: "true"}
+_MEMBER_COLUMNS = ("member", "model", "best_val_miou", "best_epoch", "wall_time_s", "mlflow_run")
 
 
 class StageRunConfig(dg.Config):
@@ -50,15 +51,21 @@ class KDRunConfig(StageRunConfig):
     register_as: str = override(StageRunConfig, "register_as", "seg_pipeline_student")
 
 
+class MembersRunConfig(StageRunConfig):
+    """Extra members are ensemble members only: not registered unless a name is given."""
+
+
 # For the type checker the derived classes are their Dagster-only bases (settings via to_settings).
 if TYPE_CHECKING:
     from seg_pipeline.workflows import train
 
     PretrainConfig = PretrainRunConfig
     KDConfig = KDRunConfig
+    MembersConfig = MembersRunConfig
 else:
     PretrainConfig = dagster_config(PretrainSettings, name="PretrainConfig", base=PretrainRunConfig)
     KDConfig = dagster_config(KDStageSettings, name="KDConfig", base=KDRunConfig)
+    MembersConfig = dagster_config(ExtraMembersSettings, name="MembersConfig", base=MembersRunConfig)
 
 
 def _stage_run(
@@ -68,18 +75,22 @@ def _stage_run(
     mlflow: MlflowResource,
     stage: str,
     data_version: str,
+    member: str | None = None,
 ) -> "train.StageRun":
     """How this step runs the stage: checkpoints stable across retries and re-executions of one run
     family (fresh for a new run), MLflow with the Dagster tags, the ranks and the registry name.
     """
+    from seg_pipeline.tracking import TAG_MEMBER
     from seg_pipeline.workflows import train
 
     tags = mlflow.run_tags(context, stage=context.asset_key.to_user_string(), data_version=data_version)
+    if member is not None:
+        tags[TAG_MEMBER] = member
     return train.StageRun(
         checkpoint_dir=storage.layout.models_dir(stage, run_family(context)),
         tracking=mlflow.settings(storage.layout),
         run_tags=tags,
-        register_as=config.register_as,
+        register_as=config.register_as or None,
         nproc_per_node=config.nproc_per_node,
         log_fn=context.log.info,
     )
@@ -176,6 +187,53 @@ def kd_student_model(
     metadata = _metadata(model)
     metadata["teacher_best_val_miou"] = rounded(pretrained_model.best_score) or 0.0
     return dg.Output(model, metadata=metadata)
+
+
+@dg.asset(
+    group_name=GROUP,
+    owners=owners(),
+    tags=stage_tags(GROUP, gpu=True),
+    code_version=code_version("seg_pipeline.workflows.train"),
+    kinds={"pytorch", "mlflow"},
+    retry_policy=dg.RetryPolicy(max_retries=1, delay=5),
+    description="Extra ensemble members: more KD students of stage 1, each with its own seed or "
+    "encoder and its own MLflow run (members: [] by default, which trains nothing).",
+)
+def extra_members(
+    context: dg.AssetExecutionContext,
+    config: MembersConfig,
+    tile_shards: ShardSet,
+    pretrained_model: TrainedModel,
+    storage: StorageResource,
+    mlflow: MlflowResource,
+) -> dg.Output[MemberModels]:
+    """Distil stage 1 into each listed member; ``ensemble_predictions`` adds them to the ensemble."""
+    from seg_pipeline.workflows import train
+
+    with no_retry_for_bad_input():
+        settings = to_settings(config, ExtraMembersSettings, "extra_members")
+        value = train.distill_members(
+            settings,
+            tile_shards,
+            pretrained_model,
+            lambda name: _stage_run(
+                context, config, storage, mlflow, f"member_{name}", tile_shards.data_version, member=name
+            ),
+        )
+    rows = [
+        {
+            "member": m.name,
+            "model": f"{m.model.spec.architecture}-{m.model.spec.encoder}",
+            "best_val_miou": m.model.best_score,
+            "best_epoch": m.model.best_epoch,
+            "wall_time_s": m.model.wall_time_s,
+            "mlflow_run": m.model.tracking.run_url if m.model.tracking else "",
+        }
+        for m in value.members
+    ]
+    return dg.Output(
+        value, metadata={"members": len(value.members), "trained": table(rows, columns=_MEMBER_COLUMNS)}
+    )
 
 
 def _score_check(model: TrainedModel) -> dg.AssetCheckResult:
