@@ -15,8 +15,8 @@ and batch size) and scores it on the same evaluation split with the same confusi
     .venv/bin/python bench/bench_quality.py --reuse /tmp/run --bare-bf16   # bare loop in bf16 + NHWC
 
 ``--seed`` sets ``loop.seed`` of both training stages and of ``extra_members`` (written to a copy of
-the config in the work folder) and the bare loop's ``torch.manual_seed``; the split stays the config's, so seeds differ
-only in initialisation, patch positions, augmentation and batch order.
+the config in the work folder) and the bare loop's ``torch.manual_seed``; the split stays the
+config's, so seeds differ only in initialisation, patch positions, augmentation and batch order.
 
 The pipeline's figures come from its own evaluation report (``evaluation_report`` asset).
 """
