@@ -41,6 +41,7 @@ def test_configs_kampala_runs_the_full_pipeline_on_real_tiles(tmp_path: Path) ->
             },
             "pretrained_model": {"config": SMALL},
             "kd_student_model": {"config": SMALL},
+            "extra_members": {"config": SMALL},  # the shipped config's second student, shrunk
             "ensemble_predictions": {"config": {"tta": {"scales": [1.0], "flips": ["none"]}}},
             "evaluation_report": {"config": {"miou_floor": 0.0, "ensemble_tolerance": 1.0}},
         }
@@ -71,6 +72,7 @@ def test_configs_kampala_runs_the_full_pipeline_on_real_tiles(tmp_path: Path) ->
     assert reports, "the evaluation report was not written"
     report = json.loads(max(reports, key=lambda p: p.stat().st_mtime).read_text())
     assert "building" in json.dumps(report)
+    assert "seed_b" in json.dumps(report)  # the shipped config's second KD student was scored
     # The raw copies are untouched: nothing was written next to the tiles.
     assert sorted(p.name for p in (kampala / "chips").iterdir()) == sorted(
         p.name for p in (Path(__file__).parents[1] / "fixtures" / "real" / "kampala" / "chips").iterdir()
