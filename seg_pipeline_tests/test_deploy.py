@@ -59,7 +59,7 @@ PG_ENV = {
     "DAGSTER_PG_DB": "dagster_test",
 }
 GPU_TAG = ("seg_pipeline/gpu", "true")
-GPU_STEPS = {"pretrained_model", "kd_student_model"}  # the assets in train.py tagged seg_pipeline/gpu
+GPU_STEPS = {"pretrained_model", "kd_student_model", "extra_members"}  # assets tagged seg_pipeline/gpu
 
 
 @pytest.fixture(autouse=True)
