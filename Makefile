@@ -12,6 +12,8 @@ DEMO_DIR := data/raw/demo
 AUX_DIR := data/raw/demo_aux
 RUN_CONFIG ?= configs/demo.yaml
 JOB ?= full_pipeline_job
+# The dataset the run works on: its folder under data/raw and its Dagster partition.
+DATASET ?= demo
 PY_DIRS := seg_pipeline seg_pipeline_tests bench deploy
 
 .PHONY: install run test lint format ui mlflow-ui demo-data bench clean-demo screenshots
@@ -35,8 +37,9 @@ demo-data: install
 	$(PY) -m seg_pipeline.data.synthetic --out $(AUX_DIR) --seed 1 --class-scheme aux --prefix oem --rows 6 --cols 6
 
 run: install $(DAGSTER_HOME)/dagster.yaml demo-data
-	$(BIN)/dagster job execute -m seg_pipeline.definitions -j $(JOB) $(if $(wildcard $(RUN_CONFIG)),-c $(RUN_CONFIG))
-	$(PY) -m seg_pipeline.cli --data-root data summary --dataset demo
+	$(BIN)/dagster job execute -m seg_pipeline.definitions -j $(JOB) $(if $(wildcard $(RUN_CONFIG)),-c $(RUN_CONFIG)) \
+		--tags '{"dagster/partition": "$(DATASET)"}'
+	$(PY) -m seg_pipeline.cli --data-root data summary --dataset $(DATASET)
 
 test: install
 	$(BIN)/pytest

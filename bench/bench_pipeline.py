@@ -89,6 +89,12 @@ def main() -> None:
                     "full_pipeline_job",
                     "-c",
                     args.config or str(tree / "configs" / "demo.yaml"),
+                    # datasets are partitions since this tree; older trees take no partition
+                    *(
+                        ["--tags", json.dumps({"dagster/partition": "demo"})]
+                        if (tree / "seg_pipeline" / "defs" / "partitions.py").is_file()
+                        else []
+                    ),
                 ],
                 cwd=tree,
                 env=env,

@@ -1,6 +1,7 @@
 """Does the three-stage recipe pay off? ``full_pipeline_job`` beside a bare SMP loop on real data.
 
-Runs ``dagster job execute -m seg_pipeline.definitions -j full_pipeline_job -c configs/kampala.yaml``
+Runs ``dagster job execute -m seg_pipeline.definitions -j full_pipeline_job -c configs/kampala.yaml
+--tags '{"dagster/partition": "kampala"}'``
 (Kampala target, Nairobi auxiliary source; fresh DAGSTER_HOME and data root) and times it, then
 trains a plain segmentation-models-pytorch loop, written out below, on the *same* train split the
 pipeline used (Unet-resnet18, CE + Dice, AdamW, cosine, h/v flips, fp32, the pipeline's patch size
@@ -65,7 +66,8 @@ def run_pipeline(work: Path, config: Path) -> float:
     started = time.perf_counter()
     done = subprocess.run(
         [str(DAGSTER), "job", "execute", "-m", "seg_pipeline.definitions", "-j", "full_pipeline_job", "-c",
-         str(config)], cwd=REPO, env=env, capture_output=True, text=True,
+         str(config), "--tags", json.dumps({"dagster/partition": "kampala"})],
+        cwd=REPO, env=env, capture_output=True, text=True,
     )  # fmt: skip
     seconds = time.perf_counter() - started
     log = done.stdout + done.stderr
@@ -83,7 +85,8 @@ def run_pipeline(work: Path, config: Path) -> float:
 
 def stored(work: Path, asset: str) -> dict:
     """An asset value as the JSON IO manager stored it."""
-    (path,) = [p for p in (work / "home" / "storage").rglob(f"{asset}*") if p.is_file()]
+    # <storage>/<asset>/<dataset>.json (datasets are partitions); <storage>/<asset>.json before that
+    (path,) = [p for p in (work / "home" / "storage").rglob("*.json") if asset in (p.stem, p.parent.name)]
     return json.loads(path.read_text())["value"]
 
 

@@ -179,7 +179,7 @@ def stage_request(args: argparse.Namespace) -> ExperimentRequest:
     stage = apply_overrides(stage, args.overrides)
     settings_cls = KDStageSettings if args.stage == "kd" else PretrainSettings
     settings = settings_cls.parse(stage, args.stage)
-    dataset = args.dataset or section(config, "tile_headers").get("dataset_id") or "demo"
+    dataset = args.dataset
     auxiliary = (
         args.aux
         if args.aux is not None
@@ -253,6 +253,7 @@ def ingest_command(args: argparse.Namespace) -> int:
     the CLI never imports Dagster). The run lands in the Dagster instance like any other.
     """
     command = [sys.executable, "-m", "seg_pipeline.defs.job_config", "--job", "ingest_job", "--execute"]
+    command += ["--dataset", args.dataset]
     for path in args.config:
         command += ["-c", str(path)]
     env = {**os.environ, DATA_ROOT_ENV: str(args.data_root)}
@@ -391,6 +392,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p_ingest.add_argument(
         "--config", action="append", type=Path, default=[], help="YAML run config; repeat to compose groups"
     )
+    p_ingest.add_argument(
+        "--dataset", default="demo", help="the target dataset: the run's Dagster partition (data/raw/NAME)"
+    )
 
     p_train = sub.add_parser(
         "train",
@@ -409,7 +413,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. loop.epochs=3"
     )
     p_train.add_argument(
-        "--dataset", help="ingested target dataset (default: the config's tile_headers.dataset_id, else demo)"
+        "--dataset", default="demo", help="the ingested target dataset (its Dagster partition)"
     )
     p_train.add_argument(
         "--aux", action="append", help="auxiliary dataset for pretrain; repeat (default: the config's)"

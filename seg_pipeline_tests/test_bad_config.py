@@ -15,6 +15,7 @@ from seg_pipeline.settings import KDStageSettings, PredictSettings, PretrainSett
 from seg_pipeline.tracking import TrackingSettings, TrackingUnavailableError
 from seg_pipeline.training.sources import TrainingSource
 from seg_pipeline.workflows.stage import StageJob, run_stage
+from seg_pipeline_tests.defs.cli_helpers import instance_for
 
 
 @pytest.mark.parametrize(
@@ -94,6 +95,8 @@ def test_unknown_config_key_is_rejected_by_dagster_naming_the_key(tmp_path: Path
     with pytest.raises(dg.DagsterInvalidConfigError, match="learning_rate"):
         dg.materialize(
             [tile_headers],
+            partition_key="demo",
+            instance=instance_for("demo"),
             resources={"storage": StorageResource(data_root=str(tmp_path))},
             run_config=dg.RunConfig(ops={"tile_headers": {"config": {"learning_rate": 0.1}}}),
         )

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from seg_pipeline.models.checkpoint import CheckpointError
-from seg_pipeline_tests.defs.cli_helpers import dagster_cli, new_dagster_home
+from seg_pipeline_tests.defs.cli_helpers import dagster_cli, for_dataset, new_dagster_home
 
 REPO = Path(__file__).resolve().parents[1]
 #: Python that ships with the project and may open user files.
@@ -152,8 +152,9 @@ def test_a_run_config_with_a_python_yaml_tag_is_refused_and_never_runs(tmp_path:
     home = new_dagster_home(tmp_path / "home")
     env = {**os.environ, "DAGSTER_HOME": str(home), "SEG_PIPELINE_DATA_ROOT": str(tmp_path / "data")}
     done = dagster_cli(
-        "job", "execute", "-m", "seg_pipeline.definitions", "-j", "ingest_job", "-c", str(evil), env=env
-    )
+        "job", "execute", "-m", "seg_pipeline.definitions", "-j", "ingest_job", "-c", str(evil),
+        *for_dataset(), env=env,
+    )  # fmt: skip
     assert done.returncode != 0
     output = done.stdout + done.stderr
     assert re.search(r"could not determine a constructor for the tag .*python/object/apply", output), output[

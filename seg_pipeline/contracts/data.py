@@ -87,6 +87,9 @@ class SplitTable(Contract):
     seed: int
     grouped: bool
     content_hash: str
+    pictures: dict[str, str] = Field(
+        default_factory=dict, description="Picture name (footprints, class_shares) -> PNG beside the table."
+    )
 
 
 class ShardSet(Contract):

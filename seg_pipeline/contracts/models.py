@@ -22,6 +22,10 @@ class TrackingRecord(Contract):
     registered_model: str | None = None
     registered_version: str | None = None
     registered_version_url: str | None = Field(default=None, description="MLflow UI page of that version.")
+    curves_url: str | None = Field(
+        default=None,
+        description="The run's training-curves PNG as the MLflow UI serves it (inline pictures).",
+    )
 
 
 class TrainedModel(Contract):

@@ -122,6 +122,13 @@ class EvaluationReport(Contract):
     best_single: str
     confusion_png: str
     overlays: list[str]
+    figures: dict[str, str] = Field(
+        default_factory=dict, description="Figure name (per_class_iou, gallery, ...) -> PNG in the report."
+    )
+    figure_urls: dict[str, str] = Field(
+        default_factory=dict,
+        description="Figure name -> its copy in the MLflow run as the MLflow UI serves it (inline pictures).",
+    )
     run_id: str | None = None
     run_url: str | None = None
     miou_floor: float

@@ -18,12 +18,14 @@ import dagster as dg
 from pydantic import create_model
 from pydantic.fields import FieldInfo
 
-from seg_pipeline.settings import Settings
+from seg_pipeline.settings import DatasetSettings, Settings
 
 SettingsT = TypeVar("SettingsT", bound=Settings)
 
 #: Library fields the launchpad does not show, with the reason (a short, explicit list).
-HIDDEN_FIELDS: dict[tuple[type[Settings], str], str] = {}
+HIDDEN_FIELDS: dict[tuple[type[Settings], str], str] = {
+    (DatasetSettings, "dataset_id"): "the dataset is the run's partition key (seg_pipeline.defs.partitions)",
+}
 
 
 @cache
@@ -87,8 +89,10 @@ def dagster_config(
     return config_cls
 
 
-def to_settings(config: dg.Config, settings_cls: type[SettingsT], where: str = "") -> SettingsT:
-    """The library settings a Dagster config holds (Dagster-only fields left out)."""
+def to_settings(config: dg.Config, settings_cls: type[SettingsT], where: str = "", **given: Any) -> SettingsT:
+    """The library settings a Dagster config holds (Dagster-only fields left out), plus the ``given``
+    fields the run supplies itself (a hidden field such as the dataset id, which is the partition key).
+    """
     data = config.model_dump()
     known = settings_cls.model_fields
-    return settings_cls.parse({key: value for key, value in data.items() if key in known}, where)
+    return settings_cls.parse({**{k: v for k, v in data.items() if k in known}, **given}, where)

@@ -5,13 +5,15 @@ Dagster refuses config for ops a job does not run, so a full-pipeline file such 
 sections of the job's own assets and runs ``dagster job execute`` on them, so one file serves
 every job::
 
-    python -m seg_pipeline.defs.job_config --job ingest_job -c configs/kampala.yaml --execute
-    seg-pipeline ingest --config configs/kampala.yaml          # the same, from the package CLI
+    python -m seg_pipeline.defs.job_config --job ingest_job -c configs/kampala.yaml --execute \
+        --dataset kampala
+    seg-pipeline ingest --config configs/kampala.yaml --dataset kampala   # the same, from the package CLI
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import tempfile
@@ -21,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from seg_pipeline.defs.partitions import PARTITION_TAG
 from seg_pipeline.defs.pipeline.jobs import PRESET_CONFIGS
 from seg_pipeline.settings.compose import compose
 
@@ -39,15 +42,18 @@ def job_sections(job: str, config: dict[str, Any]) -> tuple[dict[str, Any], list
     return result, dropped
 
 
-def execute(job: str, configs: Sequence[Path], module: str = "seg_pipeline.definitions") -> int:
-    """Run ``dagster job execute`` for ``job`` on its sections of the composed ``configs``."""
+def execute(job: str, configs: Sequence[Path], dataset: str, module: str = "seg_pipeline.definitions") -> int:
+    """Run ``dagster job execute`` for ``job`` on its sections of the composed ``configs``, for the
+    ``dataset`` partition (registered when the run starts if its raw folder exists).
+    """
     sections, dropped = job_sections(job, compose(configs))
     if dropped:
         print(f"{job}: leaving out the sections of other jobs' assets: {', '.join(dropped)}", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="seg-pipeline-run-config-") as folder:
         path = Path(folder) / f"{job}.yaml"
         path.write_text(yaml.safe_dump(sections, sort_keys=False))
-        command = ["dagster", "job", "execute", "-m", module, "-j", job, "-c", str(path)]
+        tags = json.dumps({PARTITION_TAG: dataset})
+        command = ["dagster", "job", "execute", "-m", module, "-j", job, "-c", str(path), "--tags", tags]
         dagster = Path(sys.executable).with_name("dagster")
         if dagster.is_file():
             command[0] = str(dagster)
@@ -64,10 +70,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "-c", "--config", action="append", type=Path, default=[], help="run config YAML; repeat to compose"
     )
     parser.add_argument("--execute", action="store_true", help="run the job on it with dagster job execute")
+    parser.add_argument("--dataset", default="demo", help="with --execute: the dataset partition to run")
     args = parser.parse_args(argv)
     try:
         if args.execute:
-            return execute(args.job, args.config)
+            return execute(args.job, args.config, args.dataset)
         sections, _dropped = job_sections(args.job, compose(args.config))
     except (ValueError, OSError) as error:
         print(f"job_config: error: {error}", file=sys.stderr)

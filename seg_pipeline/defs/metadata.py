@@ -61,12 +61,24 @@ def column_schema(schema: Any) -> dg.TableSchema:
     )
 
 
-def picture(path: Path | str | None) -> dg.MetadataValue | None:
-    """A PNG embedded as markdown (shown on the asset page), or None when there is no file."""
+#: Dagster's asset pages show markdown metadata inline only below this many characters (longer
+#: markdown hides behind "[Show Markdown]"): a picture served by URL fits, an embedded PNG never does.
+INLINE_MARKDOWN_CHARS = 1000
+
+
+def picture(path: Path | str | None, url: str | None = None) -> dg.MetadataValue | None:
+    """A PNG as markdown: by ``url`` when one serves it (its copy in the MLflow run, shown inline on the
+    asset page while the MLflow UI runs), else embedded (one click away); None when there is no file.
+    """
     if path is None or not Path(path).is_file():
         return None
+    name = Path(path).stem.replace("_", " ")
+    if url:
+        inline = f"![{name} (served by the MLflow UI: make mlflow-ui)]({url})"
+        if len(inline) < INLINE_MARKDOWN_CHARS:
+            return dg.MetadataValue.md(inline)
     encoded = base64.b64encode(Path(path).read_bytes()).decode()
-    return dg.MetadataValue.md(f"![{Path(path).stem}](data:image/png;base64,{encoded})")
+    return dg.MetadataValue.md(f"![{name}](data:image/png;base64,{encoded})")
 
 
 def link(url: str | None) -> dg.MetadataValue | str:

@@ -26,6 +26,24 @@ def run_family(context: dg.AssetExecutionContext) -> str:
     return context.run.root_run_id or context.run.run_id
 
 
+#: Dagster applies a partitioned job's default run config (the preset) in the launchpad, the schedule
+#: and the sensor, but `dagster job execute` without -c starts from the library defaults.
+NO_RUN_CONFIG = (
+    "this run has no run config, so every setting is the library default (sized for a GPU machine), "
+    "not the job's preset: pass -c configs/demo.yaml (or your own run config) to `dagster job execute`"
+)
+
+
+def _partitioned(run: dg.DagsterRun) -> bool:
+    """Whether ``run`` materializes dataset-partitioned assets (an observation of raw_tiles does not)."""
+    from seg_pipeline.defs.definitions import defs  # the resource is built before this module is
+
+    if run.job_name in {job.name for job in defs.jobs or []}:
+        return defs.resolve_job_def(run.job_name).partitions_def is not None
+    # Ad-hoc selections (`dagster asset materialize`, the UI's buttons) run in Dagster's implicit job.
+    return any(key != dg.AssetKey("raw_tiles") for key in run.asset_selection or ())
+
+
 class StorageResource(dg.ConfigurableResource):
     """Folders of the pipeline, all under one data root."""
 
@@ -35,11 +53,20 @@ class StorageResource(dg.ConfigurableResource):
     )
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
-        """Refuse a run whose config any asset would refuse, before the first step works."""
+        """Refuse a run whose config any asset would refuse, and register the dataset partition it names,
+        before the first step works.
+        """
+        from seg_pipeline.defs.partitions import register_run_dataset
         from seg_pipeline.defs.preflight import check_run_config
 
         if context.run is not None:
             check_run_config(context.run.run_config)
+            if context.instance is not None:
+                run = context.run
+                partitioned = _partitioned(run)
+                register_run_dataset(context.instance, run.tags, run.run_config, self.layout, partitioned)
+                if partitioned and not run.run_config.get("ops") and context.log is not None:
+                    context.log.warning(NO_RUN_CONFIG)
 
     @property
     def layout(self) -> DataLayout:

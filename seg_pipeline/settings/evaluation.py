@@ -31,6 +31,13 @@ class EvaluationSettings(Settings):
         default_factory=ScoringSettings, description="Scoring rules (shared with validation)."
     )
     overlays: int = Field(default=3, ge=0, description="Tiles drawn as image | truth | prediction | errors.")
+    gallery: int = Field(
+        default=6,
+        ge=0,
+        le=24,
+        description="Tiles in the prediction gallery (image | truth | ensemble, one row each; 0 = none), "
+        "picked evenly over the split.",
+    )
     miou_floor: float = Field(
         default=0.05, ge=0.0, le=1.0, description="Check: the ensemble mIoU must reach this."
     )

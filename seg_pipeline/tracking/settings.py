@@ -120,6 +120,16 @@ class TrackingSettings:
             return None
         return f"{base}/#/experiments/{experiment_id}/models/{model_id}"
 
+    def artifact_link(self, run_id: str, artifact_path: str) -> str | None:
+        """Where the MLflow UI serves one artefact file of a run (an ``<img>`` can show it); None when
+        no UI address is known.
+        """
+        base = self.ui_base
+        if base is None:
+            return None
+        query = urllib.parse.urlencode({"path": artifact_path, "run_uuid": run_id})
+        return f"{base}/get-artifact?{query}"
+
     @property
     def effective_registry_uri(self) -> str:
         """The registry URI actually used (the tracking URI unless one was given)."""

@@ -13,8 +13,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
+
 from seg_pipeline.contracts import AuxiliarySet, BandStatistics, Catalog, ShardSet, SplitTable
 from seg_pipeline.contracts.data import class_ids
+from seg_pipeline.data.figures import plot_class_shares, plot_split_footprints
 from seg_pipeline.data.headers import (
     STATUS_OK,
     HeaderResult,
@@ -36,7 +39,7 @@ from seg_pipeline.data.splits import (
     write_split_table,
 )
 from seg_pipeline.data.watch import snapshot
-from seg_pipeline.inference.palette import class_palette
+from seg_pipeline.inference.palette import class_palette, stored_palette
 from seg_pipeline.io import file_sha256, folder_lock, write_json
 from seg_pipeline.progress import default_log_fn
 from seg_pipeline.settings import AuxiliarySettings, DatasetSettings, ShardSettings, SplitSettings
@@ -166,7 +169,8 @@ def class_colors(settings: DatasetSettings, root: Path, class_names: Sequence[st
 def split(settings: SplitSettings, catalog: Catalog, log_fn: LogFn | None = None) -> SplitTable:
     """Assign every valid tile of ``catalog`` to a split and write the split table."""
     log = log_fn or default_log_fn()
-    table = assign_splits(read_catalog(catalog.catalog_path), settings)
+    tiles = read_catalog(catalog.catalog_path)
+    table = assign_splits(tiles, settings)
     path = write_split_table(table, Path(catalog.catalog_path).with_name("splits.parquet"))
     counts = split_counts(table)
     log(f"{catalog.dataset_id}: split {len(table)} tiles with policy {settings.policy!r}: {counts}")
@@ -178,7 +182,26 @@ def split(settings: SplitSettings, catalog: Catalog, log_fn: LogFn | None = None
         seed=settings.seed,
         grouped=settings.group_block_size is not None,
         content_hash=file_sha256(path),
+        pictures=split_pictures(catalog, tiles.merge(table[["item_id", "split"]], on="item_id"), path.parent),
     )
+
+
+def split_pictures(catalog: Catalog, tiles: pd.DataFrame, folder: Path) -> dict[str, str]:
+    """The split's footprint map and class shares as PNGs beside the split table (name -> path)."""
+    palette = stored_palette(catalog.class_names, catalog.class_colors)
+    drawn = {
+        "footprints": plot_split_footprints(
+            folder / "split_footprints.png", tiles, f"{catalog.dataset_id}: tiles by split"
+        ),
+        "class_shares": plot_class_shares(
+            folder / "split_class_shares.png",
+            tiles,
+            catalog.class_names,
+            palette,
+            f"{catalog.dataset_id}: classes per split",
+        ),
+    }
+    return {name: str(png) for name, png in drawn.items() if png is not None}
 
 
 @dataclass(frozen=True)

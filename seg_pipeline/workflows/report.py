@@ -16,7 +16,13 @@ import numpy as np
 from seg_pipeline.contracts import ClassDelta, EvaluationReport, ModelScores, PredictionSet
 from seg_pipeline.contracts.data import positive_ids
 from seg_pipeline.data.raster_io import read_decimated
-from seg_pipeline.evaluation.plots import plot_confusion_matrix, plot_overlay
+from seg_pipeline.evaluation.plots import (
+    GalleryTile,
+    plot_confusion_matrix,
+    plot_gallery,
+    plot_overlay,
+    plot_per_class_iou,
+)
 from seg_pipeline.evaluation.report import (
     FolderEvaluation,
     comparison_rows,
@@ -94,6 +100,11 @@ def model_scores(name: str, evaluation: FolderEvaluation, class_names: Sequence[
 
 #: Longest side of the rasters drawn in an overlay (read decimated: a scene costs what a tile does).
 OVERLAY_SIDE = 1024
+#: Longest side of a gallery tile.
+GALLERY_SIDE = 384
+#: Where the report folder goes in the evaluation's MLflow run.
+REPORT_ARTIFACTS = "report"
+FIGURE_TITLES = {"per_class_iou": "Per-class IoU by model", "gallery": "Prediction gallery"}
 
 
 def _overlays(predictions: PredictionSet, report_dir: Path, count: int) -> list[Path]:
@@ -114,6 +125,62 @@ def _overlays(predictions: PredictionSet, report_dir: Path, count: int) -> list[
             )
         )
     return paths
+
+
+def _gallery_tiles(predictions: PredictionSet, count: int) -> list[GalleryTile]:
+    """``count`` items picked evenly over the split, read decimated (a scene costs what a tile does)."""
+    items = predictions.items
+    if count <= 0 or not items:
+        return []
+    step = (len(items) - 1) / max(count - 1, 1)
+    picked = sorted({round(i * step) for i in range(min(count, len(items)))})
+    tiles = []
+    for item in (items[i] for i in picked):
+        ensemble_map = predictions.folder(ENSEMBLE) / f"{item.item_id}.tif"
+        tiles.append(
+            GalleryTile(
+                name=item.item_id,
+                image=read_decimated(item.input, GALLERY_SIDE),
+                prediction=read_decimated(ensemble_map, GALLERY_SIDE)[0],
+                truth=read_decimated(item.target, GALLERY_SIDE)[0] if item.target else None,
+            )
+        )
+    return tiles
+
+
+def _figures(
+    predictions: PredictionSet,
+    evaluations: Mapping[str, FolderEvaluation],
+    best_single: str,
+    settings: EvaluationSettings,
+    report_dir: Path,
+) -> dict[str, Path]:
+    """Per-class IoU of every model (with the ensemble's gain) and the prediction gallery."""
+    iou = {
+        name: dict(zip(predictions.class_names, (float(v) for v in ev.metrics.iou), strict=True))
+        for name, ev in evaluations.items()
+    }
+    figures = {
+        "per_class_iou": plot_per_class_iou(
+            report_dir / "per_class_iou.png",
+            iou,
+            predictions.class_names,
+            ENSEMBLE,
+            best_single,
+            f"per-class IoU on the {predictions.split} split",
+        )
+    }
+    palette = stored_palette(predictions.class_names, predictions.class_colors)
+    gallery = plot_gallery(
+        report_dir / "gallery.png",
+        _gallery_tiles(predictions, settings.gallery),
+        palette,
+        predictions.class_names,
+        f"ensemble predictions ({predictions.split} split)",
+    )
+    if gallery is not None:
+        figures["gallery"] = gallery
+    return figures
 
 
 def _pooled_notes(predictions: PredictionSet, evaluations: Mapping[str, FolderEvaluation]) -> list[str]:
@@ -138,6 +205,7 @@ def _write_files(
     best_single: str,
     settings: EvaluationSettings,
     report_dir: Path,
+    figures: Mapping[str, Path],
 ) -> tuple[Path, Path, list[Path]]:
     """CSV per set, the ensemble's confusion PNG, overlays, report.md and metrics.json."""
     class_names = predictions.class_names
@@ -171,7 +239,8 @@ def _write_files(
         notes += [
             f"ensemble tuned on `{tuning.split}` ({tuning.pixels} sampled pixels): {n}" for n in tuning.notes
         ]
-    images = {"Confusion matrix (ensemble)": confusion_png.name}
+    images = {f"{FIGURE_TITLES[name]}": png.name for name, png in figures.items()}
+    images["Confusion matrix (ensemble)"] = confusion_png.name
     images.update({f"Overlay {p.stem.removeprefix('overlay_')}": p.name for p in overlays})
     # report.md for the Dagster page and the repo; report.html (pictures inlined) for MLflow's viewer
     markdown, _ = (
@@ -234,7 +303,7 @@ def _track(
                     model_metrics(by_name[member.name], f"evaluation/{predictions.split}"),
                     summary_keys=(f"evaluation/{predictions.split}/miou",),
                 )
-        run.log_artifact(report_dir, artifact_path="report")
+        run.log_artifact(report_dir, artifact_path=REPORT_ARTIFACTS)
         return run.run_id, run.url
 
 
@@ -266,13 +335,19 @@ def build_report(
     evaluations = score_sets(predictions, settings.scoring, log_fn)
     singles = [name for name in evaluations if name != ENSEMBLE] or [ENSEMBLE]
     best_single = max(singles, key=lambda name: np.nan_to_num(evaluations[name].metrics.miou, nan=-1.0))
+    figures = _figures(predictions, evaluations, best_single, settings, report_dir)
     markdown, confusion_png, overlays = _write_files(
-        predictions, evaluations, best_single, settings, report_dir
+        predictions, evaluations, best_single, settings, report_dir, figures
     )
     scores = [model_scores(name, ev, predictions.class_names) for name, ev in evaluations.items()]
     run_id = run_url = None
+    figure_urls: dict[str, str] = {}
     if tracking is not None:
         run_id, run_url = _track(tracking, run_tags or {}, predictions, settings, scores, report_dir)
+        for name, png in {**figures, "confusion_matrix": confusion_png}.items():
+            url = tracking.artifact_link(run_id, f"{REPORT_ARTIFACTS}/{Path(png).name}")
+            if url is not None:
+                figure_urls[name] = url
     best, ensemble = evaluations[best_single].metrics, evaluations[ENSEMBLE].metrics
     return EvaluationReport(
         split=predictions.split,
@@ -286,6 +361,8 @@ def build_report(
         best_single=best_single,
         confusion_png=str(confusion_png),
         overlays=[str(p) for p in overlays],
+        figures={name: str(png) for name, png in figures.items()},
+        figure_urls=figure_urls,
         run_id=run_id,
         run_url=run_url,
         miou_floor=settings.miou_floor,

@@ -77,6 +77,8 @@ class StageJob(Contract):
     register_as: str | None = None
     resume: bool | str = True  # True: last.pt of checkpoint_dir if any; a path: that checkpoint
     metrics_csv: str | None = None  # per-epoch history CSV; None: checkpoint_dir/metrics.csv
+    # the teacher's per-epoch logs, drawn before this stage's in its training curves (KD stages)
+    curve_before: list[dict[str, float]] = Field(default_factory=list)
 
     @property
     def is_kd(self) -> bool:
@@ -340,7 +342,11 @@ def _result(job: StageJob, fit: FitResult, started: float, tracking: TrackingRec
         if f"val/iou/{name}" in best_logs
     }
     curve = plot_training_curves(
-        fit.history, Path(job.checkpoint_dir) / "training_curves.png", job.settings.loop.monitor_key
+        fit.history,
+        Path(job.checkpoint_dir) / "training_curves.png",
+        job.settings.loop.monitor_key,
+        before=job.curve_before,
+        kd_warmup_epochs=job.settings.kd.warmup_epochs if isinstance(job.settings, KDStageSettings) else 0,
     )
     assert catalog.normalization is not None
     return TrainedModel(
@@ -418,6 +424,9 @@ def _log_outputs(
             logged.registered_model_name, logged.registered_version
         )
         if logged.registered_model_name and logged.registered_version
+        else None,
+        curves_url=run.settings.artifact_link(run.run_id, f"plots/{Path(model.curve_path).name}")
+        if model.curve_path
         else None,
     )
 

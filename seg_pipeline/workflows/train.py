@@ -8,7 +8,7 @@ when it has the teacher's architecture, and which teachers it learns from.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,12 +117,18 @@ def student_settings(settings: KDStageSettings, teacher: ModelSpec) -> ModelSett
 def distill(
     settings: KDStageSettings, target: ShardSet, teacher: TrainedModel, run: StageRun
 ) -> TrainedModel:
-    """Stage 2: KD finetuning on the target, from the stage-1 teacher plus any extra teachers."""
-    return distill_from(settings, target, Path(teacher.checkpoint), run)
+    """Stage 2: KD finetuning on the target, from the stage-1 teacher plus any extra teachers (its
+    training curves continue the teacher's).
+    """
+    return distill_from(settings, target, Path(teacher.checkpoint), run, teacher_history=teacher.history)
 
 
 def distill_from(
-    settings: KDStageSettings, target: ShardSet, teacher_checkpoint: Path, run: StageRun
+    settings: KDStageSettings,
+    target: ShardSet,
+    teacher_checkpoint: Path,
+    run: StageRun,
+    teacher_history: Sequence[Mapping[str, float]] = (),
 ) -> TrainedModel:
     """Stage 2 from a teacher checkpoint (a stage-1 ``best.pt``: what ``seg-pipeline train --stage kd``
     gets), plus any extra teachers.
@@ -154,6 +160,7 @@ def distill_from(
         register_as=run.register_as,
         resume=run.resume,
         metrics_csv=None if run.metrics_csv is None else str(run.metrics_csv),
+        curve_before=[dict(epoch) for epoch in teacher_history],
     )
     return launch_stage(job, run.nproc_per_node, run.log_fn)
 

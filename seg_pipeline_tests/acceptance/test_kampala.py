@@ -13,7 +13,7 @@ import yaml
 
 from seg_pipeline.data.catalog import read_catalog_mask_values
 from seg_pipeline_tests.conftest import copy_real
-from seg_pipeline_tests.defs.cli_helpers import dagster_cli, new_dagster_home
+from seg_pipeline_tests.defs.cli_helpers import dagster_cli, for_dataset, new_dagster_home
 
 SMALL = {
     "loop": {"epochs": 1, "max_steps_per_epoch": 2, "ema_decay": None},
@@ -53,7 +53,7 @@ def test_configs_kampala_runs_the_full_pipeline_on_real_tiles(tmp_path: Path) ->
     env = {**os.environ, "DAGSTER_HOME": str(home), "SEG_PIPELINE_DATA_ROOT": str(data_root)}
     run = dagster_cli(
         "job", "execute", "-m", "seg_pipeline.definitions", "-j", "full_pipeline_job",
-        "-c", "configs/kampala.yaml", "-c", str(small), env=env, timeout=900,
+        "-c", "configs/kampala.yaml", "-c", str(small), *for_dataset("kampala"), env=env, timeout=900,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 

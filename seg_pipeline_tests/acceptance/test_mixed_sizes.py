@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import dagster as dg
 import numpy as np
 import pytest
 import rasterio
@@ -15,6 +14,7 @@ from seg_pipeline.contracts import TrainedModel
 from seg_pipeline.data.raster_io import write_geotiff
 from seg_pipeline.defs.definitions import defs
 from seg_pipeline_tests.conftest import tiny_stage
+from seg_pipeline_tests.defs.cli_helpers import instance_for
 
 #: name -> (height, width, format); fixed train/val folders so every kind is in train.
 TILES = {
@@ -60,14 +60,14 @@ def test_a_mixed_size_dataset_trains_through_train_job(
     result = defs.resolve_job_def("train_job").execute_in_process(
         run_config={
             "ops": {
-                "tile_headers": {"config": {"dataset_id": "mixed"}},
                 "dataset_splits": {"config": {"policy": "fixed"}},
                 "auxiliary_sources": {"config": {"datasets": []}},
                 "pretrained_model": {"config": stage},
                 "kd_student_model": {"config": {**stage, "kd": {"warmup_epochs": 0}}},
             }
         },
-        instance=dg.DagsterInstance.ephemeral(),
+        instance=instance_for("mixed"),
+        partition_key="mixed",  # the dataset in data/raw/mixed
     )
     assert result.success
     headers = result.output_for_node("tile_headers")

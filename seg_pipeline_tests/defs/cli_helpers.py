@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+import dagster as dg
 
 from seg_pipeline.data.synthetic import SyntheticSpec, write_synthetic_dataset
 
@@ -30,6 +34,28 @@ PIPELINE_ASSETS = (
 DAGSTER = Path(sys.executable).with_name("dagster")
 
 
+def instance_for(*datasets: str) -> dg.DagsterInstance:
+    """An ephemeral instance with ``datasets`` registered as partitions: in-process runs
+    (``dg.materialize``, ``execute_in_process``) check the partition key before any resource starts,
+    so they cannot rely on the run registering its own dataset as the CLI does.
+    """
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("dataset", list(datasets))
+    return instance
+
+
+def free_loopback_port() -> int:
+    """A TCP port on 127.0.0.1 nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def for_dataset(dataset: str = "demo") -> tuple[str, str]:
+    """The `dagster job execute` options that run a job for one dataset (its partition)."""
+    return ("--tags", json.dumps({"dagster/partition": dataset}))
+
+
 @dataclass(frozen=True)
 class MaterializedPipeline:
     """Where the run left its instance and outputs, and what the CLI printed."""
@@ -37,6 +63,7 @@ class MaterializedPipeline:
     home: Path
     data_root: Path
     run: subprocess.CompletedProcess[str]
+    mlflow_ui_url: str = "http://127.0.0.1:5000"  # what the asset pages link to
 
     @property
     def env(self) -> dict[str, str]:

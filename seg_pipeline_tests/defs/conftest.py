@@ -13,6 +13,8 @@ import pytest
 from seg_pipeline_tests.defs.cli_helpers import (
     MaterializedPipeline,
     dagster_cli,
+    for_dataset,
+    free_loopback_port,
     new_dagster_home,
     write_demo_data,
 )
@@ -20,12 +22,17 @@ from seg_pipeline_tests.defs.cli_helpers import (
 
 @pytest.fixture(scope="session")
 def materialized_pipeline(tmp_path_factory: pytest.TempPathFactory) -> MaterializedPipeline:
-    """`dagster job execute -m seg_pipeline.definitions -j full_pipeline_job -c configs/ci.yaml`, run once."""
+    """`dagster job execute -m seg_pipeline.definitions -j full_pipeline_job -c configs/ci.yaml` for the
+    demo dataset (``--tags '{"dagster/partition": "demo"}'``), run once."""
     root = tmp_path_factory.mktemp("pipeline")
     home = new_dagster_home(root / "dagster_home")
     data_root = root / "data"
     write_demo_data(data_root)
     env = {**os.environ, "DAGSTER_HOME": str(home), "SEG_PIPELINE_DATA_ROOT": str(data_root)}
+    # the links and pictures on the asset pages point at an MLflow UI the browser test can start
+    mlflow_ui_url = f"http://127.0.0.1:{free_loopback_port()}"
+    resources = root / "resources.yaml"
+    resources.write_text(f"resources:\n  mlflow:\n    config:\n      mlflow_ui_url: {mlflow_ui_url}\n")
     run = dagster_cli(
         "job",
         "execute",
@@ -35,7 +42,10 @@ def materialized_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Materiali
         "full_pipeline_job",
         "-c",
         "configs/ci.yaml",
+        "-c",
+        str(resources),
+        *for_dataset("demo"),
         env=env,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    return MaterializedPipeline(home, data_root, run)
+    return MaterializedPipeline(home, data_root, run, mlflow_ui_url)

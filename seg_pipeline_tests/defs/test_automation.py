@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 from pathlib import Path
 
 import dagster as dg
@@ -14,11 +15,15 @@ from seg_pipeline.defs.resources import StorageResource
 from seg_pipeline_tests.defs.cli_helpers import PIPELINE_ASSETS
 
 
-def _evaluate(root: Path, cursor: str | None) -> dg.SensorResult:
+def _evaluate(root: Path, cursor: str | None, instance: dg.DagsterInstance) -> dg.SensorResult:
     context = dg.build_sensor_context(
-        cursor=cursor, resources={"storage": StorageResource(data_root=str(root))}
+        cursor=cursor, instance=instance, resources={"storage": StorageResource(data_root=str(root))}
     )
     return sensors.raw_tiles_sensor(context)
+
+
+def _added(result: dg.SensorResult) -> list[str]:
+    return [key for request in result.dynamic_partitions_requests or [] for key in request.partition_keys]
 
 
 def test_sensor_requests_ingest_on_change_and_retrain_past_the_threshold(tmp_path: Path, monkeypatch) -> None:
@@ -28,35 +33,52 @@ def test_sensor_requests_ingest_on_change_and_retrain_past_the_threshold(tmp_pat
     write_synthetic_dataset(
         raw, SyntheticSpec(grid_rows=2, grid_cols=2, tile_size=16, labeled_fraction=1.0), seed=0
     )
+    instance = dg.DagsterInstance.ephemeral()
 
-    first = _evaluate(tmp_path, None)
+    first = _evaluate(tmp_path, None, instance)
     assert [r.job_name for r in first.run_requests] == ["ingest_job"]
-    # The run ingests the dataset that changed (not the config default), tagged with its name, with
-    # the job's preset for every other setting (a request's run config replaces the job's default).
-    requested = first.run_requests[0].run_config["ops"]
-    assert requested["tile_headers"]["config"]["dataset_id"] == "tiles_b"
-    preset = defs.resolve_job_def("ingest_job").run_config["ops"]  # type: ignore[index]
-    assert requested["auxiliary_sources"] == preset["auxiliary_sources"]
+    # The run ingests the dataset that changed: its partition, registered in the same tick, tagged
+    # with its name; no run config, so the job's preset applies to every setting.
+    assert first.run_requests[0].partition_key == "tiles_b"
+    assert _added(first) == ["tiles_b"]
     assert first.run_requests[0].tags == {"seg_pipeline/dataset": "tiles_b"}
-    job = defs.resolve_job_def("ingest_job")
-    assert dg.validate_run_config(job, first.run_requests[0].run_config)
-    unchanged = _evaluate(tmp_path, first.cursor)
+    assert not first.run_requests[0].run_config
+    instance.add_dynamic_partitions("dataset", _added(first))  # what the daemon does with the request
+    unchanged = _evaluate(tmp_path, first.cursor, instance)
     assert unchanged.run_requests == []
 
-    # Six new labeled tiles (> threshold 5) -> the full pipeline, once.
+    # Six new labeled tiles (> threshold 5) -> the full pipeline, once; the partition exists already.
     extra = SyntheticSpec(grid_rows=2, grid_cols=3, tile_size=16, labeled_fraction=1.0, item_prefix="new")
     write_synthetic_dataset(raw, extra, seed=1)
-    retrain = _evaluate(tmp_path, unchanged.cursor)
+    retrain = _evaluate(tmp_path, unchanged.cursor, instance)
     assert [r.job_name for r in retrain.run_requests] == ["full_pipeline_job"]
+    assert retrain.run_requests[0].partition_key == "tiles_b" and _added(retrain) == []
     assert retrain.run_requests[0].tags == {"seg_pipeline/dataset": "tiles_b"}
-    assert dg.validate_run_config(
-        defs.resolve_job_def("full_pipeline_job"), retrain.run_requests[0].run_config
-    )
-    retrain_ops = retrain.run_requests[0].run_config["ops"]
-    assert retrain_ops["pretrained_model"]["config"]["loop"]["epochs"] == 6  # the CPU demo, not 50
     (raw / "images" / "new_000_000.tif").touch()
-    after = _evaluate(tmp_path, retrain.cursor)
+    after = _evaluate(tmp_path, retrain.cursor, instance)
     assert [r.job_name for r in after.run_requests] == ["ingest_job"]
+
+
+MONDAY = datetime.datetime(2026, 12, 7, 3, tzinfo=datetime.UTC)
+
+
+def test_the_weekly_retrain_runs_every_registered_dataset() -> None:
+    schedule = defs.get_schedule_def("weekly_retrain")
+    with dg.instance_for_test() as instance:
+        empty = schedule.evaluate_tick(
+            dg.build_schedule_context(
+                instance=instance, scheduled_execution_time=MONDAY, repository_def=defs.get_repository_def()
+            )
+        )
+        assert not empty.run_requests and empty.skip_message and "no dataset" in empty.skip_message
+        instance.add_dynamic_partitions("dataset", ["demo", "kampala"])
+        tick = schedule.evaluate_tick(
+            dg.build_schedule_context(
+                instance=instance, scheduled_execution_time=MONDAY, repository_def=defs.get_repository_def()
+            )
+        )
+    assert sorted(r.partition_key for r in tick.run_requests or []) == ["demo", "kampala"]
+    assert len({r.run_key for r in tick.run_requests or []}) == 2
 
 
 def test_definitions_load_with_jobs_schedule_and_sensors_stopped_by_default() -> None:
@@ -71,11 +93,15 @@ def test_definitions_load_with_jobs_schedule_and_sensors_stopped_by_default() ->
 
 def test_every_job_opens_on_the_demo_preset_with_every_setting_written_out() -> None:
     job = defs.resolve_job_def("full_pipeline_job")
-    processed = dg.validate_run_config(job, None)["ops"]  # what a run without -c, the schedule, get
+    # A partitioned job's default run config is given per partition: what the launchpad opens on
+    # once a dataset is picked, and what the schedule's and the sensor's runs get.
+    assert job.partitioned_config is not None
+    default_config = job.partitioned_config.get_run_config_for_partition_key("any_dataset")
+    processed = dg.validate_run_config(job, default_config)["ops"]
     pretrain = processed["pretrained_model"]["config"]
     assert pretrain["loop"]["epochs"] == 6 and pretrain["model"]["encoder"] == "resnet18"
     assert processed["ensemble_predictions"]["config"]["windows"]["window"] == 128
-    default = job.run_config["ops"]  # type: ignore[index]  # what the launchpad shows
+    default = default_config["ops"]  # what the launchpad shows
     # settings whose default is null are in the launchpad too, so a user can find and set them
     assert default["pretrained_model"]["config"]["model"]["encoder_weights"] is None
     assert "encoder_weights" in default["pretrained_model"]["config"]["model"]
@@ -86,6 +112,7 @@ def test_every_job_opens_on_the_demo_preset_with_every_setting_written_out() -> 
         "kd_student_model", "extra_members", "ensemble_predictions", "evaluation_report", "champion_model",
         "exported_model",
     }  # fmt: skip
+    assert "dataset_id" not in default["tile_headers"]["config"]  # the run's partition, not a setting
     schedule = defs.get_schedule_def("weekly_retrain")
     assert schedule.job_name == "full_pipeline_job"
 

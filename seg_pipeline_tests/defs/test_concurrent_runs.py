@@ -10,7 +10,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from seg_pipeline_tests.defs.cli_helpers import DAGSTER, REPO, new_dagster_home, write_demo_data
+from seg_pipeline_tests.defs.cli_helpers import DAGSTER, REPO, for_dataset, new_dagster_home, write_demo_data
 
 CONCURRENT_RUNS = 3
 INGEST_ASSETS = ("tile_headers", "dataset_splits", "tile_shards", "auxiliary_sources")
@@ -31,7 +31,17 @@ def test_three_concurrent_runs_share_one_instance(tmp_path: Path) -> None:
         }
         procs.append(
             subprocess.Popen(
-                [str(DAGSTER), "job", "execute", "-m", "seg_pipeline.definitions", "-j", "ingest_job"],
+                # One dataset name in each: the runs race to register the same partition too.
+                [
+                    str(DAGSTER),
+                    "job",
+                    "execute",
+                    "-m",
+                    "seg_pipeline.definitions",
+                    "-j",
+                    "ingest_job",
+                    *for_dataset("demo"),
+                ],
                 cwd=REPO,
                 env=env,
                 stdout=subprocess.PIPE,

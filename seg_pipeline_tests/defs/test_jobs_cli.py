@@ -9,19 +9,25 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
+from seg_pipeline.defs.job_config import job_sections
 from seg_pipeline_tests.defs.cli_helpers import (
     REPO,
     MaterializedPipeline,
     dagster_cli,
+    for_dataset,
     new_dagster_home,
     write_demo_data,
 )
 
 
-def _execute(job: str, home: Path, data_root: Path) -> subprocess.CompletedProcess[str]:
+def _execute(job: str, home: Path, data_root: Path, config: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "DAGSTER_HOME": str(home), "SEG_PIPELINE_DATA_ROOT": str(data_root)}
-    return dagster_cli("job", "execute", "-m", "seg_pipeline.definitions", "-j", job, env=env, timeout=300)
+    return dagster_cli(
+        "job", "execute", "-m", "seg_pipeline.definitions", "-j", job, "-c", str(config), *for_dataset(),
+        env=env, timeout=300,
+    )  # fmt: skip
 
 
 def _latest_data_versions(home: Path) -> dict[str, str]:
@@ -45,7 +51,13 @@ def test_ingest_job_cli_twice_reports_same_data_versions(tmp_path: Path) -> None
     data_root = tmp_path / "data"
     write_demo_data(data_root, rows=2, cols=3)
 
-    first = _execute("ingest_job", home, data_root)
+    # the ingest sections of configs/ci.yaml, as `python -m seg_pipeline.defs.job_config` prints them
+    ingest_config = tmp_path / "ingest.yaml"
+    sections, _dropped = job_sections(
+        "ingest_job", yaml.safe_load((REPO / "configs" / "ci.yaml").read_text())
+    )
+    ingest_config.write_text(yaml.safe_dump(sections))
+    first = _execute("ingest_job", home, data_root, ingest_config)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert (data_root / "processed" / "demo" / "manifest.json").exists()
     versions = _latest_data_versions(home)
@@ -54,12 +66,13 @@ def test_ingest_job_cli_twice_reports_same_data_versions(tmp_path: Path) -> None
     # sections); `seg-pipeline ingest` runs ingest_job on that file's ingest sections.
     refused = dagster_cli(
         "job", "execute", "-m", "seg_pipeline.definitions", "-j", "ingest_job", "-c", "configs/ci.yaml",
+        *for_dataset(),
         env={**os.environ, "DAGSTER_HOME": str(home), "SEG_PIPELINE_DATA_ROOT": str(data_root)}, timeout=300,
     )  # fmt: skip
     assert refused.returncode != 0 and "pretrained_model" in refused.stdout + refused.stderr
     second = subprocess.run(
         [sys.executable, "-m", "seg_pipeline.cli", "--data-root", str(data_root), "ingest",
-         "--config", "configs/ci.yaml"],
+         "--config", "configs/ci.yaml", "--dataset", "demo"],
         cwd=REPO, env={**os.environ, "DAGSTER_HOME": str(home)}, capture_output=True, text=True,
         timeout=300,
     )  # fmt: skip

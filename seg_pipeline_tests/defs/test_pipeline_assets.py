@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import urllib.parse
 from pathlib import Path
 
 import dagster as dg
@@ -20,9 +21,11 @@ from seg_pipeline.contracts import (
 from seg_pipeline.data.synthetic import SyntheticSpec, write_synthetic_dataset
 from seg_pipeline.defs.definitions import defs
 from seg_pipeline.defs.io_manager import ContractIOManager
+from seg_pipeline.defs.metadata import INLINE_MARKDOWN_CHARS
 from seg_pipeline.defs.resources import MlflowResource, StorageResource
 from seg_pipeline.settings import ChampionSettings
 from seg_pipeline_tests.conftest import tiny_stage
+from seg_pipeline_tests.defs.cli_helpers import instance_for
 
 DEMO_REMAP = {
     "unknown": "",
@@ -46,6 +49,8 @@ def materialized(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dg.Exe
     tiny = tiny_stage(loop={"log_every_n_steps": 1})
     result = dg.materialize(
         [*defs.assets, *defs.asset_checks],
+        partition_key="demo",  # the dataset: each asset's demo partition
+        instance=instance_for("demo"),
         resources={
             "storage": StorageResource(data_root=str(root)),
             "mlflow": MlflowResource(),
@@ -125,8 +130,7 @@ def test_asset_pages_link_to_the_mlflow_run_and_the_registered_version(materiali
     page = meta["registered_version_page"]
     assert isinstance(page, dg.UrlMetadataValue)
     assert (
-        page.value
-        == f"http://127.0.0.1:5000/#/models/seg_pipeline_student/versions/{kd.tracking.registered_version}"
+        page.value == f"http://127.0.0.1:5000/#/models/demo_student/versions/{kd.tracking.registered_version}"
     )
     champion = result.asset_materializations_for_node("champion_model")[0].metadata
     decision = result.output_for_node("champion_model")
@@ -138,12 +142,13 @@ def test_asset_pages_link_to_the_mlflow_run_and_the_registered_version(materiali
 
 def test_the_io_manager_stores_every_value_as_readable_json(materialized) -> None:
     root, result = materialized
-    stored = json.loads((root / "dagster_storage" / "tile_shards.json").read_text())
+    # one file per asset and dataset partition: <storage>/<asset>/<dataset>.json
+    stored = json.loads((root / "dagster_storage" / "tile_shards" / "demo.json").read_text())
     assert stored["type"] == "ShardSet"
     assert ShardSet.model_validate(stored["value"]) == result.output_for_node("tile_shards")
     for name in ("pretrained_model", "ensemble_predictions", "evaluation_report", "champion_model"):
-        assert (root / "dagster_storage" / f"{name}.json").is_file(), name
-    assert not list((root / "dagster_storage").glob("*.pkl"))
+        assert (root / "dagster_storage" / name / "demo.json").is_file(), name
+    assert not list((root / "dagster_storage").rglob("*.pkl"))
 
 
 def test_ingest_settings_reach_every_later_stage_through_the_contracts(materialized) -> None:
@@ -162,8 +167,8 @@ def test_mlflow_runs_hold_params_metrics_tags_and_registered_models(materialized
     client = _client(root)
     run_id = result.dagster_run.run_id
     for node, stage, name in (
-        ("pretrained_model", "pretrain", "seg_pipeline_pretrained"),
-        ("kd_student_model", "kd", "seg_pipeline_student"),
+        ("pretrained_model", "pretrain", "demo_pretrained"),
+        ("kd_student_model", "kd", "demo_student"),
     ):
         value = result.output_for_node(node)
         assert value.tracking is not None
@@ -248,7 +253,7 @@ def test_registered_student_loads_and_predicts(materialized) -> None:
     root, result = materialized
     kd = result.output_for_node("kd_student_model")
     model = load_model(
-        f"models:/seg_pipeline_student/{kd.tracking.registered_version}",
+        f"models:/demo_student/{kd.tracking.registered_version}",
         settings=TrackingSettings.from_data_root(root),
     )
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 6, 32, 32)
@@ -299,6 +304,38 @@ def test_evaluation_report_and_checks(materialized) -> None:
         assert (Path(report.report_dir) / name).exists(), name
 
 
+def _served_artifact(root: Path, url: str) -> Path:
+    """The file behind an MLflow UI ``get-artifact`` URL, found in the local store the way the server
+    finds it (run id and artefact path from the query)."""
+    query = urllib.parse.parse_qs(urllib.parse.urlparse(url).query)
+    run = _client(root).get_run(query["run_uuid"][0])
+    return Path(urllib.parse.urlparse(run.info.artifact_uri).path) / query["path"][0]
+
+
+def test_pictures_show_inline_on_the_asset_pages_from_their_mlflow_runs(materialized) -> None:
+    root, result = materialized
+    report: EvaluationReport = result.output_for_node("evaluation_report")
+    assert set(report.figures) == {"per_class_iou", "gallery"}
+    meta = result.asset_materializations_for_node("evaluation_report")[0].metadata
+    for name in ("per_class_iou", "gallery", "confusion_matrix"):
+        markdown = meta[name].value
+        # short markdown that points at the MLflow UI: Dagster shows it inline (long markdown, such
+        # as an embedded PNG, hides behind "[Show Markdown]")
+        assert markdown.startswith("![") and len(markdown) < INLINE_MARKDOWN_CHARS, (name, markdown[:80])
+        url = report.figure_urls[name]
+        assert f"]({url})" in markdown and url.startswith("http://127.0.0.1:5000/get-artifact?")
+        assert _served_artifact(root, url).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    kd: TrainedModel = result.output_for_node("kd_student_model")
+    assert kd.tracking is not None and kd.tracking.curves_url is not None
+    curves = result.asset_materializations_for_node("kd_student_model")[0].metadata["training_curves"]
+    assert curves.value.endswith(f"({kd.tracking.curves_url})")
+    assert _served_artifact(root, kd.tracking.curves_url).stat().st_size > 5_000
+    # the split's own pictures have no MLflow run: embedded, a click away
+    splits = result.asset_materializations_for_node("dataset_splits")[0].metadata
+    assert splits["footprints"].value.startswith("![split footprints](data:image/png;base64,")
+    assert splits["class_shares"].value.startswith("![split class shares](data:image/png;base64,")
+
+
 def test_champion_gate_both_ways(materialized) -> None:
     from seg_pipeline import tracking as trk
     from seg_pipeline.workflows.champion import champion_gate
@@ -310,10 +347,10 @@ def test_champion_gate_both_ways(materialized) -> None:
     predictions: PredictionSet = result.output_for_node("ensemble_predictions")
     report: EvaluationReport = result.output_for_node("evaluation_report")
     kd = result.output_for_node("kd_student_model")
-    champion = trk.get_alias_version("seg_pipeline_student", "champion", settings=settings)
+    champion = trk.get_alias_version("demo_student", "champion", settings=settings)
     assert champion is not None and champion.version == kd.tracking.registered_version
 
-    new_version = trk.register_model(kd.tracking.model_uri, "seg_pipeline_student", settings=settings)
+    new_version = trk.register_model(kd.tracking.model_uri, "demo_student", settings=settings)
     members = [m.model_copy(update={"registered_version": new_version}) if m.name == "kd_student" else m
                for m in predictions.members]  # fmt: skip
     candidate = predictions.model_copy(update={"members": members})
@@ -324,16 +361,13 @@ def test_champion_gate_both_ways(materialized) -> None:
 
     kept = champion_gate(ChampionSettings(margin=0.0), candidate, scored(-1.0), root / "gate", settings)
     assert not kept.promoted and kept.champion_score is not None and 0.0 <= kept.champion_score <= 1.0
-    assert (
-        trk.get_alias_version("seg_pipeline_student", "champion", settings=settings).version
-        == champion.version
-    )
+    assert trk.get_alias_version("demo_student", "champion", settings=settings).version == champion.version
     # Same numbers, but the margin now decides: candidate must beat the champion by more than 0.5.
     promoted = champion_gate(
         ChampionSettings(margin=0.5), candidate, scored(kept.champion_score + 0.6), root / "gate", settings
     )
     assert promoted.promoted and promoted.previous_version == champion.version
-    assert trk.get_alias_version("seg_pipeline_student", "champion", settings=settings).version == new_version
+    assert trk.get_alias_version("demo_student", "champion", settings=settings).version == new_version
 
 
 def test_the_gate_uses_the_mlflow_copy_when_the_champion_checkpoint_is_gone(materialized, tmp_path) -> None:
@@ -342,7 +376,7 @@ def test_the_gate_uses_the_mlflow_copy_when_the_champion_checkpoint_is_gone(mate
 
     root, result = materialized
     settings = trk.TrackingSettings.from_data_root(root)
-    champion = trk.get_alias_version("seg_pipeline_student", "champion", settings=settings)
+    champion = trk.get_alias_version("demo_student", "champion", settings=settings)
     assert champion is not None
     local = Path(result.output_for_node("kd_student_model").checkpoint)
     assert champion_checkpoint(champion, tmp_path, settings) == local  # the local file while it exists
@@ -362,10 +396,10 @@ def test_registered_model_uris_resolve_to_the_exact_stage_checkpoint(materialize
     root, result = materialized
     pre = result.output_for_node("pretrained_model")
     settings = TrackingSettings.from_data_root(root)
-    uri = f"models:/seg_pipeline_pretrained/{pre.tracking.registered_version}"
+    uri = f"models:/demo_pretrained/{pre.tracking.registered_version}"
     assert resolve_model_checkpoint(uri, settings) == Path(pre.checkpoint)
     with pytest.raises(ModelReferenceError, match="no such registered model or alias"):
-        resolve_model_checkpoint("models:/seg_pipeline_pretrained@nope", settings)
+        resolve_model_checkpoint("models:/demo_pretrained@nope", settings)
 
 
 def test_the_student_is_exported_with_a_card_that_names_its_run_and_the_gate(materialized) -> None:
@@ -382,7 +416,7 @@ def test_the_student_is_exported_with_a_card_that_names_its_run_and_the_gate(mat
     card = json.loads(Path(exported.files["card"]).read_text())
     assert card["lineage"]["mlflow_run_id"] == kd.tracking.run_id
     assert card["lineage"]["champion_gate"] == decision.reason
-    assert card["lineage"]["registered_model"] == f"seg_pipeline_student v{kd.tracking.registered_version}"
+    assert card["lineage"]["registered_model"] == f"demo_student v{kd.tracking.registered_version}"
     scripted = torch.jit.load(exported.files["torchscript"])
     logits = scripted(torch.zeros(1, kd.spec.in_channels, 64, 64))
     assert logits.shape == (1, kd.spec.num_classes, 64, 64) and np.isfinite(logits.numpy()).all()

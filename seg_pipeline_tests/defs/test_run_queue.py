@@ -28,6 +28,7 @@ from seg_pipeline_tests.defs.cli_helpers import (
 )
 
 GPU_TAG = {"seg_pipeline/gpu": "true"}
+PARTITION = {"dagster/partition": "demo"}  # every run ingests its own data root's demo dataset
 DAEMON = DAGSTER.with_name("dagster-daemon")
 
 
@@ -46,7 +47,7 @@ def test_queue_runs_one_gpu_tagged_run_at_a_time(tmp_path: Path) -> None:
         run_config = {"resources": {"storage": {"config": {"data_root": str(data_root)}}}}
         launched = dagster_cli(
             "job", "launch", "-m", "seg_pipeline.definitions", "-j", "ingest_job",
-            "--config-json", json.dumps(run_config), "--tags", json.dumps(tags),
+            "--config-json", json.dumps(run_config), "--tags", json.dumps({**tags, **PARTITION}),
             env=env, timeout=120,
         )  # fmt: skip
         assert launched.returncode == 0, launched.stdout[-2000:] + launched.stderr[-2000:]

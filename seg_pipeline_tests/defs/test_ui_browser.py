@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -26,7 +25,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pytest
 
-from seg_pipeline_tests.defs.cli_helpers import PIPELINE_ASSETS, REPO, MaterializedPipeline, stop_process
+from seg_pipeline_tests.defs.cli_helpers import (
+    PIPELINE_ASSETS,
+    REPO,
+    MaterializedPipeline,
+    free_loopback_port,
+    stop_process,
+)
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page
@@ -34,6 +39,7 @@ if TYPE_CHECKING:
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 WEBSERVER = Path(sys.executable).with_name("dagster-webserver")
+MLFLOW = Path(sys.executable).with_name("mlflow")
 CHROMIUM_FLAGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -69,16 +75,10 @@ def _chromium() -> str:
     return found
 
 
-def _free_loopback_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def webserver(materialized_pipeline: MaterializedPipeline) -> Iterator[str]:
     """`dagster-webserver -w workspace.yaml` on 127.0.0.1:<free port>; yields its base URL."""
-    port = _free_loopback_port()
+    port = free_loopback_port()
     log = (materialized_pipeline.home / "webserver.log").open("w")
     server = subprocess.Popen(
         [str(WEBSERVER), "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
@@ -89,20 +89,58 @@ def webserver(materialized_pipeline: MaterializedPipeline) -> Iterator[str]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, (materialized_pipeline.home / "webserver.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "dagster-webserver did not answer within 120 s"
-            try:
-                with urllib.request.urlopen(f"{url}/server_info", timeout=2) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
+        _wait_until_answers(
+            server, f"{url}/server_info", materialized_pipeline.home / "webserver.log", "dagster-webserver"
+        )
         yield url
     finally:
         stop_process(server)
         log.close()
+
+
+def _wait_until_answers(server: subprocess.Popen, url: str, log: Path, what: str) -> None:
+    deadline = time.monotonic() + 120
+    while True:
+        assert server.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"{what} did not answer within 120 s"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def mlflow_ui(materialized_pipeline: MaterializedPipeline) -> Iterator[str]:
+    """`make mlflow-ui`'s command over the run's MLflow store, where the asset pages' links point."""
+    url = materialized_pipeline.mlflow_ui_url
+    store = materialized_pipeline.data_root / "mlflow"
+    log_path = materialized_pipeline.home / "mlflow-ui.log"
+    with log_path.open("w") as log:
+        server = subprocess.Popen(
+            [str(MLFLOW), "ui", "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
+             "--default-artifact-root", str(store / "artifacts"), "-h", "127.0.0.1",
+             "-p", url.rsplit(":", 1)[1]],
+            cwd=REPO, env=materialized_pipeline.env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            _wait_until_answers(server, f"{url}/health", log_path, "mlflow ui")
+            yield url
+        finally:
+            stop_process(server)
+
+
+def _shown_pictures(page: Page, mlflow_url: str) -> list[str]:
+    """The alt texts of the pictures on the page that the MLflow UI served (loaded, not broken)."""
+    selector = f"img[src^='{mlflow_url}/get-artifact']"
+    page.locator(selector).first.wait_for(timeout=30_000)
+    page.wait_for_function(
+        f'[...document.querySelectorAll("{selector}")].every(img => img.complete)', timeout=30_000
+    )
+    return page.eval_on_selector_all(
+        selector, "imgs => imgs.filter(img => img.naturalWidth > 0).map(img => img.alt)"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -175,22 +213,48 @@ def test_evaluation_report_page_shows_its_metadata(page: Page, webserver: str, t
     _save(page, "ui_evaluation_report.png", tmp_path)
 
 
-def test_the_training_page_links_to_its_mlflow_run(page: Page, webserver: str) -> None:
+def test_the_training_page_links_to_its_mlflow_run(
+    page: Page, webserver: str, materialized_pipeline: MaterializedPipeline
+) -> None:
     page.goto(f"{webserver}/assets/kd_student_model?view=events")
     page.get_by_text("Materialized in run").first.wait_for(timeout=30_000)
     run_link = page.locator("a[href*='/#/experiments/'][href*='/runs/']").first
     run_link.wait_for(timeout=30_000)
-    assert run_link.get_attribute("href").startswith("http://127.0.0.1:5000/#/experiments/")
-    version_link = page.locator("a[href*='/#/models/seg_pipeline_student/versions/']").first
+    assert run_link.get_attribute("href").startswith(f"{materialized_pipeline.mlflow_ui_url}/#/experiments/")
+    version_link = page.locator("a[href*='/#/models/demo_student/versions/']").first
     version_link.wait_for(timeout=30_000)
     _assert_no_error_page(page)
 
 
-def test_the_champion_page_links_to_the_model_version(page: Page, webserver: str) -> None:
+def test_the_champion_page_links_to_the_model_version(
+    page: Page, webserver: str, materialized_pipeline: MaterializedPipeline
+) -> None:
     page.goto(f"{webserver}/assets/champion_model?view=events")
     page.get_by_text("Materialized in run").first.wait_for(timeout=30_000)
     page.get_by_text("champion_version_page", exact=True).first.wait_for(timeout=30_000)
     link = page.locator("a[href*='/#/models/'][href*='/versions/']").first
     link.wait_for(timeout=30_000)
-    assert link.get_attribute("href").startswith("http://127.0.0.1:5000/#/models/")
+    assert link.get_attribute("href").startswith(f"{materialized_pipeline.mlflow_ui_url}/#/models/")
+    _assert_no_error_page(page)
+
+
+def test_each_dataset_is_a_partition_with_its_own_history(page: Page, webserver: str) -> None:
+    page.goto(f"{webserver}/assets/tile_headers?view=partitions")
+    page.get_by_text("Materialized (1)").first.wait_for(timeout=30_000)  # one dataset ran: demo
+    page.get_by_text("demo", exact=True).first.click()
+    page.get_by_text("tiles_quarantined", exact=True).first.wait_for(timeout=30_000)  # its catalog
+    _assert_no_error_page(page)
+
+
+def test_the_report_pictures_show_inline_served_by_the_mlflow_ui(
+    page: Page, webserver: str, mlflow_ui: str
+) -> None:
+    page.goto(f"{webserver}/assets/evaluation_report?view=events")
+    page.get_by_text("Materialized in run").first.wait_for(timeout=30_000)
+    shown = _shown_pictures(page, mlflow_ui)
+    for picture in ("per class iou", "gallery", "confusion ensemble"):  # no "[Show Markdown]" click
+        assert any(alt.startswith(picture) for alt in shown), (picture, shown)
+    page.goto(f"{webserver}/assets/kd_student_model?view=events")
+    page.get_by_text("Materialized in run").first.wait_for(timeout=30_000)
+    assert any(alt.startswith("training curves") for alt in _shown_pictures(page, mlflow_ui))
     _assert_no_error_page(page)

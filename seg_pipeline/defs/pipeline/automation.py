@@ -3,57 +3,60 @@
 All stopped by default; turn them on in the UI (Automation tab).
 """
 
-import copy
 import json
 import os
-from typing import Any
 
 import dagster as dg
 
 from seg_pipeline.data.watch import snapshot
-from seg_pipeline.defs.pipeline.jobs import PRESET_CONFIGS, full_pipeline_job, ingest_job
+from seg_pipeline.defs.partitions import DATASET_PARTITIONS, DATASETS
+from seg_pipeline.defs.pipeline.jobs import full_pipeline_job, ingest_job
 from seg_pipeline.defs.resources import StorageResource
 
 WATCHED = tuple(d for d in os.environ.get("SEG_PIPELINE_WATCH", "demo").split(",") if d)
 DATASET_TAG = "seg_pipeline/dataset"
 RETRAIN_AFTER_NEW_MASKS = int(os.environ.get("SEG_PIPELINE_RETRAIN_AFTER_NEW_MASKS", "20"))
 
-weekly_retrain = dg.ScheduleDefinition(
-    name="weekly_retrain",
+
+@dg.schedule(
     job=full_pipeline_job,
     cron_schedule=os.environ.get("SEG_PIPELINE_RETRAIN_CRON", "0 3 * * 1"),
     default_status=dg.DefaultScheduleStatus.STOPPED,
-    description="Retrain and re-evaluate; the champion alias moves only when the gate passes.",
+    description="Retrain and re-evaluate every registered dataset (one run per dataset partition); each "
+    "dataset's champion alias moves only when its gate passes.",
 )
+def weekly_retrain(context: dg.ScheduleEvaluationContext) -> list[dg.RunRequest] | dg.SkipReason:
+    """One run of the preset per dataset partition, keyed by the tick so a retried tick adds none."""
+    datasets = context.instance.get_dynamic_partitions(DATASET_PARTITIONS)
+    if not datasets:
+        return dg.SkipReason("no dataset partitions yet: run a job for a dataset or observe raw_tiles")
+    tick = context.scheduled_execution_time.isoformat()
+    return [
+        dg.RunRequest(run_key=f"retrain-{dataset}-{tick}", partition_key=dataset, tags={DATASET_TAG: dataset})
+        for dataset in datasets
+    ]
 
 
 def _request(dataset: str, fingerprint: str, retrain: bool) -> dg.RunRequest:
-    # The run ingests the dataset that changed, and carries its name as a tag: dagster.yaml lets
-    # one run per dataset tag value run at a time, so two ingests never rewrite the same shards.
+    # The run ingests the dataset that changed (its partition), and carries its name as a tag:
+    # dagster.yaml lets one run per dataset tag value run at a time, so two ingests never rewrite
+    # the same shards. The preset is the job's default run config, so the request needs none.
     job = full_pipeline_job if retrain else ingest_job
     return dg.RunRequest(
         run_key=f"{'retrain' if retrain else 'ingest'}-{dataset}-{fingerprint[:16]}",
         job_name=job.name,
-        run_config=for_dataset(PRESET_CONFIGS[job.name], dataset),
+        partition_key=dataset,
         tags={DATASET_TAG: dataset},
     )
-
-
-def for_dataset(run_config: dict[str, Any], dataset: str) -> dict[str, Any]:
-    """``run_config`` (a job's preset) with the target dataset replaced: a run config replaces the
-    job's default as a whole, so the request carries the preset's other settings itself.
-    """
-    changed = copy.deepcopy(run_config)
-    changed["ops"]["tile_headers"]["config"]["dataset_id"] = dataset
-    return changed
 
 
 @dg.sensor(
     jobs=[ingest_job, full_pipeline_job],
     minimum_interval_seconds=60,
     default_status=dg.DefaultSensorStatus.STOPPED,
-    description="Watches data/raw/DATASET (SEG_PIPELINE_WATCH); runs ingest on any change and the full "
-    "pipeline once SEG_PIPELINE_RETRAIN_AFTER_NEW_MASKS new masks arrived since the last retrain.",
+    description="Watches data/raw/DATASET (SEG_PIPELINE_WATCH), registers each watched dataset as a "
+    "partition, runs ingest for it on any change and the full pipeline once "
+    "SEG_PIPELINE_RETRAIN_AFTER_NEW_MASKS new masks arrived since its last retrain.",
 )
 def raw_tiles_sensor(context: dg.SensorEvaluationContext, storage: StorageResource) -> dg.SensorResult:
     """Compare folder snapshots with the cursor and request runs for what changed."""
@@ -70,7 +73,16 @@ def raw_tiles_sensor(context: dg.SensorEvaluationContext, storage: StorageResour
         if retrain:
             masks_at_retrain = snap.n_masks
         cursor[dataset] = {"fingerprint": snap.fingerprint, "masks_at_retrain": masks_at_retrain}
-    return dg.SensorResult(run_requests=requests, cursor=json.dumps(cursor, sort_keys=True))
+    new = [
+        r.partition_key
+        for r in requests
+        if r.partition_key and not context.instance.has_dynamic_partition(DATASET_PARTITIONS, r.partition_key)
+    ]
+    return dg.SensorResult(
+        run_requests=requests,
+        cursor=json.dumps(cursor, sort_keys=True),
+        dynamic_partitions_requests=[DATASETS.build_add_request(new)] if new else None,
+    )
 
 
 @dg.run_failure_sensor(default_status=dg.DefaultSensorStatus.STOPPED, description="Hook point for alerts.")

@@ -21,6 +21,7 @@ from seg_pipeline.defs.config import dagster_config, to_settings
 from seg_pipeline.defs.failures import no_retry_for_bad_input
 from seg_pipeline.defs.metadata import link, picture, rounded, table, without_none
 from seg_pipeline.defs.ownership import owners, stage_tags
+from seg_pipeline.defs.partitions import DATASETS
 from seg_pipeline.defs.resources import MlflowResource, StorageResource, run_family
 from seg_pipeline.defs.versions import code_version
 from seg_pipeline.settings import ChampionSettings, EvaluationSettings, PredictSettings
@@ -45,6 +46,7 @@ else:
     group_name=INFERENCE_GROUP,
     owners=owners(),
     tags=stage_tags(INFERENCE_GROUP),
+    partitions_def=DATASETS,
     code_version=code_version("seg_pipeline.workflows.predict"),
     kinds={"pytorch", "geotiff"},
     description="Georeferenced class maps of the evaluation split by every single model and by the "
@@ -94,6 +96,7 @@ def ensemble_predictions(
 
 
 @dg.asset_check(
+    partitions_def=DATASETS,
     asset=ensemble_predictions,
     blocking=True,
     description="Every class map has its input's CRS, transform and size (it overlays the image in a GIS).",
@@ -129,7 +132,10 @@ def _report_metadata(value: EvaluationReport) -> dict[str, Any]:
             **{f"miou_{score.name}": rounded(score.miou) for score in value.scores},
             "mlflow_run": link(value.run_url),
             "mlflow_run_id": value.run_id,
-            "confusion_matrix": picture(value.confusion_png),
+            **{
+                name: picture(png, value.figure_urls.get(name))
+                for name, png in {**value.figures, "confusion_matrix": value.confusion_png}.items()
+            },
             "overlay": picture(value.overlays[0]) if value.overlays else None,
         }
     )
@@ -139,6 +145,7 @@ def _report_metadata(value: EvaluationReport) -> dict[str, Any]:
     group_name=EVALUATION_GROUP,
     owners=owners(),
     tags=stage_tags(EVALUATION_GROUP),
+    partitions_def=DATASETS,
     code_version=code_version("seg_pipeline.workflows.report"),
     kinds={"python", "mlflow"},
     description="Single models vs ensemble: confusion matrix, per-class and mean IoU/Dice/precision/recall, "
@@ -174,12 +181,14 @@ def evaluation_report(
     specs=[
         dg.AssetCheckSpec(
             "metrics_above_floor",
+            partitions_def=DATASETS,
             asset=evaluation_report,
             blocking=True,
             description="Ensemble mIoU reaches the configured floor.",
         ),
         dg.AssetCheckSpec(
             "ensemble_not_worse_than_best_single",
+            partitions_def=DATASETS,
             asset=evaluation_report,
             blocking=True,
             description="The ensemble is not worse than the best single model.",
@@ -217,6 +226,7 @@ def evaluation_report_checks(evaluation_report: EvaluationReport) -> Iterator[dg
     group_name=EVALUATION_GROUP,
     owners=owners(),
     tags=stage_tags(EVALUATION_GROUP),
+    partitions_def=DATASETS,
     code_version=code_version("seg_pipeline.workflows.champion"),
     kinds={"mlflow"},
     description="Moves the MLflow 'champion' alias to the new KD student only when it beats the current "

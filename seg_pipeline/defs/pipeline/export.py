@@ -12,6 +12,7 @@ from seg_pipeline.defs.config import dagster_config, to_settings
 from seg_pipeline.defs.failures import no_retry_for_bad_input
 from seg_pipeline.defs.metadata import without_none
 from seg_pipeline.defs.ownership import owners, stage_tags
+from seg_pipeline.defs.partitions import DATASETS
 from seg_pipeline.defs.resources import StorageResource, run_family
 from seg_pipeline.defs.versions import code_version
 from seg_pipeline.settings import ExportSettings
@@ -28,6 +29,7 @@ else:
     group_name=EXPORT_GROUP,
     owners=owners(),
     tags=stage_tags(EXPORT_GROUP),
+    partitions_def=DATASETS,
     code_version=code_version("seg_pipeline.workflows.export"),
     kinds={"pytorch", "onnx"},
     description="The KD student exported for runtimes without this package (TorchScript, ONNX), each "

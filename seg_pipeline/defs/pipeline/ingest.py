@@ -13,8 +13,14 @@ from seg_pipeline.contracts import AuxiliarySet, Catalog, ShardSet, SplitTable
 from seg_pipeline.data.catalog import CATALOG_SCHEMA
 from seg_pipeline.data.splits import SPLIT_SCHEMA
 from seg_pipeline.defs.config import dagster_config, to_settings
-from seg_pipeline.defs.metadata import column_schema, table, without_none
+from seg_pipeline.defs.metadata import column_schema, picture, table, without_none
 from seg_pipeline.defs.ownership import owners, stage_tags
+from seg_pipeline.defs.partitions import (
+    DATA_VERSION_TAG,
+    DATASET_PARTITIONS,
+    DATASETS,
+    dataset_of,
+)
 from seg_pipeline.defs.resources import StorageResource
 from seg_pipeline.defs.versions import code_version
 from seg_pipeline.settings import AuxiliarySettings, DatasetSettings, ShardSettings, SplitSettings
@@ -67,37 +73,37 @@ def _catalog_metadata(run: "ingest.CatalogueRun") -> dict[str, Any]:
 @dg.observable_source_asset(
     group_name=GROUP,
     tags=stage_tags(GROUP),  # Dagster 1.13 takes no owners on an observable source asset
-    description="The raw tile folders under data/raw (one per dataset). Its data version is a fingerprint "
-    "of every raster's path, size and mtime, so new or changed tiles show the ingest assets as unsynced.",
+    partitions_def=DATASETS,
+    description="The raw tile folders under data/raw, one partition per dataset. Each partition's data "
+    "version is a fingerprint of its rasters' paths, sizes and mtimes, so new or changed tiles show that "
+    "dataset's ingest assets as unsynced.",
 )
-def raw_tiles(storage: StorageResource) -> dg.ObserveResult:
+def raw_tiles(context: dg.OpExecutionContext, storage: StorageResource) -> dg.DataVersionsByPartition:
     """Fingerprint each dataset folder without opening a raster (what the sensor compares too)."""
     from seg_pipeline.workflows import ingest
 
-    observed = ingest.observe_raw(storage.layout)
-    return dg.ObserveResult(
-        data_version=dg.DataVersion(observed.fingerprint),
-        metadata={
-            "datasets": table(
-                [
-                    {
-                        "dataset": d.dataset_id,
-                        "files": d.n_files,
-                        "masks": d.n_masks,
-                        "fingerprint": d.fingerprint[:12],
-                    }
-                    for d in observed.datasets
-                ]
-            ),
-            "files": sum(d.n_files for d in observed.datasets),
-        },
-    )
+    registered = set(context.instance.get_dynamic_partitions(DATASET_PARTITIONS))
+    for dataset in ingest.observe_raw(storage.layout).datasets:
+        if dataset.dataset_id not in registered:  # a folder nobody ran yet (or an auxiliary source)
+            continue
+        # One observation per partition, holding its data version and what was counted (what
+        # returning DataVersionsByPartition would log, plus the metadata it cannot carry).
+        context.log_event(
+            dg.AssetObservation(
+                asset_key=dg.AssetKey("raw_tiles"),
+                partition=dataset.dataset_id,
+                tags={DATA_VERSION_TAG: dataset.fingerprint},
+                metadata={"files": dataset.n_files, "masks": dataset.n_masks},
+            )
+        )
+    return dg.DataVersionsByPartition({})
 
 
 @dg.asset(
     group_name=GROUP,
     owners=owners(),
     tags=stage_tags(GROUP),
+    partitions_def=DATASETS,
     deps=[raw_tiles],
     code_version=code_version("seg_pipeline.workflows.ingest"),
     kinds={"python", "parquet"},
@@ -110,9 +116,8 @@ def tile_headers(
     """Catalogue and validate the raw tiles of the target dataset."""
     from seg_pipeline.workflows import ingest
 
-    run = ingest.catalogue(
-        to_settings(config, DatasetSettings, "tile_headers"), storage.layout, context.log.info
-    )
+    settings = to_settings(config, DatasetSettings, "tile_headers", dataset_id=dataset_of(context))
+    run = ingest.catalogue(settings, storage.layout, context.log.info)
     for warning in run.catalog.warnings:
         context.log.warning(f"{run.catalog.dataset_id}: {warning}")
     for row in run.quarantine:
@@ -126,6 +131,7 @@ def tile_headers(
     group_name=GROUP,
     owners=owners(),
     tags=stage_tags(GROUP),
+    partitions_def=DATASETS,
     code_version=code_version("seg_pipeline.workflows.ingest"),
     kinds={"python", "parquet"},
     description="Hash-stable split table: a tile's split depends only on (item id or spatial group, seed, "
@@ -146,8 +152,11 @@ def dataset_splits(
         "split_sizes": table([{"split": k, "tiles": v} for k, v in splits.counts.items()]),
         "policy": splits.policy,
         **{f"tiles_{k}": v for k, v in splits.counts.items()},
+        **{name: picture(png) for name, png in splits.pictures.items()},
     }
-    return dg.Output(splits, metadata=metadata, data_version=dg.DataVersion(splits.content_hash))
+    return dg.Output(
+        splits, metadata=without_none(metadata), data_version=dg.DataVersion(splits.content_hash)
+    )
 
 
 def _shard_metadata(run: "ingest.ShardRun") -> dict[str, Any]:
@@ -165,6 +174,7 @@ def _shard_metadata(run: "ingest.ShardRun") -> dict[str, Any]:
     group_name=GROUP,
     owners=owners(),
     tags=stage_tags(GROUP),
+    partitions_def=DATASETS,
     code_version=code_version("seg_pipeline.workflows.ingest"),
     kinds={"python"},
     description="Training-ready shards (processed/DATASET/SPLIT/shard-xxxxx holding inputs/, targets/ and "
@@ -198,6 +208,7 @@ def _source_row(shards: ShardSet) -> dict[str, Any]:
     group_name=GROUP,
     owners=owners(),
     tags=stage_tags(GROUP),
+    partitions_def=DATASETS,
     code_version=code_version("seg_pipeline.workflows.ingest"),
     kinds={"python"},
     description="Auxiliary sources for pretraining (catalog + split + shards each); class remapping "
@@ -218,7 +229,12 @@ def auxiliary_sources(
     return dg.Output(value, metadata=without_none(metadata), data_version=dg.DataVersion(value.data_version))
 
 
-@dg.asset_check(asset=tile_headers, blocking=True, description="Quarantined share stays below the threshold.")
+@dg.asset_check(
+    partitions_def=DATASETS,
+    asset=tile_headers,
+    blocking=True,
+    description="Quarantined share stays below the threshold.",
+)
 def quarantine_below_threshold(tile_headers: Catalog) -> dg.AssetCheckResult:
     """Fail when too many tiles are quarantined (usually a wrong folder, band count or class list)."""
     share = tile_headers.n_quarantined / max(tile_headers.n_tiles, 1)
@@ -231,7 +247,10 @@ def quarantine_below_threshold(tile_headers: Catalog) -> dg.AssetCheckResult:
 
 
 @dg.asset_check(
-    asset=dataset_splits, blocking=True, description="No item and no spatial group in two splits."
+    partitions_def=DATASETS,
+    asset=dataset_splits,
+    blocking=True,
+    description="No item and no spatial group in two splits.",
 )
 def splits_leakage_free(dataset_splits: SplitTable) -> dg.AssetCheckResult:
     """An item (or, with grouping, a spatial block of labeled tiles) must sit in exactly one split."""
@@ -249,6 +268,7 @@ def splits_leakage_free(dataset_splits: SplitTable) -> dg.AssetCheckResult:
 
 
 @dg.asset_check(
+    partitions_def=DATASETS,
     asset=tile_shards,
     blocking=True,
     description="Shards hold exactly the split table's tiles, with the catalog's checksums.",
@@ -270,6 +290,7 @@ def shards_match_headers(tile_shards: ShardSet) -> dg.AssetCheckResult:
 
 
 @dg.asset_check(
+    partitions_def=DATASETS,
     asset=auxiliary_sources,
     blocking=True,
     description="Each auxiliary source keeps its quarantine share low.",

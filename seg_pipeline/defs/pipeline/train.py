@@ -17,6 +17,7 @@ from seg_pipeline.defs.config import dagster_config, to_settings
 from seg_pipeline.defs.failures import no_retry_for_bad_input
 from seg_pipeline.defs.metadata import link, picture, rounded, table, without_none
 from seg_pipeline.defs.ownership import GPU_TAG, owners, stage_tags
+from seg_pipeline.defs.partitions import DATASETS, dataset_of
 from seg_pipeline.defs.resources import MlflowResource, StorageResource, run_family
 from seg_pipeline.defs.versions import code_version
 from seg_pipeline.settings import ExtraMembersSettings, KDStageSettings, PretrainSettings, override
@@ -36,19 +37,23 @@ class StageRunConfig(dg.Config):
         description="DDP ranks on this machine (one per GPU), started with torchrun from this step; "
         "1 trains in the step's own process.",
     )
-    register_as: str = Field(default="", description="Registered model name in MLflow.")
+    register_as: str = Field(
+        default="",
+        description="Registered model name in MLflow; {dataset} stands for the run's dataset partition "
+        "(each dataset has its own versions and its own champion). Empty = not registered.",
+    )
 
 
 class PretrainRunConfig(StageRunConfig):
-    """Stage 1 registers its model as ``seg_pipeline_pretrained``."""
+    """Stage 1 registers its model as ``<dataset>_pretrained``."""
 
-    register_as: str = override(StageRunConfig, "register_as", "seg_pipeline_pretrained")
+    register_as: str = override(StageRunConfig, "register_as", "{dataset}_pretrained")
 
 
 class KDRunConfig(StageRunConfig):
-    """Stage 2 registers its model as ``seg_pipeline_student``."""
+    """Stage 2 registers its model as ``<dataset>_student``."""
 
-    register_as: str = override(StageRunConfig, "register_as", "seg_pipeline_student")
+    register_as: str = override(StageRunConfig, "register_as", "{dataset}_student")
 
 
 class MembersRunConfig(StageRunConfig):
@@ -66,6 +71,11 @@ else:
     PretrainConfig = dagster_config(PretrainSettings, name="PretrainConfig", base=PretrainRunConfig)
     KDConfig = dagster_config(KDStageSettings, name="KDConfig", base=KDRunConfig)
     MembersConfig = dagster_config(ExtraMembersSettings, name="MembersConfig", base=MembersRunConfig)
+
+
+def registered_name(template: str, dataset: str) -> str | None:
+    """The MLflow registry name of ``template`` for ``dataset`` (None when registration is off)."""
+    return template.replace("{dataset}", dataset) or None
 
 
 def _stage_run(
@@ -90,7 +100,7 @@ def _stage_run(
         checkpoint_dir=storage.layout.models_dir(stage, run_family(context)),
         tracking=mlflow.settings(storage.layout),
         run_tags=tags,
-        register_as=config.register_as or None,
+        register_as=registered_name(config.register_as, dataset_of(context)),
         nproc_per_node=config.nproc_per_node,
         log_fn=context.log.info,
     )
@@ -126,7 +136,7 @@ def _metadata(model: TrainedModel) -> dict[str, Any]:
             else None,
             "ignored_fraction_last_epoch": rounded(last.get("train/ignored_fraction")),
             "kd_share_last_epoch": rounded(last.get("train/kd")),
-            "training_curves": picture(model.curve_path),
+            "training_curves": picture(model.curve_path, tracking.curves_url if tracking else None),
         }
     )
 
@@ -135,6 +145,7 @@ def _metadata(model: TrainedModel) -> dict[str, Any]:
     group_name=GROUP,
     owners=owners(),
     tags=stage_tags(GROUP, gpu=True),
+    partitions_def=DATASETS,
     code_version=code_version("seg_pipeline.workflows.train"),
     kinds={"pytorch", "mlflow"},
     retry_policy=dg.RetryPolicy(max_retries=1, delay=5),
@@ -163,6 +174,7 @@ def pretrained_model(
     group_name=GROUP,
     owners=owners(),
     tags=stage_tags(GROUP, gpu=True),
+    partitions_def=DATASETS,
     code_version=code_version("seg_pipeline.workflows.train"),
     kinds={"pytorch", "mlflow"},
     retry_policy=dg.RetryPolicy(max_retries=1, delay=5),
@@ -193,6 +205,7 @@ def kd_student_model(
     group_name=GROUP,
     owners=owners(),
     tags=stage_tags(GROUP, gpu=True),
+    partitions_def=DATASETS,
     code_version=code_version("seg_pipeline.workflows.train"),
     kinds={"pytorch", "mlflow"},
     retry_policy=dg.RetryPolicy(max_retries=1, delay=5),
@@ -252,13 +265,21 @@ def _score_check(model: TrainedModel) -> dg.AssetCheckResult:
     )
 
 
-@dg.asset_check(asset=pretrained_model, description="Best monitored score (val mIoU) reaches score_floor.")
+@dg.asset_check(
+    partitions_def=DATASETS,
+    asset=pretrained_model,
+    description="Best monitored score (val mIoU) reaches score_floor.",
+)
 def pretrained_score_above_floor(pretrained_model: TrainedModel) -> dg.AssetCheckResult:
     """A stage that did not learn should show on its own page."""
     return _score_check(pretrained_model)
 
 
-@dg.asset_check(asset=kd_student_model, description="Best monitored score (val mIoU) reaches score_floor.")
+@dg.asset_check(
+    partitions_def=DATASETS,
+    asset=kd_student_model,
+    description="Best monitored score (val mIoU) reaches score_floor.",
+)
 def student_score_above_floor(kd_student_model: TrainedModel) -> dg.AssetCheckResult:
     """A stage that did not learn should show on its own page."""
     return _score_check(kd_student_model)
