@@ -223,6 +223,12 @@ def main() -> None:
         action="store_true",
         help="keep the pipeline's checkpoints and MLflow store (about 1.5 GB); --reuse needs neither",
     )
+    parser.add_argument(
+        "--pipeline-only",
+        action="store_true",
+        help="score the pipeline and stop (no bare loop): for trying a lever on several seeds, whose "
+        "equal-epoch bare rows do not change; keeps the models for a later --reuse",
+    )
     args = parser.parse_args()
     print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M} | {platform.platform()} | {cpu_line()}")
     work = args.reuse or Path(tempfile.mkdtemp(prefix="bench_quality_"))
@@ -252,7 +258,7 @@ def main() -> None:
     rows = catalog.merge(splits[["item_id", "split"]], on="item_id")
     train = read_tiles(rows[rows["split"] == "train"])
     test = read_tiles(rows[rows["split"] == predictions["split"]])
-    if not args.keep_models:
+    if not args.keep_models and not args.pipeline_only:
         # What --reuse reads (asset values, catalogs, wall time) stays; the checkpoints go.
         for heavy in ("models", "mlflow"):
             shutil.rmtree(work / "data" / heavy, ignore_errors=True)
@@ -265,6 +271,12 @@ def main() -> None:
          "miou": s["miou"], "background": s["iou"]["background"], "building": s["iou"]["building"]}
         for s in report["scores"]
     ]  # fmt: skip
+    if args.pipeline_only:
+        for r in table:
+            print(f"{r['run']}: mIoU {r['miou']:.4f} (background {r['background']:.4f}, "
+                  f"building {r['building']:.4f})")  # fmt: skip
+        print(f"pipeline wall time {wall:.0f} s (bare loop not run: --pipeline-only)")
+        return
     table += bare_loop(train, test, epochs, wall, batch, seed=args.seed or 0, bf16=args.bare_bf16)
     label = "bare loop bf16" if args.bare_bf16 else "bare loop"
     print("\n| run | epochs | wall s | mIoU | IoU background | IoU building |\n|---|---|---|---|---|---|")
