@@ -16,7 +16,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from seg_pipeline.progress import LOGGER_NAME
 from seg_pipeline.settings import PredictSettings, TTASettings, WindowSettings
@@ -63,12 +63,27 @@ def summary(data_root: Path, dataset: str) -> str:
     return "\n".join(lines)
 
 
-def predict_settings(args: argparse.Namespace) -> PredictSettings:
-    """The prediction settings of the command line (one schema: validated like a run config)."""
+def _given(values: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def predict_settings(args: argparse.Namespace, base: PredictSettings | None = None) -> PredictSettings:
+    """The prediction settings of the command line (one schema: validated like a run config).
+
+    Views and windows not given on the command line come from ``base`` (a registered bundle's own,
+    so it predicts as it was scored), else from the schema's defaults.
+    """
+    start = base or PredictSettings()
     return PredictSettings.parse(
         {
-            "tta": {"scales": args.scales, "flips": args.flips, "merge": args.merge},
-            "windows": {"window": args.window, "overlap": args.overlap, "batch_size": args.batch_size},
+            "tta": {
+                **start.tta.model_dump(),
+                **_given({"scales": args.scales, "flips": args.flips, "merge": args.merge}),
+            },
+            "windows": {
+                **start.windows.model_dump(),
+                **_given({"window": args.window, "overlap": args.overlap, "batch_size": args.batch_size}),
+            },
             "device": args.device,
             "bf16": args.bf16,
             "channels_last": args.channels_last,
@@ -90,21 +105,37 @@ def predict_settings(args: argparse.Namespace) -> PredictSettings:
 
 def predict_command(args: argparse.Namespace) -> None:
     """Predict a folder of rasters with one or more models (ensemble when several)."""
+    from seg_pipeline.contracts import DeployableModel
     from seg_pipeline.hardware import resolve_device
+    from seg_pipeline.inference.bundle import load_members
     from seg_pipeline.inference.ensemble import ENSEMBLE
     from seg_pipeline.inference.predict import list_rasters, load_stage_model, predict_files
     from seg_pipeline.tracking import TrackingSettings
-    from seg_pipeline.workflows.resolve import resolve_model_checkpoint
+    from seg_pipeline.workflows.resolve import resolve_model_reference
 
-    settings = predict_settings(args)
-    resolve_device(settings.device)  # a missing GPU is one line before any model is loaded
+    resolve_device(args.device)  # a missing GPU is one line before any model is loaded
     tracking = TrackingSettings.from_data_root(args.data_root)
-    models = [
-        load_stage_model(resolve_model_checkpoint(m, tracking), f"model_{i}")
-        for i, m in enumerate(args.model)
-    ]
+    resolved = [resolve_model_reference(m, tracking) for m in args.model]
+    bundles = [r for r in resolved if isinstance(r, DeployableModel)]
+    if bundles and len(resolved) > 1:
+        raise ValueError(
+            f"{args.model}: a registered segmenter is a whole model (with its own members and views): "
+            "give it as the only --model"
+        )
     inputs = [(path.stem, path) for path in list_rasters(args.input)]
-    run = predict_files(models, inputs, {ENSEMBLE: args.output}, settings)
+    if bundles:
+        bundle = bundles[0]
+        settings = predict_settings(args, base=bundle.predict)
+        models = load_members(bundle)
+        run = predict_files(
+            models, inputs, {ENSEMBLE: args.output}, settings,
+            weights=[m.weight for m in bundle.members], class_bias=bundle.class_bias,
+        )  # fmt: skip
+    else:
+        settings = predict_settings(args)
+        paths = [path for path in resolved if isinstance(path, Path)]
+        models = [load_stage_model(path, f"model_{i}") for i, path in enumerate(paths)]
+        run = predict_files(models, inputs, {ENSEMBLE: args.output}, settings)
     print(
         f"predicted {len(inputs)} rasters with {len(models)} model(s) x "
         f"{run.views_per_input // len(models)} views in {run.seconds:.1f}s -> {args.output}"
@@ -305,22 +336,22 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--model",
         action="append",
         required=True,
-        help="stage checkpoint or models:/name@alias; repeat for an ensemble",
+        help="stage checkpoint or models:/name@alias; repeat for an ensemble of checkpoints. A "
+        "registered segmenter (models:/<dataset>_segmenter@champion) is a whole model: its members, "
+        "weights, class offsets and TTA views as the champion gate scored them",
     )
     p_predict.add_argument("--input", type=Path, required=True)
     p_predict.add_argument("--output", type=Path, required=True)
     tta, windows, predict = TTASettings(), WindowSettings(), PredictSettings()
-    p_predict.add_argument("--scales", type=float, nargs="+", default=tta.scales)
-    p_predict.add_argument("--flips", nargs="+", default=tta.flips)
-    p_predict.add_argument("--merge", choices=["mean_prob", "mean_logit"], default=tta.merge)
-    p_predict.add_argument("--window", type=int, default=windows.window)
-    p_predict.add_argument("--overlap", type=int, default=windows.overlap)
+    own = " (default: a registered segmenter's own, else {})"
+    p_predict.add_argument("--scales", type=float, nargs="+", help="TTA scales" + own.format(tta.scales))
+    p_predict.add_argument("--flips", nargs="+", help="TTA flips" + own.format(tta.flips))
     p_predict.add_argument(
-        "--batch-size",
-        type=int,
-        default=windows.batch_size,
-        help="windows per pass (default: 4 on CUDA, 1 else)",
+        "--merge", choices=["mean_prob", "mean_logit"], help="view merge" + own.format(tta.merge)
     )
+    p_predict.add_argument("--window", type=int, help="window side" + own.format(windows.window))
+    p_predict.add_argument("--overlap", type=int, help="window overlap" + own.format(windows.overlap))
+    p_predict.add_argument("--batch-size", type=int, help="windows per pass (default: 4 on CUDA, 1 else)")
     p_predict.add_argument("--device", default=predict.device)
     p_predict.add_argument(
         "--bf16",

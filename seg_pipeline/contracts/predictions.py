@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
@@ -142,6 +143,31 @@ class EvaluationReport(Contract):
         raise KeyError(f"no scores for {name!r}; scored sets are {[s.name for s in self.scores]}")
 
 
+class DeployedMember(Contract):
+    """One model of a deployable segmenter and its weight in the merge."""
+
+    name: str
+    checkpoint: str = Field(description="Stage checkpoint (weights, spec, classes, band statistics).")
+    weight: float = Field(default=1.0, gt=0.0)
+
+
+class DeployableModel(Contract):
+    """What the champion gate registers: a single model or an ensemble, with the inference settings
+    (TTA views, merge, windows, class offsets) it was scored with, so the deployed model predicts
+    exactly what the report measured.
+    """
+
+    kind: Literal["single", "ensemble"]
+    members: list[DeployedMember] = Field(min_length=1)
+    class_bias: list[float] | None = Field(
+        default=None, description="Per-class offsets added to the merged log-probabilities (tuned)."
+    )
+    predict: PredictSettings = Field(description="TTA, windows and merge of the scored predictions.")
+    score: float = Field(description="Its mIoU on the evaluation split.")
+    split: str = Field(description="The split ``score`` was measured on.")
+    reason: str = Field(description="Why this one was chosen, in words.")
+
+
 class ChampionDecision(Contract):
     """What the champion gate decided, and why."""
 
@@ -157,4 +183,7 @@ class ChampionDecision(Contract):
     candidate_url: str | None = Field(default=None, description="MLflow UI page of the candidate version.")
     champion_url: str | None = Field(
         default=None, description="MLflow UI page of the version the alias points at after the gate."
+    )
+    deployed: DeployableModel | None = Field(
+        default=None, description="The candidate version: one model or the ensemble, and why."
     )

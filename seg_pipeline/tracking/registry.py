@@ -100,3 +100,11 @@ def load_model(model_uri: str, map_location: str = "cpu", *, settings: TrackingS
 
     with _using_uris(_settings_or_global(settings)):
         return mlflow.pytorch.load_model(model_uri, map_location=map_location)
+
+
+def load_pyfunc(model_uri: str, *, settings: TrackingSettings | None = None) -> Any:
+    """Load a logged ``pyfunc`` model (a registered segmenter bundle): ``models:/name@alias`` and co."""
+    import mlflow.pyfunc
+
+    with _using_uris(_settings_or_global(settings)):
+        return mlflow.pyfunc.load_model(model_uri)

@@ -19,6 +19,8 @@ TAG_CODE_VERSION = "seg_pipeline.code_version"
 TAG_DATA_VERSION = "seg_pipeline.data_version"
 TAG_GIT_COMMIT = "mlflow.source.git.commit"
 TAG_GIT_DIRTY = "seg_pipeline.git_dirty"
+#: Registered-version tag of a deployable bundle (single or ensemble) the champion gate logged.
+TAG_KIND = "seg_pipeline.kind"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,73 +1,67 @@
-"""The champion gate as a library call: move the registry alias only to a model that beats its holder.
+"""The champion gate as a library call: register what is worth deploying, move the alias only past
+the current holder.
 
-The current champion is re-scored on the same split with the same TTA settings as the candidate,
-so both numbers come from one protocol (F32). With no champion yet, the candidate is promoted.
+What is deployed is what was measured: when the ensemble (its tuned member weights, class offsets
+and TTA views) scores above the best single model on the evaluation split, the candidate is the
+ensemble; otherwise it is that single model with the same views. Either way it is written as one
+bundle (:mod:`seg_pipeline.inference.bundle`), logged as an MLflow ``pyfunc`` model and registered
+as a new version of ``model_name``. The current champion is then re-scored on the same split with
+its own bundle (reusing the candidate's score when both predict identically), and the alias moves
+only when the candidate beats it by ``margin`` (F32).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
-import numpy as np
-
-from seg_pipeline.contracts import ChampionDecision, EvaluationReport, PredictionSet
+from seg_pipeline.contracts import (
+    ChampionDecision,
+    DeployableModel,
+    EvaluationReport,
+    PredictionSet,
+)
 from seg_pipeline.evaluation.report import evaluate_pairs
-from seg_pipeline.inference.ensemble import ENSEMBLE
-from seg_pipeline.inference.predict import load_stage_model, predict_files
+from seg_pipeline.inference.bundle import predict_bundle, same_predictions, write_bundle
+from seg_pipeline.inference.predict import LoadedModel
 from seg_pipeline.progress import ItemProgress
 from seg_pipeline.settings import ChampionSettings
-from seg_pipeline.tracking import ModelVersionInfo, TrackingSettings, get_alias_version, run_tag, set_alias
+from seg_pipeline.tracking import (
+    TAG_KIND,
+    ModelVersionInfo,
+    TrackingSettings,
+    get_alias_version,
+    load_pyfunc,
+    set_alias,
+    start_run,
+)
+from seg_pipeline.workflows.deployable import deployable_candidate
 from seg_pipeline.workflows.report import prediction_pairs
 
 LogFn = Callable[[str], None]
-CHECKPOINT_TAG = "seg_pipeline.best_checkpoint"
 
 
-def champion_checkpoint(version: ModelVersionInfo, work_dir: Path, tracking: TrackingSettings) -> Path:
-    """The champion's weights: its local checkpoint, else the copy logged with its MLflow run."""
-    recorded = run_tag(version.run_id, CHECKPOINT_TAG, settings=tracking) if version.run_id else None
-    if recorded and Path(recorded).is_file():
-        return Path(recorded)
-    if not version.run_id or not recorded:
-        raise FileNotFoundError(
-            f"champion {version.name} v{version.version}: its run records no checkpoint; "
-            "move the alias by hand"
-        )
-    target = work_dir / f"v{version.version}-weights"
-    target.mkdir(parents=True, exist_ok=True)
-    try:
-        local = tracking.client().download_artifacts(
-            version.run_id, f"checkpoints/{Path(recorded).name}", str(target)
-        )
-    except Exception as error:  # MLflow raises several types for a missing artefact
-        raise FileNotFoundError(
-            f"champion {version.name} v{version.version}: its checkpoint {recorded!r} is gone and its "
-            f"MLflow run has no copy ({error}); restore the file or move the alias by hand"
-        ) from error
-    return Path(local)
+def champion_bundle(
+    version: ModelVersionInfo, tracking: TrackingSettings
+) -> tuple[DeployableModel, list[LoadedModel]]:
+    """The bundle behind a registered version and its loaded members (one MLflow ``load_model``)."""
+    loaded = load_pyfunc(f"models:/{version.name}/{version.version}", settings=tracking)
+    wrapped = loaded.unwrap_python_model()
+    return wrapped.bundle, wrapped.members
 
 
-def _score_champion(
-    predictions: PredictionSet, version: ModelVersionInfo, work_dir: Path, tracking: TrackingSettings,
+def score_bundle(
+    model: DeployableModel,
+    members: list[LoadedModel],
+    predictions: PredictionSet,
+    folder: Path,
     log_fn: LogFn | None,
-) -> float:  # fmt: skip
-    """MIoU of ``version`` on the predictions' split with the same TTA (reusing a set already made)."""
-    checkpoint = champion_checkpoint(version, work_dir, tracking)
-    reused = next((m.name for m in predictions.members if Path(m.checkpoint) == checkpoint), None)
-    if reused is not None and reused in predictions.sets:
-        folder = predictions.folder(reused)
-    else:
-        name = f"champion_v{version.version}"
-        folder = work_dir / name
-        settings = predictions.settings.replace(color_png=False, write_probabilities=False)
-        inputs = [(item.item_id, Path(item.input)) for item in predictions.items]
-        predict_files(
-            [load_stage_model(checkpoint, name)], inputs, {ENSEMBLE: folder}, settings, log_fn=log_fn
-        )
-    progress = ItemProgress(
-        f"evaluate champion v{version.version}", len(predictions.items), unit="files", log_fn=log_fn
-    )
+) -> float:
+    """MIoU of ``model`` on the predictions' split, predicted with its own views and weights."""
+    settings = model.predict.replace(color_png=False, write_probabilities=False)
+    inputs = [(item.item_id, Path(item.input)) for item in predictions.items]
+    predict_bundle(model, inputs, folder, settings, members=members)
+    progress = ItemProgress("evaluate champion", len(predictions.items), unit="files", log_fn=log_fn)
     evaluation = evaluate_pairs(
         prediction_pairs(folder, predictions),
         len(predictions.class_names),
@@ -78,33 +72,88 @@ def _score_champion(
     return float(evaluation.metrics.miou)
 
 
+def register_candidate(
+    candidate: DeployableModel,
+    predictions: PredictionSet,
+    model_name: str,
+    work_dir: Path,
+    tracking: TrackingSettings,
+    run_tags: Mapping[str, str],
+) -> tuple[str, str | None]:
+    """Write, log and register the candidate bundle; returns (version, MLflow run URL)."""
+    from seg_pipeline.inference.predict import load_stage_model
+
+    bundle = write_bundle(candidate, work_dir / "candidate")
+    bands = len(load_stage_model(candidate.members[0].checkpoint).normalization.mean)
+    with start_run(tracking, run_name=f"champion gate {model_name}", tags=run_tags) as run:
+        run.log_params(
+            {
+                "kind": candidate.kind,
+                "members": [m.name for m in candidate.members],
+                "weights": [m.weight for m in candidate.members],
+                "class_bias": candidate.class_bias,
+                "tta": candidate.predict.tta.model_dump(),
+                "split": candidate.split,
+            }
+        )
+        run.log_metrics({f"deployable/{candidate.split}/miou": candidate.score}, step=0)
+        logged = run.log_bundle(bundle, bands=bands, registered_model_name=model_name)
+        if logged.registered_version is None:
+            raise RuntimeError(f"{model_name}: the registry gave no version for the candidate")
+        run.describe_model_version(
+            model_name,
+            logged.registered_version,
+            f"{candidate.kind}: {candidate.reason}.",
+            {
+                TAG_KIND: candidate.kind,
+                f"evaluation/{candidate.split}/miou": f"{candidate.score:.4f}",
+                "members": ",".join(m.name for m in candidate.members),
+                "mlflow_run_id": run.run_id,
+                **{key: value for key, value in run_tags.items() if key.startswith("dagster.")},
+            },
+        )
+        return logged.registered_version, run.url
+
+
 def champion_gate(
     settings: ChampionSettings,
     predictions: PredictionSet,
     report: EvaluationReport,
     work_dir: Path,
     tracking: TrackingSettings,
+    model_name: str,
+    run_tags: Mapping[str, str] | None = None,
     log_fn: LogFn | None = None,
 ) -> ChampionDecision:
-    """Move ``settings.alias`` to the candidate only if it beats the current holder by ``margin`` mIoU."""
-    member = predictions.member(predictions.candidate)
-    if member.registered_model is None or member.registered_version is None:
-        raise ValueError(f"candidate {member.name!r} is not a registered model version; nothing to promote")
-    model_name, version = member.registered_model, member.registered_version
-    candidate_score = report.score(member.name).miou
+    """Register the deployable candidate as a version of ``model_name``, and move ``settings.alias``
+    to it only if it beats the current holder (re-scored on the same split) by ``margin`` mIoU.
+    """
+    candidate = deployable_candidate(
+        predictions, {score.name: score.miou for score in report.scores}, report.best_single
+    )
+    if log_fn is not None:
+        log_fn(f"deployable candidate: {candidate.kind}: {candidate.reason}")
+    version, _run_url = register_candidate(
+        candidate, predictions, model_name, work_dir, tracking, run_tags or {}
+    )
     current = get_alias_version(model_name, settings.alias, settings=tracking)
     champion_score: float | None = None
     if current is None:
         promote, reason = True, f"no '{settings.alias}' yet: promoting {model_name} v{version}"
-    elif str(current.version) == str(version):
-        promote, reason = False, f"{model_name} v{version} already holds '{settings.alias}'"
     else:
-        champion_score = _score_champion(predictions, current, work_dir, tracking, log_fn)
-        promote = bool(np.nan_to_num(candidate_score, nan=-1.0) > champion_score + settings.margin)
+        held, members = champion_bundle(current, tracking)
+        if held.split == candidate.split and same_predictions(held, candidate):
+            champion_score = candidate.score  # the same weights and views: the same class maps
+        else:
+            champion_score = score_bundle(
+                held, members, predictions, work_dir / f"champion_v{current.version}", log_fn
+            )
+        promote = bool(candidate.score > champion_score + settings.margin)
         kept = f"v{version}" if promote else f"v{current.version}"
         reason = (
-            f"candidate v{version} mIoU {candidate_score:.4f} vs champion v{current.version} "
-            f"{champion_score:.4f} (margin {settings.margin}): {'promoting' if promote else 'keeping'} {kept}"
+            f"candidate v{version} ({candidate.kind}) mIoU {candidate.score:.4f} vs champion "
+            f"v{current.version} ({held.kind}) {champion_score:.4f} (margin {settings.margin}): "
+            f"{'promoting' if promote else 'keeping'} {kept}"
         )
     if promote:
         set_alias(model_name, settings.alias, version, settings=tracking)
@@ -115,11 +164,12 @@ def champion_gate(
         alias=settings.alias,
         candidate_version=str(version),
         previous_version=None if current is None else str(current.version),
-        candidate_score=candidate_score,
+        candidate_score=candidate.score,
         champion_score=champion_score,
         margin=settings.margin,
         candidate_url=tracking.model_version_link(model_name, str(version)),
         champion_url=tracking.model_version_link(
             model_name, str(version) if promote or current is None else str(current.version)
         ),
+        deployed=candidate,
     )

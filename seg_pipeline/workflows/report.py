@@ -38,6 +38,7 @@ from seg_pipeline.inference.palette import stored_palette
 from seg_pipeline.progress import ItemProgress
 from seg_pipeline.settings import EvaluationSettings, ScoringSettings
 from seg_pipeline.tracking import TrackingSettings, start_run
+from seg_pipeline.workflows.deployable import deployable_candidate
 
 LogFn = Callable[[str], None]
 
@@ -206,6 +207,7 @@ def _write_files(
     settings: EvaluationSettings,
     report_dir: Path,
     figures: Mapping[str, Path],
+    extra_notes: Sequence[str] = (),
 ) -> tuple[Path, Path, list[Path]]:
     """CSV per set, the ensemble's confusion PNG, overlays, report.md and metrics.json."""
     class_names = predictions.class_names
@@ -228,6 +230,7 @@ def _write_files(
         f"{predictions.views_per_input} forward views per tile in the ensemble",
         f"best single model: `{best_single}` (mIoU {best.miou:.4f}); ensemble mIoU {ensemble.miou:.4f}",
         *_pooled_notes(predictions, evaluations),
+        *extra_notes,
         "macro means skip classes absent from both truth and prediction (NaN); "
         f"{evaluations[ENSEMBLE].unpredicted_pixels} input-nodata pixels have no prediction "
         "and are not scored",
@@ -336,8 +339,15 @@ def build_report(
     singles = [name for name in evaluations if name != ENSEMBLE] or [ENSEMBLE]
     best_single = max(singles, key=lambda name: np.nan_to_num(evaluations[name].metrics.miou, nan=-1.0))
     figures = _figures(predictions, evaluations, best_single, settings, report_dir)
+    deployable = deployable_candidate(
+        predictions, {name: float(ev.metrics.miou) for name, ev in evaluations.items()}, best_single
+    )
+    deploy_note = (
+        f"deployable model (what the champion gate registers): {deployable.kind}, "
+        f"{', '.join(m.name for m in deployable.members)}: {deployable.reason}"
+    )
     markdown, confusion_png, overlays = _write_files(
-        predictions, evaluations, best_single, settings, report_dir, figures
+        predictions, evaluations, best_single, settings, report_dir, figures, [deploy_note]
     )
     scores = [model_scores(name, ev, predictions.class_names) for name, ev in evaluations.items()]
     run_id = run_url = None

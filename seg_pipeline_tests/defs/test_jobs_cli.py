@@ -91,3 +91,49 @@ def test_full_pipeline_job_cli_with_the_ci_config(materialized_pipeline: Materia
     assert list((data_root / "predictions").glob("*/ensemble/*.tif"))
     assert (data_root / "mlflow" / "mlflow.db").exists()
     assert "RUN_SUCCESS" in materialized_pipeline.run.stdout + materialized_pipeline.run.stderr
+
+
+@pytest.mark.slow
+def test_the_champion_predicts_from_the_command_line_as_the_report_scored_it(
+    materialized_pipeline: MaterializedPipeline, tmp_path: Path
+) -> None:
+    """`seg-pipeline predict --model models:/demo_segmenter@champion`: the registered bundle's members,
+    weights, class offsets and TTA views, whatever the command line's defaults."""
+    import numpy as np
+    import rasterio
+
+    data_root = materialized_pipeline.data_root
+    stored = json.loads((materialized_pipeline.home / "storage" / "champion_model" / "demo.json").read_text())
+    deployed = stored["value"]["deployed"]
+    scored = (
+        "ensemble"
+        if deployed["kind"] == "ensemble" or deployed["class_bias"]
+        else (deployed["members"][0]["name"])
+    )
+    predictions = next((data_root / "predictions").iterdir())
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for written in sorted((predictions / scored).glob("*.tif"))[:2]:
+        item = written.stem
+        source = next((data_root / "processed" / "demo").glob(f"*/shard-*/inputs/{item}.*"))
+        (inputs / source.name).write_bytes(source.read_bytes())
+    done = subprocess.run(
+        [sys.executable, "-m", "seg_pipeline.cli", "--data-root", str(data_root), "predict",
+         "--model", "models:/demo_segmenter@champion", "--input", str(inputs),
+         "--output", str(tmp_path / "out")],
+        cwd=REPO, env=materialized_pipeline.env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    for ours in sorted((tmp_path / "out").glob("*.tif")):
+        with rasterio.open(ours) as a, rasterio.open(predictions / scored / ours.name) as b:
+            assert (a.read(1) == b.read(1)).mean() > 0.999, ours.name
+    assert len(list((tmp_path / "out").glob("*.tif"))) == 2
+    # an ensemble cannot be one of several --model: it is a whole model
+    mixed = subprocess.run(
+        [sys.executable, "-m", "seg_pipeline.cli", "--data-root", str(data_root), "predict",
+         "--model", "models:/demo_segmenter@champion", "--model", "models:/demo_student/1",
+         "--input", str(inputs), "--output", str(tmp_path / "mixed")],
+        cwd=REPO, env=materialized_pipeline.env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert mixed.returncode == 2 and "give it as the only --model" in mixed.stderr
+    assert np.isfinite(stored["value"]["candidate_score"])

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import dagster as dg
 import mlflow
+import numpy as np
 import pytest
 
 from seg_pipeline.contracts import (
     ChampionDecision,
+    DeployableModel,
     EvaluationReport,
     MemberModels,
     PredictionSet,
@@ -336,62 +338,87 @@ def test_pictures_show_inline_on_the_asset_pages_from_their_mlflow_runs(material
     assert splits["class_shares"].value.startswith("![split class shares](data:image/png;base64,")
 
 
-def test_champion_gate_both_ways(materialized) -> None:
+def _with_scores(report: EvaluationReport, scores: dict[str, float], best_single: str) -> EvaluationReport:
+    changed = [
+        s.model_copy(update={"miou": scores[s.name]}) if s.name in scores else s for s in report.scores
+    ]
+    return report.model_copy(update={"scores": changed, "best_single": best_single})
+
+
+def test_the_gate_registers_what_the_report_measured_and_moves_the_alias_past_the_margin(
+    materialized, tmp_path: Path
+) -> None:
     from seg_pipeline import tracking as trk
     from seg_pipeline.workflows.champion import champion_gate
 
     root, result = materialized
     first = result.output_for_node("champion_model")
     assert isinstance(first, ChampionDecision) and first.promoted and first.previous_version is None
-    settings = trk.TrackingSettings.from_data_root(root)
+    assert first.model_name == "demo_segmenter" and first.deployed is not None
     predictions: PredictionSet = result.output_for_node("ensemble_predictions")
     report: EvaluationReport = result.output_for_node("evaluation_report")
-    kd = result.output_for_node("kd_student_model")
-    champion = trk.get_alias_version("demo_student", "champion", settings=settings)
-    assert champion is not None and champion.version == kd.tracking.registered_version
+    # the candidate is the ensemble exactly when it scored above the best single model
+    ensemble, best = report.score("ensemble").miou, report.score(report.best_single).miou
+    expected = ("ensemble", ensemble) if ensemble > best else (report.best_single, best)
+    assert first.deployed.score == expected[1]
+    if expected[0] != "ensemble":
+        assert [m.name for m in first.deployed.members] == [report.best_single]
+    settings = trk.TrackingSettings.from_data_root(root)
+    champion = trk.get_alias_version("demo_segmenter", "champion", settings=settings)
+    assert champion is not None and champion.version == first.candidate_version
 
-    new_version = trk.register_model(kd.tracking.model_uri, "demo_student", settings=settings)
-    members = [m.model_copy(update={"registered_version": new_version}) if m.name == "kd_student" else m
-               for m in predictions.members]  # fmt: skip
-    candidate = predictions.model_copy(update={"members": members})
-
-    def scored(miou: float) -> EvaluationReport:
-        scores = [s.model_copy(update={"miou": miou}) if s.name == "kd_student" else s for s in report.scores]
-        return report.model_copy(update={"scores": scores})
-
-    kept = champion_gate(ChampionSettings(margin=0.0), candidate, scored(-1.0), root / "gate", settings)
-    assert not kept.promoted and kept.champion_score is not None and 0.0 <= kept.champion_score <= 1.0
-    assert trk.get_alias_version("demo_student", "champion", settings=settings).version == champion.version
-    # Same numbers, but the margin now decides: candidate must beat the champion by more than 0.5.
+    # A worse candidate (one model the champion is not, its ensemble scored lower) gets a version but
+    # not the alias; the champion is re-scored with its own bundle on the same split.
+    other = next(m.name for m in predictions.members if [m.name] != [d.name for d in first.deployed.members])
+    worse = _with_scores(report, {other: -1.0, "ensemble": -2.0}, other)
+    kept = champion_gate(
+        ChampionSettings(margin=0.0), predictions, worse, tmp_path / "a", settings, "demo_segmenter"
+    )
+    assert not kept.promoted and kept.deployed is not None and kept.deployed.kind == "single"
+    assert [m.name for m in kept.deployed.members] == [other]
+    assert kept.champion_score is not None
+    assert kept.champion_score == pytest.approx(first.deployed.score, abs=2e-3)  # its maps, re-predicted
+    assert trk.get_alias_version("demo_segmenter", "champion", settings=settings).version == champion.version
+    # Better than the champion by more than the margin: promoted.
+    better = _with_scores(report, {other: kept.champion_score + 0.6, "ensemble": -2.0}, other)
     promoted = champion_gate(
-        ChampionSettings(margin=0.5), candidate, scored(kept.champion_score + 0.6), root / "gate", settings
+        ChampionSettings(margin=0.5), predictions, better, tmp_path / "b", settings, "demo_segmenter"
     )
     assert promoted.promoted and promoted.previous_version == champion.version
-    assert trk.get_alias_version("demo_student", "champion", settings=settings).version == new_version
+    holder = trk.get_alias_version("demo_segmenter", "champion", settings=settings)
+    assert holder is not None and holder.version == promoted.candidate_version
+    trk.set_alias("demo_segmenter", "champion", champion.version, settings=settings)  # for later tests
 
 
-def test_the_gate_uses_the_mlflow_copy_when_the_champion_checkpoint_is_gone(materialized, tmp_path) -> None:
-    from seg_pipeline import tracking as trk
-    from seg_pipeline.workflows.champion import champion_checkpoint
+def test_the_champion_loads_with_one_call_and_predicts_what_the_report_scored(materialized) -> None:
+    import rasterio
+
+    from seg_pipeline.tracking import TrackingSettings, load_pyfunc
 
     root, result = materialized
-    settings = trk.TrackingSettings.from_data_root(root)
-    champion = trk.get_alias_version("demo_student", "champion", settings=settings)
-    assert champion is not None
-    local = Path(result.output_for_node("kd_student_model").checkpoint)
-    assert champion_checkpoint(champion, tmp_path, settings) == local  # the local file while it exists
-    original = local.read_bytes()
-    local.rename(local.with_suffix(".moved"))
-    try:
-        fetched = champion_checkpoint(champion, tmp_path, settings)
-    finally:
-        local.with_suffix(".moved").rename(local)
-    assert fetched != local and fetched.is_relative_to(tmp_path) and fetched.read_bytes() == original
+    deployed = result.output_for_node("champion_model").deployed
+    predictions: PredictionSet = result.output_for_node("ensemble_predictions")
+    # the set the report scored for it: the ensemble's maps, or the single model's own
+    scored = "ensemble" if deployed.kind == "ensemble" or deployed.class_bias else deployed.members[0].name
+    # one call (mlflow.pyfunc.load_model under the store's URIs, restored afterwards)
+    model = load_pyfunc("models:/demo_segmenter@champion", settings=TrackingSettings.from_data_root(root))
+    item = predictions.items[0]
+    with rasterio.open(item.input) as src:
+        image = src.read()
+    classes = model.predict(image[np.newaxis].astype(np.float32))
+    with rasterio.open(predictions.folder(scored) / f"{item.item_id}.tif") as src:
+        written = src.read(1)
+    assert classes.shape == (1, *written.shape)
+    assert (classes[0] == written).mean() > 0.999  # the same members, weights, offsets and views
 
 
 def test_registered_model_uris_resolve_to_the_exact_stage_checkpoint(materialized) -> None:
     from seg_pipeline.tracking import TrackingSettings
-    from seg_pipeline.workflows.resolve import ModelReferenceError, resolve_model_checkpoint
+    from seg_pipeline.workflows.resolve import (
+        ModelReferenceError,
+        resolve_model_checkpoint,
+        resolve_model_reference,
+    )
 
     root, result = materialized
     pre = result.output_for_node("pretrained_model")
@@ -400,6 +427,18 @@ def test_registered_model_uris_resolve_to_the_exact_stage_checkpoint(materialize
     assert resolve_model_checkpoint(uri, settings) == Path(pre.checkpoint)
     with pytest.raises(ModelReferenceError, match="no such registered model or alias"):
         resolve_model_checkpoint("models:/demo_pretrained@nope", settings)
+    # the champion is a bundle: an ensemble resolves as a whole, a single model to its checkpoint
+    deployed = result.output_for_node("champion_model").deployed
+    bundle = resolve_model_reference("models:/demo_segmenter@champion", settings)
+    assert isinstance(bundle, DeployableModel) and bundle.kind == deployed.kind
+    assert [m.weight for m in bundle.members] == [m.weight for m in deployed.members]
+    assert bundle.predict.tta == deployed.predict.tta and bundle.class_bias == deployed.class_bias
+    if len(bundle.members) > 1:
+        with pytest.raises(ModelReferenceError, match=r"is an ensemble of \d+ models"):
+            resolve_model_checkpoint("models:/demo_segmenter@champion", settings)
+    else:
+        member = resolve_model_checkpoint("models:/demo_segmenter@champion", settings)
+        assert member.read_bytes() == Path(deployed.members[0].checkpoint).read_bytes()
 
 
 def test_the_student_is_exported_with_a_card_that_names_its_run_and_the_gate(materialized) -> None:

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import dagster as dg
+from pydantic import Field
 
 from seg_pipeline.contracts import (
     ENSEMBLE,
@@ -21,7 +22,7 @@ from seg_pipeline.defs.config import dagster_config, to_settings
 from seg_pipeline.defs.failures import no_retry_for_bad_input
 from seg_pipeline.defs.metadata import link, picture, rounded, table, without_none
 from seg_pipeline.defs.ownership import owners, stage_tags
-from seg_pipeline.defs.partitions import DATASETS
+from seg_pipeline.defs.partitions import DATASETS, dataset_of
 from seg_pipeline.defs.resources import MlflowResource, StorageResource, run_family
 from seg_pipeline.defs.versions import code_version
 from seg_pipeline.settings import ChampionSettings, EvaluationSettings, PredictSettings
@@ -31,15 +32,27 @@ EVALUATION_GROUP = "evaluation"
 #: The member the champion gate may promote: the KD student (a registered single model).
 CANDIDATE = "kd_student"
 
+
+class ChampionRunConfig(dg.Config):
+    """The registry name of the deployable model: a Dagster-layer knob, like the stages' register_as."""
+
+    register_as: str = Field(
+        default="{dataset}_segmenter",
+        min_length=1,
+        description="Registered model that receives each run's deployable candidate (the ensemble or "
+        "the best single model) and holds the alias; {dataset} stands for the run's dataset partition.",
+    )
+
+
 # For the type checker the derived classes are plain dg.Config (fields are reached via to_settings).
 if TYPE_CHECKING:
     PredictionConfig = dg.Config
     EvaluationConfig = dg.Config
-    ChampionConfig = dg.Config
+    ChampionConfig = ChampionRunConfig
 else:
     PredictionConfig = dagster_config(PredictSettings, name="PredictionConfig")
     EvaluationConfig = dagster_config(EvaluationSettings, name="EvaluationConfig")
-    ChampionConfig = dagster_config(ChampionSettings, name="ChampionConfig")
+    ChampionConfig = dagster_config(ChampionSettings, name="ChampionConfig", base=ChampionRunConfig)
 
 
 @dg.asset(
@@ -229,8 +242,10 @@ def evaluation_report_checks(evaluation_report: EvaluationReport) -> Iterator[dg
     partitions_def=DATASETS,
     code_version=code_version("seg_pipeline.workflows.champion"),
     kinds={"mlflow"},
-    description="Moves the MLflow 'champion' alias to the new KD student only when it beats the current "
-    "champion on the same evaluation split by the configured margin.",
+    description="Registers what is worth deploying (the ensemble when it beats the best single model on "
+    "the evaluation split, else that model; a pyfunc MLflow model with its members and TTA views) and "
+    "moves the 'champion' alias to it only when it beats the current champion on the same split by "
+    "the configured margin.",
 )
 def champion_model(
     context: dg.AssetExecutionContext,
@@ -250,11 +265,18 @@ def champion_model(
             evaluation_report,
             storage.layout.reports_dir(run_family(context)) / "champion",
             mlflow.settings(storage.layout),
+            model_name=config.register_as.replace("{dataset}", dataset_of(context)),
+            run_tags=mlflow.run_tags(context, stage="champion"),
             log_fn=context.log.info,
         )
     context.log.info(decision.reason)
+    deployed = decision.deployed
     metadata = without_none(
         {
+            "deployed": f"{deployed.kind}: {', '.join(m.name for m in deployed.members)}"
+            if deployed
+            else None,
+            "why_this_model": deployed.reason if deployed else None,
             "promoted": decision.promoted,
             "candidate_score": rounded(decision.candidate_score),
             "champion_score": rounded(decision.champion_score),
