@@ -12,7 +12,13 @@ import rasterio
 from seg_pipeline.contracts import AuxiliarySet, DeployableModel, DeployedMember
 from seg_pipeline.data.raster_io import write_geotiff
 from seg_pipeline.data.synthetic import SyntheticSpec
-from seg_pipeline.inference.bundle import is_bundle, predict_bundle, read_bundle, same_predictions, write_bundle
+from seg_pipeline.inference.bundle import (
+    is_bundle,
+    predict_bundle,
+    read_bundle,
+    same_predictions,
+    write_bundle,
+)
 from seg_pipeline.settings import PredictSettings, PretrainSettings, SplitSettings
 from seg_pipeline.workflows.train import StageRun, pretrain
 from seg_pipeline_tests.conftest import ingest_synthetic, tiny_stage
