@@ -42,6 +42,12 @@ class EnsembleTuning(Contract):
     )
     scores: dict[str, float] = Field(description="Tuning-split mIoU of every candidate that was scored.")
     notes: list[str] = Field(default_factory=list, description="Each decision and why, in words.")
+    scales: list[float] | None = Field(
+        default=None, description="TTA scales chosen on the tuning split (null: as configured)."
+    )
+    flips: list[str] | None = Field(
+        default=None, description="TTA transforms chosen on the tuning split (null: as configured)."
+    )
 
 
 class PredictionSet(Contract):

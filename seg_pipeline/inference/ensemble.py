@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from seg_pipeline.contracts import ENSEMBLE
 from seg_pipeline.hardware import AMX_FLAG, cpu_bf16_is_fast, describe_precision, resolve_device
-from seg_pipeline.inference.tta import TTAConfig, member_term, merge_terms, tta_predict
+from seg_pipeline.inference.tta import TTAConfig, member_term, merge_terms, tta_predict, view_probabilities
 
 __all__ = ["ENSEMBLE", "EnsemblePredictor", "resolve_device"]
 
@@ -123,6 +123,17 @@ class EnsemblePredictor:
             }
             outputs[ENSEMBLE] = self._suppress(self._biased(merge_terms(terms, self.tta, self.weights)))
         return outputs
+
+    def predict_views(self, x: Tensor) -> Tensor:
+        """Every model's probabilities of every view, ``(B, M * V * K, H, W)`` (model-major, views
+        scale-major): what view tuning scores subsets of. No weights or offsets applied.
+        """
+        x = x.to(self.device, dtype=torch.float32)
+        with torch.inference_mode():
+            views = torch.cat([view_probabilities(model, x, self.tta) for model in self.models], dim=1)
+            batch, count, classes, height, width = views.shape
+            flat = self._suppress(views.reshape(batch * count, classes, height, width))
+        return flat.reshape(batch, count * classes, height, width)
 
     def predict_probabilities(self, x: Tensor) -> Tensor:
         """Ensemble class probabilities (B, K, H, W) float32, on the predictor's device."""

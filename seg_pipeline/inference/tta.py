@@ -28,6 +28,7 @@ __all__ = [
     "member_term",
     "merge_terms",
     "tta_predict",
+    "view_probabilities",
 ]
 
 #: The 8 elements of the dihedral group D4, as names accepted in ``TTAConfig.flips``.
@@ -254,6 +255,24 @@ def member_term(model: nn.Module, x: Tensor, config: TTAConfig) -> Tensor:
     if total is None:  # unreachable: config validation guarantees >= 1 scale and transform
         raise RuntimeError("member_term ran no views.")
     return total.div_(views)
+
+
+def view_probabilities(model: nn.Module, x: Tensor, config: TTAConfig) -> Tensor:
+    """Softmax probabilities of every view, ``(B, V, K, H, W)``, views ordered scale-major
+    (``scales[0]`` x every transform, then ``scales[1]``...), each inverted to ``x``'s size.
+
+    What :mod:`~seg_pipeline.inference.tuning` scores view subsets on; :func:`member_term` is the
+    cheaper mean over all of them.
+    """
+    height, width = x.shape[-2:]
+    views = []
+    with torch.inference_mode():
+        for scale in config.scales:
+            for _name, logits in _augmented_logits(model, x, scale, config):
+                if logits.shape[-2:] != (height, width):
+                    logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+                views.append(logits.softmax(dim=1))
+    return torch.stack(views, dim=1)
 
 
 def merge_terms(terms: Sequence[Tensor], config: TTAConfig, weights: Sequence[float] | None = None) -> Tensor:

@@ -8,7 +8,15 @@ Two choices a practitioner tunes on validation before reporting a test score:
   decision thresholds (a rare class often scores several IoU points higher with a lower one).
   Found by coordinate ascent over :data:`BIAS_GRID`, kept only where it raises mIoU.
 
-Both are scored on a bounded random sample of labelled pixels (:class:`PixelSample`), so memory
+With ``views`` on, a third choice comes first:
+
+- **views**: the subset of the configured TTA scales x transforms (the same for every member) with
+  the highest ensemble mIoU, and of those within :data:`MIN_GAIN` of it the fewest views (a view
+  costs a forward pass per model on every window). Every subset of up to
+  :data:`MAX_SUBSET_VIEWS_AXIS` scales or transforms is scored; of more transforms (``d4``), the
+  chain of greedy removals from all of them.
+
+All are scored on a bounded random sample of labelled pixels (:class:`PixelSample`), so memory
 and time do not grow with the tuning split. Combining members from their probabilities is exact
 for both merge modes: the mean of log-probabilities has the softmax of the mean of logits.
 """
@@ -40,6 +48,10 @@ BIAS_ROUNDS = 2
 TILES_PER_PASS = 16
 #: The smallest mIoU gain a tuned choice must bring to replace the default (guards against noise).
 MIN_GAIN = 1e-4
+#: Scales or transforms up to which every non-empty subset is a view-tuning candidate.
+MAX_SUBSET_VIEWS_AXIS = 4
+#: Bytes the per-view pixel sample may take (members x views x classes float32 per pixel).
+VIEW_SAMPLE_BYTES = 512 * 2**20
 
 
 @dataclass
@@ -215,3 +227,105 @@ def collect_sample(
         for probabilities, truth in zip(predict_tiles(predict_members, images, windows), truths, strict=True):
             sample.add(probabilities.numpy().reshape(members, num_classes, *truth.shape), truth, ignore_index)
     return sample
+
+
+@dataclass(frozen=True)
+class ViewChoice:
+    """The chosen scales and transforms (``indices``: their views, scale-major) and the
+    tuning-split mIoU of every view set scored.
+    """
+
+    scales: tuple[float, ...]
+    transforms: tuple[str, ...]
+    indices: tuple[int, ...]
+    scores: dict[tuple[tuple[float, ...], tuple[str, ...]], float]
+
+    @property
+    def key(self) -> tuple[tuple[float, ...], tuple[str, ...]]:
+        """The chosen set as a key of :attr:`scores`."""
+        return (self.scales, self.transforms)
+
+    @property
+    def score(self) -> float:
+        """The chosen set's mIoU."""
+        return self.scores[self.key]
+
+
+def _subsets(count: int) -> list[tuple[int, ...]]:
+    everyone = tuple(range(count))
+    return [c for size in range(1, count + 1) for c in itertools.combinations(everyone, size)]
+
+
+def view_rows(members: int, views: int, chosen: Sequence[int]) -> list[int]:
+    """Rows of a ``(members * views, N, K)`` sample holding the ``chosen`` views of every member."""
+    return [member * views + view for member in range(members) for view in chosen]
+
+
+def choose_views(
+    probabilities: np.ndarray,
+    truth: np.ndarray,
+    members: int,
+    scales: Sequence[float],
+    transforms: Sequence[str],
+    merge: str,
+) -> ViewChoice:
+    """The view set with the highest ensemble mIoU; the fewest views among those within MIN_GAIN.
+
+    ``probabilities`` is ``(members * V, N, K)``, member-major, views scale-major
+    (:meth:`~seg_pipeline.inference.ensemble.EnsemblePredictor.predict_views`).
+    """
+    scales, transforms = tuple(scales), tuple(transforms)
+    per_member, num_classes = len(scales) * len(transforms), probabilities.shape[2]
+    if probabilities.shape[0] != members * per_member:
+        raise ValueError(f"{probabilities.shape[0]} sampled views for {members} members x {per_member} views")
+
+    def score(scale_ids: tuple[int, ...], transform_ids: tuple[int, ...]) -> float:
+        chosen = [s * len(transforms) + t for s in scale_ids for t in transform_ids]
+        rows = view_rows(members, per_member, chosen)
+        return miou(combine(probabilities[rows], [1.0] * len(rows), merge).argmax(1), truth, num_classes)
+
+    every_scale, every_transform = tuple(range(len(scales))), tuple(range(len(transforms)))
+    scale_sets = (
+        _subsets(len(scales))
+        if len(scales) <= MAX_SUBSET_VIEWS_AXIS
+        else [every_scale, *((s,) for s in every_scale)]
+    )
+    if len(transforms) <= MAX_SUBSET_VIEWS_AXIS:
+        transform_sets = _subsets(len(transforms))
+    else:  # greedy: drop the transform whose removal helps most, down to one
+        transform_sets, current = [every_transform], every_transform
+        while len(current) > 1:
+            trials = {c: score(every_scale, c) for c in itertools.combinations(current, len(current) - 1)}
+            current = max(trials, key=trials.__getitem__)
+            transform_sets.append(current)
+    by_ids = {(ss, ts): score(ss, ts) for ss in scale_sets for ts in transform_sets}
+    best = max(by_ids.values())
+    near = [key for key, value in by_ids.items() if value >= best - MIN_GAIN]
+    chosen = min(near, key=lambda key: (len(key[0]) * len(key[1]), -by_ids[key], key))
+    scores = {
+        (tuple(scales[i] for i in ss), tuple(transforms[i] for i in ts)): value
+        for (ss, ts), value in by_ids.items()
+    }
+    return ViewChoice(
+        scales=tuple(scales[i] for i in chosen[0]),
+        transforms=tuple(transforms[i] for i in chosen[1]),
+        indices=tuple(s * len(transforms) + t for s in chosen[0] for t in chosen[1]),
+        scores=scores,
+    )
+
+
+def member_probabilities(
+    probabilities: np.ndarray, members: int, chosen: Sequence[int], merge: str
+) -> np.ndarray:
+    """``(members, N, K)``: each member's TTA merge of its ``chosen`` views of the per-view sample.
+
+    Exact for both merge modes: a member's ``mean_logit`` term is the mean of its views'
+    log-probabilities up to a per-pixel constant, which the ensemble's softmax removes.
+    """
+    per_member = probabilities.shape[0] // members
+    return np.stack(
+        [
+            combine(probabilities[[m * per_member + v for v in chosen]], [1.0] * len(chosen), merge)
+            for m in range(members)
+        ]
+    )

@@ -115,6 +115,12 @@ class TuningSettings(Settings):
         description="Tune per-class decision offsets (log-prior bias) of the ensemble for mIoU on the "
         "tuning split; the single models stay as trained.",
     )
+    views: bool = Field(
+        default=False,
+        description="Choose the TTA views (a subset of tta.scales x tta.flips, the same for every "
+        "member) with the highest ensemble mIoU on the tuning split; of views within 1e-4 of the best, "
+        "the fewest (cheaper to predict). Some views hurt a model trained without them.",
+    )
     max_pixels: int = Field(
         default=1_000_000,
         ge=1000,
@@ -127,7 +133,7 @@ class TuningSettings(Settings):
     @property
     def enabled(self) -> bool:
         """Whether anything is tuned (else no tuning pass runs)."""
-        return self.members or self.class_bias
+        return self.members or self.class_bias or self.views
 
 
 class PostprocessSettings(Settings):

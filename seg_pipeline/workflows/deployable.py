@@ -37,9 +37,12 @@ def deployable_candidate(
             if weights.get(m.name, 1.0) > 0
         ]
         names = ", ".join(m.name for m in members)
-        offsets = (
-            " with tuned class offsets" if predictions.tuning and any(predictions.tuning.class_bias) else ""
-        )
+        views = predictions.views_per_input // max(1, len(predictions.members)) * len(members)
+        details = [f"{views} forward views per tile"]
+        if predictions.tuning and any(predictions.tuning.class_bias):
+            details.insert(0, "with tuned class offsets")
+        what = f"the ensemble ({names}; " if len(members) > 1 else f"{names} ("
+        what += "; ".join(details) + ")"
         return DeployableModel(
             kind="ensemble" if len(members) > 1 else "single",
             members=members,
@@ -48,12 +51,10 @@ def deployable_candidate(
             score=ensemble,
             split=split,
             reason=(
-                f"{names} is the only model ({predictions.views_per_input} forward views per tile"
-                f"{offsets}): {ensemble:.4f} mIoU on {split}"
+                f"{what} is the only model: {ensemble:.4f} mIoU on {split}"
                 if only_one
-                else f"the ensemble ({names}{offsets}; {predictions.views_per_input} forward views per "
-                f"tile) scored {ensemble:.4f} mIoU on {split} against {best:.4f} for the best single "
-                f"model, {best_single}"
+                else f"{what} scored {ensemble:.4f} mIoU on {split} against {best:.4f} for the best "
+                f"single model, {best_single}, as trained"
             ),
         )
     member = predictions.member(best_single)

@@ -22,13 +22,24 @@ from seg_pipeline.data.normalization import normalize
 from seg_pipeline.data.shards import ShardRow, raster_input, read_manifest, read_shard_index, shard_dirs
 from seg_pipeline.inference.ensemble import ENSEMBLE
 from seg_pipeline.inference.predict import LoadedModel, build_predictor, load_stage_model, predict_files
-from seg_pipeline.inference.tuning import choose_members, collect_sample, combine, tune_class_bias
+from seg_pipeline.inference.tta import TTAConfig
+from seg_pipeline.inference.tuning import (
+    VIEW_SAMPLE_BYTES,
+    choose_members,
+    choose_views,
+    collect_sample,
+    combine,
+    member_probabilities,
+    tune_class_bias,
+)
 from seg_pipeline.progress import default_log_fn
 from seg_pipeline.settings import PredictSettings
 from seg_pipeline.tracking import TrackingSettings
 from seg_pipeline.workflows.resolve import resolve_model_checkpoint
 
 LogFn = Callable[[str], None]
+#: View sets whose tuning score is kept in the record (the best ones; the chosen and full sets too).
+VIEW_SCORES_KEPT = 5
 
 
 def _labeled(shards: ShardSet, split: str) -> list[ShardRow]:
@@ -76,26 +87,41 @@ def tune_ensemble(
         return None
     first = loaded[0]
     predictor = build_predictor(loaded, settings)
+    classes = len(first.class_names)
+    views = predictor.tta.views_per_model if tuning.views and predictor.tta.views_per_model > 1 else 1
 
     def members_fn(batch: torch.Tensor) -> torch.Tensor:
+        if views > 1:
+            return predictor.predict_views(batch)
         sets = predictor.predict_sets(batch)
         return torch.cat([sets[m.name] for m in loaded], dim=1)
 
+    rows_per_pixel = len(loaded) * views
+    if views > 1:  # the per-view sample is views times larger: keep it within VIEW_SAMPLE_BYTES
+        affordable = VIEW_SAMPLE_BYTES // (rows_per_pixel * classes * 4)
+        tuning = tuning.replace(max_pixels=max(1000, min(tuning.max_pixels, affordable)))
     sample = collect_sample(
         members_fn,
         rows,
         lambda image: np.asarray(normalize(image, first.normalization)),
         settings.windows.for_device(predictor.device.type),
         tuning,
-        len(first.class_names),
-        len(loaded),
+        classes,
+        rows_per_pixel,
         first.ignore_index,
     )
     probabilities, truth = sample.arrays()
     if truth.size == 0:
         log(f"ensemble tuning skipped: split {tuning.split!r} has no labelled pixel")
         return None
-    record = _decide(settings, [m.name for m in loaded], list(first.class_names), probabilities, truth)
+    record = _decide(
+        settings,
+        [m.name for m in loaded],
+        list(first.class_names),
+        probabilities,
+        truth,
+        predictor.tta if views > 1 else None,
+    )
     for note in record.notes:  # record.pixels is the sample's size: arrays() thinned it
         log(f"ensemble tuning on {tuning.split} ({record.pixels} pixels of {len(rows)} tiles): {note}")
     return record
@@ -107,11 +133,35 @@ def _decide(
     classes: list[str],
     probabilities: np.ndarray,
     truth: np.ndarray,
+    views: TTAConfig | None = None,
 ) -> EnsembleTuning:
-    """The member weights and class offsets the sample supports, with the scores and reasons."""
+    """The views, member weights and class offsets the sample supports, with the scores and reasons.
+
+    With ``views`` the sample holds every member's every view (``(M * V, N, K)``); the views are
+    chosen first, then the members and offsets on each member's merge of the chosen views.
+    """
     split, merge = settings.tuning.split, settings.tta.merge
     scores: dict[str, float] = {}
     notes: list[str] = []
+    scales: list[float] | None = None
+    flips: list[str] | None = None
+    if views is not None:
+        view_choice = choose_views(probabilities, truth, len(names), views.scales, views.transforms, merge)
+        every = view_choice.scores[(views.scales, views.transforms)]
+        ranked = sorted(view_choice.scores.items(), key=lambda item: -item[1])[:VIEW_SCORES_KEPT]
+        for (s_set, t_set), value in dict([*ranked, (view_choice.key, view_choice.score)]).items():
+            scores[f"views {list(s_set)} x {list(t_set)}"] = value
+        scores[f"views {list(views.scales)} x {list(views.transforms)}"] = every
+        count = len(view_choice.indices)
+        if count < views.views_per_model:
+            scales, flips = list(view_choice.scales), list(view_choice.transforms)
+            notes.append(
+                f"TTA views: scales {scales} x {flips} ({count} of {views.views_per_model} per model): "
+                f"{split} mIoU {view_choice.score:.4f}, all views {every:.4f}"
+            )
+        else:
+            notes.append(f"kept all {count} TTA views: no subset beat their {split} mIoU {every:.4f}")
+        probabilities = member_probabilities(probabilities, len(names), view_choice.indices, merge)
     weights = [1.0] * len(names)
     if settings.tuning.members and len(names) > 1:
         choice = choose_members(probabilities, truth, merge)
@@ -146,6 +196,8 @@ def _decide(
         class_bias=bias,
         scores=scores,
         notes=notes,
+        scales=scales,
+        flips=flips,
     )
 
 
@@ -196,6 +248,9 @@ def predict_split(
     started = time.perf_counter()
     tuning = tune_ensemble(settings, shards, loaded, split, log)
     tune_seconds = time.perf_counter() - started
+    if tuning is not None and tuning.scales is not None and tuning.flips is not None:
+        # the chosen views are what is predicted, scored and (in the deployable bundle) shipped
+        settings = settings.replace(tta=settings.tta.replace(scales=tuning.scales, flips=tuning.flips))
     names = [m.name for m in loaded] + [ENSEMBLE] if len(loaded) > 1 else [ENSEMBLE]
     out_dirs = {name: out_root / name for name in names}
     run = predict_files(

@@ -8,8 +8,16 @@ import torch
 from torch import nn
 
 from seg_pipeline.inference.ensemble import ENSEMBLE, EnsemblePredictor
-from seg_pipeline.inference.tta import TTAConfig, merge_terms
-from seg_pipeline.inference.tuning import PixelSample, choose_members, combine, miou, tune_class_bias
+from seg_pipeline.inference.tta import TTAConfig, member_term, merge_terms, view_probabilities
+from seg_pipeline.inference.tuning import (
+    PixelSample,
+    choose_members,
+    choose_views,
+    combine,
+    member_probabilities,
+    miou,
+    tune_class_bias,
+)
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -97,3 +105,54 @@ def test_the_predictor_applies_offsets_to_the_ensemble_only() -> None:
     assert (after[ENSEMBLE].argmax(1) == 1).sum() > (before[ENSEMBLE].argmax(1) == 1).sum()
     expected = (before[ENSEMBLE].log() + torch.tensor([0.0, 0.3]).view(1, 2, 1, 1)).argmax(1)
     torch.testing.assert_close(after[ENSEMBLE].argmax(1), expected)
+
+
+def _views(truth: np.ndarray, harmful: set[int], count: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """``count`` views of one member: right and 0.7 confident, or certain and wrong where ``harmful``."""
+    onehot = np.stack([1 - truth, truth], axis=1).astype(np.float64)
+    right = onehot * 0.4 + 0.3
+    return [1.0 - onehot if v in harmful else right + rng.uniform(0, 1e-3, right.shape) for v in range(count)]
+
+
+def test_a_view_that_hurts_is_left_out_and_equal_views_shrink_to_the_cheapest() -> None:
+    rng = np.random.default_rng(5)
+    truth = rng.integers(0, 2, 3000)
+    scales, transforms = (0.75, 1.0, 1.25), ("none", "h", "v")
+    # 2 members x 9 views (scale-major); flip "v" (views 2, 5, 8) is certain and wrong for both
+    views = [*_views(truth, {2, 5, 8}, 9, rng), *_views(truth, {2, 5, 8}, 9, rng)]
+    choice = choose_views(np.stack(views).astype(np.float32), truth, 2, scales, transforms, "mean_prob")
+    assert "v" not in choice.transforms
+    assert choice.score == pytest.approx(1.0) and choice.scores[(scales, transforms)] < 0.5
+    assert len(choice.indices) == 1  # every correct set scores 1.0: one view per model is enough
+    assert choice.indices[0] == scales.index(choice.scales[0]) * 3 + transforms.index(choice.transforms[0])
+    assert len(choice.scores) == 7 * 7  # every non-empty subset of 3 scales x 3 transforms
+
+
+def test_eight_transforms_are_dropped_greedily() -> None:
+    rng = np.random.default_rng(6)
+    truth = rng.integers(0, 2, 2000)
+    d4 = ("none", "h", "v", "rot90", "rot180", "rot270", "transpose", "antitranspose")
+    probabilities = np.stack(_views(truth, {5, 6}, 8, rng)).astype(np.float32)  # 1 member, 1 scale
+    choice = choose_views(probabilities, truth, 1, (1.0,), d4, "mean_logit")
+    assert choice.score == pytest.approx(1.0) and not {"rot270", "transpose"} & set(choice.transforms)
+    assert len(choice.scores) == 8  # all 8, then one set per removal down to a single transform
+
+
+@pytest.mark.parametrize("merge", ["mean_prob", "mean_logit"])
+def test_per_view_probabilities_merge_to_what_the_predictor_predicts(merge: str) -> None:
+    torch.manual_seed(0)
+    models = [nn.Conv2d(3, 4, 3, padding=1).eval() for _ in range(2)]
+    config = TTAConfig(scales=(0.5, 1.0), flips=("none", "rot90"), merge=merge)
+    x = torch.randn(1, 3, 12, 16)
+    predictor = EnsemblePredictor(models, config, names=["a", "b"])
+    per_view = predictor.predict_views(x)  # (1, 2 models x 4 views x 4 classes, 12, 16)
+    assert per_view.shape == (1, 2 * 4 * 4, 12, 16)
+    sample = per_view[0].reshape(8, 4, -1).permute(0, 2, 1).numpy()  # (members x views, N, K)
+    members = member_probabilities(sample, 2, [0, 1, 2, 3], merge)
+    with torch.inference_mode():
+        first = merge_terms([member_term(models[0], x, config)], config)[0].reshape(4, -1).T.numpy()
+    np.testing.assert_allclose(members[0], first, atol=1e-5)  # a member's own TTA merge
+    ensemble = combine(members, [1.0, 1.0], merge)
+    expected = predictor.predict_probabilities(x)[0].reshape(4, -1).T.numpy()
+    np.testing.assert_allclose(ensemble, expected, atol=1e-5)  # and the ensemble's
+    assert torch.equal(view_probabilities(models[1], x, config).flatten(1, 2), per_view[:, 16:])

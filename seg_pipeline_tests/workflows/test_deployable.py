@@ -34,8 +34,20 @@ def test_a_better_ensemble_is_deployed_with_the_members_and_offsets_tuning_kept(
     assert [m.name for m in chosen.members] == ["a", "c"]  # b got weight 0 on val: not shipped
     assert chosen.class_bias == [0.0, 0.5] and chosen.score == 0.73
     assert chosen.predict == predictions.settings  # the views and windows that were scored
-    assert "0.7300 mIoU on test against 0.7100 for the best single model, b" in chosen.reason
-    assert "with tuned class offsets" in chosen.reason
+    assert chosen.reason == (
+        "the ensemble (a, c; with tuned class offsets; 18 forward views per tile) scored 0.7300 mIoU "
+        "on test against 0.7100 for the best single model, b, as trained"
+    )
+
+
+def test_one_member_left_by_tuning_is_deployed_alone_with_its_offsets() -> None:
+    tuning = EnsembleTuning(
+        split="val", pixels=10, weights={"a": 0.0, "b": 1.0}, class_bias=[0, 1], scores={}
+    )
+    chosen = deployable_candidate(_predictions(["a", "b"], tuning), {"a": 0.6, "b": 0.7, ENSEMBLE: 0.75}, "b")
+    assert chosen.kind == "single" and [m.name for m in chosen.members] == ["b"]
+    assert chosen.class_bias == [0, 1]
+    assert chosen.reason.startswith("b (with tuned class offsets; 9 forward views per tile) scored 0.7500")
 
 
 def test_an_ensemble_that_does_not_beat_the_best_single_model_loses_to_it() -> None:
@@ -48,4 +60,4 @@ def test_an_ensemble_that_does_not_beat_the_best_single_model_loses_to_it() -> N
 def test_one_member_is_deployed_as_itself_with_its_views() -> None:
     chosen = deployable_candidate(_predictions(["m"]), {ENSEMBLE: 0.6}, ENSEMBLE)
     assert chosen.kind == "single" and [m.name for m in chosen.members] == ["m"]
-    assert chosen.reason == "m is the only model (9 forward views per tile): 0.6000 mIoU on test"
+    assert chosen.reason == "m (9 forward views per tile) is the only model: 0.6000 mIoU on test"

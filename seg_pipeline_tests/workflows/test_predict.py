@@ -73,3 +73,30 @@ def test_tuning_on_the_evaluated_split_is_refused(shards: ShardSet) -> None:
     assert line.startswith("ensemble tuning skipped: split 'test' is the evaluated split (splits: ['test',")
     off = PredictSettings.parse({**FAST, "tuning": {"members": False, "class_bias": False}})
     assert tune_ensemble(off, shards, _models(shards), "test", lines.append) is None
+
+
+def test_views_tuned_on_val_score_as_predicting_with_them_and_are_what_the_split_is_predicted_with(
+    shards: ShardSet, tmp_path: Path
+) -> None:
+    views = {"scales": [0.5, 1.0], "flips": ["none", "h", "rot90"]}
+    settings = PredictSettings.parse(
+        {**FAST, "tta": views, "tuning": {"views": True, "members": False, "class_bias": False}}
+    )
+    lines: list[str] = []
+    tuning = tune_ensemble(settings, shards, _models(shards), "test", lines.append)
+    assert tuning is not None and tuning.scales is not None and tuning.flips is not None
+    assert any("TTA views: scales" in line for line in lines)
+    chosen = f"views {tuning.scales} x {tuning.flips}"
+    assert tuning.scores[chosen] >= tuning.scores["views [0.5, 1.0] x ['none', 'h', 'rot90']"]
+
+    # The chosen views' tuning score is the val files' score when predicted with those views.
+    _, rows = labeled_rows(shards, "val")
+    plain = settings.replace(
+        tta={"scales": tuning.scales, "flips": tuning.flips}, tuning={"views": False, "members": False,
+                                                                      "class_bias": False},
+    )  # fmt: skip
+    folder = tmp_path / "chosen"
+    predict_files(_models(shards), [(r.item_id, r.input_path) for r in rows], {"ensemble": folder}, plain)
+    pairs = [(folder / f"{r.item_id}.tif", r.target_path) for r in rows]
+    scored = evaluate_pairs(pairs, shards.catalog.num_classes, shards.catalog.ignore_index)  # type: ignore[arg-type]
+    assert tuning.scores[chosen] == pytest.approx(float(scored.metrics.miou), abs=1e-6)
