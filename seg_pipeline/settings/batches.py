@@ -56,9 +56,17 @@ class LoaderSettings(Settings):
     num_workers: int = Field(
         default=0, ge=0, description="DataLoader worker processes; 0 loads in the main process."
     )
-    prefetch_factor: int = Field(default=2, ge=1, description="Batches prefetched per worker.")
+    prefetch_factor: int = Field(
+        default=2, ge=1, description="Batches prefetched per worker (or by the prefetch thread)."
+    )
     persistent_workers: bool = Field(
         default=False, description="Keep workers (and their caches) across epochs."
+    )
+    prefetch_thread: bool | None = Field(
+        default=None,
+        description="With num_workers 0, read the next batches in one background thread while the "
+        "model steps (same batches, same order); null = on when training on a GPU without workers, "
+        "off on the CPU (its cores are busy with the step: measured slower there).",
     )
     pin_memory: bool = Field(default=False, description="Page-locked batches for faster GPU copies.")
     cache_mode: Literal["none", "lru"] = Field(

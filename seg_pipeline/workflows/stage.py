@@ -21,7 +21,13 @@ from pydantic import ConfigDict, Field
 from seg_pipeline.contracts import BandStatistics, Catalog, ShardSet, TrackingRecord, TrainedModel
 from seg_pipeline.contracts.base import Contract
 from seg_pipeline.data.combined import InterleavedSources
-from seg_pipeline.data.loaders import build_eval_loader, build_train_loader
+from seg_pipeline.data.loaders import (
+    build_eval_loader,
+    build_train_loader,
+    prefetch_thread_wanted,
+    with_prefetch_thread,
+)
+from seg_pipeline.hardware import resolve_device
 from seg_pipeline.models import SegmentationModel, build_model
 from seg_pipeline.models.checkpoint import load_model_weights
 from seg_pipeline.models.loading import load_trained_model
@@ -292,13 +298,20 @@ def prepare_stage(job: StageJob, log: LogFn) -> PreparedStage:
     if streamed:
         log(f"{job.stage}: {len(streamed)} validation scenes above {STREAM_PIXELS} px are scored from disk")
     loader_settings = job.settings.loader
+    device_type = resolve_device(job.settings.loop.device).type
+    prefetch, why = prefetch_thread_wanted(loader_settings, device_type)
+    log(f"{job.stage}: batches read {'ahead in a thread' if prefetch else 'in the step'} ({why})")
     weights = None
     if job.settings.loss.class_weighting:
         totals = class_pixel_totals(job.sources, catalog.class_names, catalog.ignore_index)
         weights = inverse_frequency_weights(totals, power=0.5)
     return PreparedStage(
         trainer=_trainer(job, model, _objective(job, weights), len(train_data), log),
-        train_loader=build_train_loader(train_data, loader_settings, seed=job.settings.loop.seed),
+        train_loader=with_prefetch_thread(
+            build_train_loader(train_data, loader_settings, seed=job.settings.loop.seed),
+            loader_settings,
+            device_type,
+        ),
         val_loader=build_eval_loader(
             val_data, loader_settings.replace(cache_mode="none"), collate_fn=collate_tiles
         ),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -14,7 +16,14 @@ from seg_pipeline.data.datasets import (
     ShardIterableDataset,
     ShardMapDataset,
 )
-from seg_pipeline.data.loaders import build_eval_loader, build_train_loader, seed_worker
+from seg_pipeline.data.loaders import (
+    ThreadPrefetchLoader,
+    build_eval_loader,
+    build_train_loader,
+    prefetch_thread_wanted,
+    seed_worker,
+    with_prefetch_thread,
+)
 from seg_pipeline.data.raster_io import write_geotiff
 from seg_pipeline.settings import AugmentSettings, LoaderSettings
 from seg_pipeline_tests.data.test_shard_datasets import build_sharded_dataset
@@ -46,6 +55,7 @@ def test_defaults_follow_seed_000() -> None:
         "num_workers": 0,
         "prefetch_factor": 2,
         "persistent_workers": False,
+        "prefetch_thread": None,
         "pin_memory": False,
         "cache_mode": "none",
         "cache_max_items": 0,
@@ -193,3 +203,67 @@ def test_train_loader_with_patch_size_batch_sampler(tmp_path) -> None:
     assert shapes == [(3, 3, s, s) for s in sampler.batch_sizes()]
     with pytest.raises(ValueError, match="cache_mode"):
         build_train_loader(dataset, LoaderSettings(cache_mode="lru"), batch_sampler=sampler)
+
+
+def _augmented_batches(data: dict, epoch: int) -> tuple[ShardIterableDataset, LoaderSettings]:
+    dataset = ShardIterableDataset(
+        data["dirs"][("npy", 3)], "train", stats=data["stats"], augmenter=Augmenter(AugmentSettings()),
+        batch_size=2, seed=7,
+    )  # fmt: skip
+    dataset.set_epoch(epoch)
+    return dataset, LoaderSettings(batch_size=2)
+
+
+def test_the_prefetch_thread_yields_the_same_seeded_batches_in_the_same_order(data: dict) -> None:
+    dataset, config = _augmented_batches(data, epoch=3)
+    plain = list(build_train_loader(dataset, config.replace(prefetch_thread=False)))
+    dataset, config = _augmented_batches(data, epoch=3)
+    threaded = with_prefetch_thread(build_train_loader(dataset, config), config, "cuda")
+    assert isinstance(threaded, ThreadPrefetchLoader)  # null = on for a GPU step without workers
+    assert threaded.dataset is dataset  # set_epoch and len() reach the wrapped loader
+    fetched = list(threaded)
+    assert len(fetched) == len(plain) == len(data["ids"]) // 2
+    for a, b in zip(fetched, plain, strict=True):
+        assert a["item_id"] == b["item_id"]
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+
+
+def test_a_consumer_that_stops_early_stops_the_thread(data: dict) -> None:
+    dataset, config = _augmented_batches(data, epoch=0)
+    before = threading.active_count()
+    iterator = iter(ThreadPrefetchLoader(build_train_loader(dataset, config)))
+    next(iterator)
+    iterator.close()  # what a ``break`` (max_steps_per_epoch) does to the generator
+    assert threading.active_count() == before
+
+
+class _Broken(Dataset):
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if index == 2:
+            raise OSError("tile 2 is truncated")
+        return torch.zeros(1)
+
+
+def test_a_loading_error_in_the_thread_is_raised_to_the_training_loop() -> None:
+    loader = ThreadPrefetchLoader(build_eval_loader(_Broken(), LoaderSettings(batch_size=1)))
+    with pytest.raises(OSError, match="tile 2 is truncated"):
+        list(loader)
+
+
+def test_the_thread_is_refused_beside_worker_processes_and_off_when_asked(data: dict) -> None:
+    dataset = ShardMapDataset(data["dirs"][("npy", 3)], "train", stats=data["stats"])
+    with pytest.raises(ValueError, match="prefetch_thread=true with num_workers=2"):
+        with_prefetch_thread(build_eval_loader(dataset), LoaderSettings(num_workers=2, prefetch_thread=True))
+    workers = build_eval_loader(dataset, LoaderSettings(num_workers=2))
+    assert with_prefetch_thread(workers, LoaderSettings(num_workers=2)) is workers  # null: workers prefetch
+    main = build_eval_loader(dataset)
+    assert with_prefetch_thread(main, LoaderSettings(prefetch_thread=False), "cuda") is main
+    assert with_prefetch_thread(main, LoaderSettings(), "cpu") is main  # null: the CPU's cores are busy
+    assert isinstance(with_prefetch_thread(main, LoaderSettings(prefetch_thread=True)), ThreadPrefetchLoader)
+    assert prefetch_thread_wanted(LoaderSettings(), "cpu") == (
+        False,
+        "training on the CPU, whose cores torch's threads already use",
+    )
