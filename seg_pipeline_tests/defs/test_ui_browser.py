@@ -7,7 +7,8 @@ metadata (model comparison table, ensemble mIoU, MLflow run id) on its page, wit
 
 Skipped where Chromium or Playwright is missing, unless ``SEG_PIPELINE_REQUIRE_BROWSER=1``
 (``.ci/run`` sets it after installing Chromium, so CI can never skip it silently). Screenshots go to
-the test's temp folder, and also to ``SEG_PIPELINE_SCREENSHOT_DIR`` when set (docs/ itself is refreshed from the demo run by `make screenshots`).
+the test's temp folder, and also to ``SEG_PIPELINE_SCREENSHOT_DIR`` when set (docs/ itself is
+refreshed from the demo run by ``make screenshots``).
 """
 
 from __future__ import annotations
