@@ -39,6 +39,17 @@ class LoggedModelInfo:
     registered_model_name: str | None = None
     registered_version: str | None = None
 
+    @classmethod
+    def of(cls, info: Any, registered_model_name: str | None) -> LoggedModelInfo:
+        """From MLflow's ``ModelInfo`` of a ``log_model`` call (the name kept only if registered)."""
+        version = info.registered_model_version
+        return cls(
+            model_uri=info.model_uri,
+            model_id=getattr(info, "model_id", None),
+            registered_model_name=registered_model_name if version is not None else None,
+            registered_version=None if version is None else str(version),
+        )
+
 
 def default_pip_requirements() -> list[str]:
     """Return ``name==version`` for the installed model packages (local ``+cu130`` suffixes dropped).
@@ -292,13 +303,7 @@ class TrackedRun:
                 signature=signature,
                 input_example=example,
             )
-        version = info.registered_model_version
-        return LoggedModelInfo(
-            model_uri=info.model_uri,
-            model_id=getattr(info, "model_id", None),
-            registered_model_name=registered_model_name if version is not None else None,
-            registered_version=None if version is None else str(version),
-        )
+        return LoggedModelInfo.of(info, registered_model_name)
 
     def log_bundle(
         self,
@@ -334,13 +339,7 @@ class TrackedRun:
                 # no input example: MLflow would run every member over all TTA views on it to check
                 # it (4 s for the demo's pair); the signature says what goes in and out
             )
-        version = info.registered_model_version
-        return LoggedModelInfo(
-            model_uri=info.model_uri,
-            model_id=getattr(info, "model_id", None),
-            registered_model_name=registered_model_name if version is not None else None,
-            registered_version=None if version is None else str(version),
-        )
+        return LoggedModelInfo.of(info, registered_model_name)
 
 
 def tensor_signature(bands: int, classes: int, example_side: int) -> tuple[Any, Any]:
