@@ -10,7 +10,7 @@ and padding change nothing, which is what the tests check.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -234,24 +234,30 @@ def _augmented_logits(
     return [(name, outputs[name]) for name in transforms]
 
 
+def _view_logits(model: nn.Module, x: Tensor, config: TTAConfig) -> Iterator[Tensor]:
+    """Logits of every view, scale-major, inverted and resized to ``x``'s height and width."""
+    height, width = x.shape[-2:]
+    for scale in config.scales:
+        for _name, logits in _augmented_logits(model, x, scale, config):
+            if logits.shape[-2:] != (height, width):
+                logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+            yield logits
+
+
 def member_term(model: nn.Module, x: Tensor, config: TTAConfig) -> Tensor:
     """One model's mean over its views: of softmax probabilities (``mean_prob``) or of logits.
 
     Terms of several models merge with :func:`merge_terms`; a single model's probabilities are
     ``merge_terms([term], config)``. Runs under ``torch.inference_mode``.
     """
-    height, width = x.shape[-2:]
     total: Tensor | None = None
     views = 0
     with torch.inference_mode():
-        for scale in config.scales:
-            for _name, logits in _augmented_logits(model, x, scale, config):
-                if logits.shape[-2:] != (height, width):
-                    logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
-                term = logits.softmax(dim=1) if config.merge == "mean_prob" else logits
-                # clone: the first term may be a view of a model output; never accumulate into it
-                total = term.clone() if total is None else total.add_(term)
-                views += 1
+        for logits in _view_logits(model, x, config):
+            term = logits.softmax(dim=1) if config.merge == "mean_prob" else logits
+            # clone: the first term may be a view of a model output; never accumulate into it
+            total = term.clone() if total is None else total.add_(term)
+            views += 1
     if total is None:  # unreachable: config validation guarantees >= 1 scale and transform
         raise RuntimeError("member_term ran no views.")
     return total.div_(views)
@@ -264,15 +270,8 @@ def view_probabilities(model: nn.Module, x: Tensor, config: TTAConfig) -> Tensor
     What :mod:`~seg_pipeline.inference.tuning` scores view subsets on; :func:`member_term` is the
     cheaper mean over all of them.
     """
-    height, width = x.shape[-2:]
-    views = []
     with torch.inference_mode():
-        for scale in config.scales:
-            for _name, logits in _augmented_logits(model, x, scale, config):
-                if logits.shape[-2:] != (height, width):
-                    logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
-                views.append(logits.softmax(dim=1))
-    return torch.stack(views, dim=1)
+        return torch.stack([logits.softmax(dim=1) for logits in _view_logits(model, x, config)], dim=1)
 
 
 def merge_terms(terms: Sequence[Tensor], config: TTAConfig, weights: Sequence[float] | None = None) -> Tensor:
