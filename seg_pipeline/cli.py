@@ -105,18 +105,17 @@ def predict_settings(args: argparse.Namespace, base: PredictSettings | None = No
 
 def predict_command(args: argparse.Namespace) -> None:
     """Predict a folder of rasters with one or more models (ensemble when several)."""
-    from seg_pipeline.contracts import DeployableModel
     from seg_pipeline.hardware import resolve_device
-    from seg_pipeline.inference.bundle import load_members
+    from seg_pipeline.inference.bundle import predict_bundle
     from seg_pipeline.inference.ensemble import ENSEMBLE
     from seg_pipeline.inference.predict import list_rasters, load_stage_model, predict_files
     from seg_pipeline.tracking import TrackingSettings
-    from seg_pipeline.workflows.resolve import resolve_model_reference
+    from seg_pipeline.workflows.resolve import RegisteredSegmenter, resolve_model_reference
 
     resolve_device(args.device)  # a missing GPU is one line before any model is loaded
     tracking = TrackingSettings.from_data_root(args.data_root)
     resolved = [resolve_model_reference(m, tracking) for m in args.model]
-    bundles = [r for r in resolved if isinstance(r, DeployableModel)]
+    bundles = [r for r in resolved if isinstance(r, RegisteredSegmenter)]
     if bundles and len(resolved) > 1:
         raise ValueError(
             f"{args.model}: a registered segmenter is a whole model (with its own members and views): "
@@ -124,13 +123,10 @@ def predict_command(args: argparse.Namespace) -> None:
         )
     inputs = [(path.stem, path) for path in list_rasters(args.input)]
     if bundles:
-        bundle = bundles[0]
-        settings = predict_settings(args, base=bundle.predict)
-        models = load_members(bundle)
-        run = predict_files(
-            models, inputs, {ENSEMBLE: args.output}, settings,
-            weights=[m.weight for m in bundle.members], class_bias=bundle.class_bias,
-        )  # fmt: skip
+        segmenter = bundles[0]
+        settings = predict_settings(args, base=segmenter.bundle.predict)
+        models = segmenter.members
+        run = predict_bundle(segmenter.bundle, inputs, args.output, settings, members=models)
     else:
         settings = predict_settings(args)
         paths = [path for path in resolved if isinstance(path, Path)]

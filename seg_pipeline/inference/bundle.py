@@ -66,11 +66,6 @@ def load_members(model: DeployableModel) -> list[LoadedModel]:
     return [load_stage_model(member.checkpoint, member.name) for member in model.members]
 
 
-def bundle_settings(model: DeployableModel, overrides: PredictSettings | None = None) -> PredictSettings:
-    """The settings the bundle was scored with, or ``overrides`` (a caller's own views and windows)."""
-    return overrides if overrides is not None else model.predict
-
-
 def predict_bundle(
     model: DeployableModel,
     inputs: Sequence[tuple[str, Path]],
@@ -78,13 +73,15 @@ def predict_bundle(
     settings: PredictSettings | None = None,
     members: Sequence[LoadedModel] | None = None,
 ) -> PredictionRun:
-    """Predict ``inputs`` into ``out_dir`` with the bundle's members, weights, offsets and views."""
+    """Predict ``inputs`` into ``out_dir`` with the bundle's members, weights, offsets and views
+    (``settings``: a caller's own views and windows instead).
+    """
     loaded = list(members) if members is not None else load_members(model)
     return predict_files(
         loaded,
         inputs,
         {ENSEMBLE: out_dir},
-        bundle_settings(model, settings),
+        settings if settings is not None else model.predict,
         weights=[m.weight for m in model.members],
         class_bias=model.class_bias,
     )

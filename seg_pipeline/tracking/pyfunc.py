@@ -36,6 +36,7 @@ class SegmenterModel(PythonModel):
         """Predict each image of the batch as a raster (windows, TTA, weights, offsets as scored)."""
         import rasterio
 
+        from seg_pipeline.data.raster_io import write_geotiff
         from seg_pipeline.inference.bundle import predict_bundle
 
         if isinstance(model_input, dict) and len(model_input) == 1:  # a named tensor of another signature
@@ -47,15 +48,11 @@ class SegmenterModel(PythonModel):
             raise ValueError(f"give images as (N, bands, H, W) or (bands, H, W), not shape {images.shape}")
         settings = self.bundle.predict.replace(color_png=False, write_probabilities=False)
         with tempfile.TemporaryDirectory(prefix="seg-pipeline-pyfunc-") as folder:
-            inputs = []
-            for index, image in enumerate(images):
-                path = Path(folder) / f"input_{index:05d}.tif"
-                with rasterio.open(
-                    path, "w", driver="GTiff", width=image.shape[2], height=image.shape[1],
-                    count=image.shape[0], dtype=image.dtype,
-                ) as dst:  # fmt: skip
-                    dst.write(image)
-                inputs.append((path.stem, path))
+            names = [f"input_{index:05d}" for index in range(len(images))]
+            inputs = [
+                (name, write_geotiff(Path(folder) / f"{name}.tif", image, compress=None))
+                for name, image in zip(names, images, strict=True)
+            ]
             out = Path(folder) / "out"
             predict_bundle(self.bundle, inputs, out, settings, members=self.members)
             maps = []

@@ -24,30 +24,21 @@ from seg_pipeline.contracts import (
 from seg_pipeline.evaluation.report import evaluate_pairs
 from seg_pipeline.inference.bundle import predict_bundle, same_predictions, write_bundle
 from seg_pipeline.inference.predict import LoadedModel
+from seg_pipeline.models.loading import checkpoint_info
 from seg_pipeline.progress import ItemProgress
 from seg_pipeline.settings import ChampionSettings
 from seg_pipeline.tracking import (
     TAG_KIND,
-    ModelVersionInfo,
     TrackingSettings,
     get_alias_version,
-    load_pyfunc,
     set_alias,
     start_run,
 )
 from seg_pipeline.workflows.deployable import deployable_candidate
 from seg_pipeline.workflows.report import prediction_pairs
+from seg_pipeline.workflows.resolve import load_registered_segmenter
 
 LogFn = Callable[[str], None]
-
-
-def champion_bundle(
-    version: ModelVersionInfo, tracking: TrackingSettings
-) -> tuple[DeployableModel, list[LoadedModel]]:
-    """The bundle behind a registered version and its loaded members (one MLflow ``load_model``)."""
-    loaded = load_pyfunc(f"models:/{version.name}/{version.version}", settings=tracking)
-    wrapped = loaded.unwrap_python_model()
-    return wrapped.bundle, wrapped.members
 
 
 def score_bundle(
@@ -81,10 +72,8 @@ def register_candidate(
     run_tags: Mapping[str, str],
 ) -> tuple[str, str | None]:
     """Write, log and register the candidate bundle; returns (version, MLflow run URL)."""
-    from seg_pipeline.inference.predict import load_stage_model
-
     bundle = write_bundle(candidate, work_dir / "candidate")
-    bands = len(load_stage_model(candidate.members[0].checkpoint).normalization.mean)
+    bands = len(checkpoint_info(candidate.members[0].checkpoint).normalization_mean)
     with start_run(tracking, run_name=f"champion gate {model_name}", tags=run_tags) as run:
         run.log_params(
             {
@@ -141,12 +130,13 @@ def champion_gate(
     if current is None:
         promote, reason = True, f"no '{settings.alias}' yet: promoting {model_name} v{version}"
     else:
-        held, members = champion_bundle(current, tracking)
+        champion = load_registered_segmenter(current.name, str(current.version), tracking)
+        held = champion.bundle
         if held.split == candidate.split and same_predictions(held, candidate):
             champion_score = candidate.score  # the same weights and views: the same class maps
         else:
             champion_score = score_bundle(
-                held, members, predictions, work_dir / f"champion_v{current.version}", log_fn
+                held, champion.members, predictions, work_dir / f"champion_v{current.version}", log_fn
             )
         promote = bool(candidate.score > champion_score + settings.margin)
         kept = f"v{version}" if promote else f"v{current.version}"

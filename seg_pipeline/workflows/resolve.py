@@ -9,14 +9,30 @@ MLflow model's own files.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from seg_pipeline.contracts import DeployableModel
+from seg_pipeline.inference.predict import LoadedModel
 from seg_pipeline.tracking import TAG_KIND, TrackingSettings, get_alias_version, load_pyfunc, run_tag
 
 
 class ModelReferenceError(ValueError):
     """A model reference cannot be resolved; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class RegisteredSegmenter:
+    """A version the champion gate registered: its bundle and its members, loaded once."""
+
+    bundle: DeployableModel
+    members: list[LoadedModel]
+
+
+def load_registered_segmenter(name: str, version: str, tracking: TrackingSettings) -> RegisteredSegmenter:
+    """The bundle behind ``models:/<name>/<version>`` and its loaded members (one MLflow load)."""
+    wrapped = load_pyfunc(f"models:/{name}/{version}", settings=tracking).unwrap_python_model()
+    return RegisteredSegmenter(wrapped.bundle, wrapped.members)
 
 
 def _version(reference: str, tracking: TrackingSettings) -> tuple[str, str, str | None, dict[str, str]]:
@@ -38,13 +54,13 @@ def _version(reference: str, tracking: TrackingSettings) -> tuple[str, str, str 
     return name, str(version), entry.run_id, dict(entry.tags or {})
 
 
-def resolve_model_reference(reference: str, tracking: TrackingSettings) -> Path | DeployableModel:
+def resolve_model_reference(reference: str, tracking: TrackingSettings) -> Path | RegisteredSegmenter:
     """A stage checkpoint, or the deployable bundle of a version the champion gate registered."""
     if not reference.startswith("models:/"):
         return Path(reference)
     name, version, run_id, tags = _version(reference, tracking)
     if TAG_KIND in tags:
-        return load_pyfunc(f"models:/{name}/{version}", settings=tracking).unwrap_python_model().bundle
+        return load_registered_segmenter(name, version, tracking)
     checkpoint = run_tag(run_id, "seg_pipeline.best_checkpoint", settings=tracking) if run_id else None
     if not checkpoint or not Path(checkpoint).exists():
         raise ModelReferenceError(
@@ -62,10 +78,11 @@ def resolve_model_checkpoint(reference: str, tracking: TrackingSettings) -> Path
     resolved = resolve_model_reference(reference, tracking)
     if isinstance(resolved, Path):
         return resolved
-    if len(resolved.members) == 1:
-        return Path(resolved.members[0].checkpoint)
-    names = ", ".join(m.name for m in resolved.members)
+    members = resolved.bundle.members
+    if len(members) == 1:
+        return Path(members[0].checkpoint)
+    names = ", ".join(m.name for m in members)
     raise ModelReferenceError(
-        f"{reference} is an ensemble of {len(resolved.members)} models ({names}), not one checkpoint: "
+        f"{reference} is an ensemble of {len(members)} models ({names}), not one checkpoint: "
         "use it with seg-pipeline predict, or name one member's registered model"
     )

@@ -429,8 +429,11 @@ def test_registered_model_uris_resolve_to_the_exact_stage_checkpoint(materialize
         resolve_model_checkpoint("models:/demo_pretrained@nope", settings)
     # the champion is a bundle: an ensemble resolves as a whole, a single model to its checkpoint
     deployed = result.output_for_node("champion_model").deployed
-    bundle = resolve_model_reference("models:/demo_segmenter@champion", settings)
+    resolved = resolve_model_reference("models:/demo_segmenter@champion", settings)
+    assert not isinstance(resolved, Path)
+    bundle = resolved.bundle
     assert isinstance(bundle, DeployableModel) and bundle.kind == deployed.kind
+    assert [m.name for m in resolved.members] == [m.name for m in bundle.members]  # loaded with it
     assert [m.weight for m in bundle.members] == [m.weight for m in deployed.members]
     assert bundle.predict.tta == deployed.predict.tta and bundle.class_bias == deployed.class_bias
     if len(bundle.members) > 1:
