@@ -173,11 +173,6 @@ def with_prefetch_thread(
     """``loader`` read ahead in a thread when :func:`prefetch_thread_wanted` says so."""
     if not prefetch_thread_wanted(config, device_type)[0]:
         return loader
-    if config.num_workers > 0:
-        raise ValueError(
-            f"loader.prefetch_thread=true with num_workers={config.num_workers}: worker processes "
-            "already prefetch (prefetch_factor); set prefetch_thread to null or false"
-        )
     return ThreadPrefetchLoader(loader, depth=config.prefetch_factor)
 
 

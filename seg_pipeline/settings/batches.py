@@ -85,6 +85,15 @@ class LoaderSettings(Settings):
         "the classes under 5 % of the labelled pixels of the stage's sources.",
     )
 
+    @model_validator(mode="after")
+    def _one_way_to_prefetch(self) -> Self:
+        if self.prefetch_thread and self.num_workers > 0:
+            raise ValueError(
+                f"loader.prefetch_thread=true with num_workers={self.num_workers}: worker processes "
+                "already prefetch (prefetch_factor); set prefetch_thread to null or false"
+            )
+        return self
+
 
 class AugmentSettings(Settings):
     """Seeded augmentation: D4 geometry on image and mask, colour jitter and noise on the image only.

@@ -256,7 +256,7 @@ def test_a_loading_error_in_the_thread_is_raised_to_the_training_loop() -> None:
 def test_the_thread_is_refused_beside_worker_processes_and_off_when_asked(data: dict) -> None:
     dataset = ShardMapDataset(data["dirs"][("npy", 3)], "train", stats=data["stats"])
     with pytest.raises(ValueError, match="prefetch_thread=true with num_workers=2"):
-        with_prefetch_thread(build_eval_loader(dataset), LoaderSettings(num_workers=2, prefetch_thread=True))
+        LoaderSettings(num_workers=2, prefetch_thread=True)  # refused with the config, before any work
     workers = build_eval_loader(dataset, LoaderSettings(num_workers=2))
     assert with_prefetch_thread(workers, LoaderSettings(num_workers=2)) is workers  # null: workers prefetch
     main = build_eval_loader(dataset)
