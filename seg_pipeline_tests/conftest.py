@@ -27,6 +27,24 @@ MakeDataset = Callable[..., Path]
 WriteRaster = Callable[..., Path]
 
 
+def scratch_dir(request: pytest.FixtureRequest, factory: pytest.TempPathFactory, name: str) -> Path:
+    """A temp folder for a module- or package-scoped fixture, removed when that scope ends.
+
+    pytest keeps every ``tmp_path_factory`` folder until the session ends, and the trained
+    checkpoints and MLflow stores of these fixtures would add up to several GB on the CI disk. The
+    folder stays when a test failed meanwhile, like pytest's own ``tmp_path_retention_policy``.
+    """
+    path = factory.mktemp(name)
+    failures_before = request.session.testsfailed
+
+    def remove() -> None:
+        if request.session.testsfailed == failures_before:
+            shutil.rmtree(path, ignore_errors=True)
+
+    request.addfinalizer(remove)
+    return path
+
+
 def write_raster(
     path: Path | str,
     array: np.ndarray,
@@ -136,9 +154,10 @@ def ingest_synthetic(
 
 
 def tiny_stage(**changes: Any) -> dict[str, Any]:
-    """Stage settings (as a dict) small enough for a test: resnet18, 1 epoch of 2 steps, no EMA."""
+    """Stage settings (as a dict) small enough for a test: Unet-mobilenet_v2 (26 MB checkpoints),
+    1 epoch of 2 steps, no EMA."""
     settings: dict[str, Any] = {
-        "model": {"architecture": "unet", "encoder": "resnet18"},
+        "model": {"architecture": "unet", "encoder": "mobilenet_v2"},
         "loop": {"epochs": 1, "max_steps_per_epoch": 2, "ema_decay": None, "log_every_n_steps": 0,
                  "early_stopping_patience": None},
         "scheduler": {"warmup_epochs": 0.0},

@@ -2,7 +2,7 @@
 
 Each section reads as a recipe: one fixture holds the command lines a user would type (run once,
 side by side, since every ``seg-pipeline`` process pays for its imports), and each test says what
-one of them left on disk and printed. The checkpoint is a real one-step UNet-resnet18 training
+one of them left on disk and printed. The checkpoint is a real one-step Unet-mobilenet_v2 training
 stage, trained once; the rasters are two tiny GeoTIFFs and a PNG.
 """
 
@@ -28,7 +28,7 @@ from seg_pipeline.contracts import AuxiliarySet, ShardSet
 from seg_pipeline.data.synthetic import SyntheticSpec
 from seg_pipeline.settings import PretrainSettings, SplitSettings
 from seg_pipeline.workflows.train import StageRun, pretrain
-from seg_pipeline_tests.conftest import TEST_CRS, ingest_synthetic, tiny_stage, write_raster
+from seg_pipeline_tests.conftest import TEST_CRS, ingest_synthetic, scratch_dir, tiny_stage, write_raster
 
 Done = subprocess.CompletedProcess[str]
 
@@ -85,9 +85,9 @@ PHOTO_SIZE = (20, 24)
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """best.pt of a one-step UNet-resnet18 stage (encoder_weights None) on 32x32 synthetic shards."""
-    root = tmp_path_factory.mktemp("cli_stage")
+def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """best.pt of a one-step Unet-mobilenet_v2 stage (encoder_weights None) on 32x32 synthetic shards."""
+    root = scratch_dir(request, tmp_path_factory, "cli_stage")
     split = SplitSettings(policy="supervised", train_fraction=0.5, val_fraction=0.5, test_fraction=0.0)
     target = ingest_synthetic(
         root, "demo", SyntheticSpec(grid_rows=2, grid_cols=3, tile_size=32), seed=3, split=split
@@ -107,9 +107,9 @@ def num_classes(checkpoint: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def scenes(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder of two small 3-band GeoTIFFs (in two CRSs) and a PNG, as a user would have them."""
-    folder = tmp_path_factory.mktemp("scenes")
+    folder = scratch_dir(request, tmp_path_factory, "scenes")
     rng = np.random.default_rng(0)
     for name, (height, width, crs, transform) in SCENES.items():
         pixels = rng.integers(0, 256, (3, height, width), dtype=np.uint8)
@@ -151,8 +151,10 @@ class Predictions:
 
 
 @pytest.fixture(scope="module")
-def predicted(checkpoint: Path, scenes: Path, tmp_path_factory: pytest.TempPathFactory) -> Predictions:
-    return Predictions(tmp_path_factory.mktemp("predicted"), checkpoint, scenes)
+def predicted(
+    request: pytest.FixtureRequest, checkpoint: Path, scenes: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Predictions:
+    return Predictions(scratch_dir(request, tmp_path_factory, "predicted"), checkpoint, scenes)
 
 
 def test_predict_writes_a_class_map_on_each_inputs_grid(predicted: Predictions, num_classes: int) -> None:
@@ -273,9 +275,11 @@ def write_scored(folder: Path) -> tuple[Path, Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def evaluated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Done]]:
+def evaluated(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, dict[str, Done]]:
     """The ``evaluate`` runs of this module, and the folder holding their inputs and reports."""
-    root = tmp_path_factory.mktemp("evaluate")
+    root = scratch_dir(request, tmp_path_factory, "evaluate")
     pred, truth, classes = write_scored(root / "complete")
     incomplete = root / "incomplete"
     pred_some, truth_more, _ = write_scored(incomplete)
@@ -371,9 +375,14 @@ def test_summary_starts_without_torch(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def summarised(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, ShardSet, dict[str, Done]]:
+def summarised(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, Path, ShardSet, dict[str, Done]]:
     """``summary`` of an empty data root and of one holding the processed dataset ``demo``."""
-    empty, store = tmp_path_factory.mktemp("empty_root"), tmp_path_factory.mktemp("store")
+    empty, store = (
+        scratch_dir(request, tmp_path_factory, "empty_root"),
+        scratch_dir(request, tmp_path_factory, "store"),
+    )
     shards = ingest_synthetic(store, "demo")
     (store / "models" / "pretrain").mkdir(parents=True)  # what training would leave
     # --data-root wins over $SEG_PIPELINE_DATA_ROOT (which points at a store without the dataset).

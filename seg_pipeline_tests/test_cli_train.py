@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from seg_pipeline.data.synthetic import SyntheticSpec
-from seg_pipeline_tests.conftest import ingest_synthetic
+from seg_pipeline_tests.conftest import ingest_synthetic, scratch_dir
 
 CONFIG = Path(__file__).parents[1] / "configs" / "ci.yaml"
 #: CI size: 1 step per epoch of 2 patches of 32 px.
@@ -28,8 +28,8 @@ def cli(*args: str, data_root: Path) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("cli-train")
+def data_root(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = scratch_dir(request, tmp_path_factory, "cli-train")
     ingest_synthetic(root, "demo", SyntheticSpec(grid_rows=2, grid_cols=3, tile_size=32))
     aux = SyntheticSpec(grid_rows=2, grid_cols=2, tile_size=32, class_scheme="aux", item_prefix="oem")
     ingest_synthetic(root, "demo_aux", aux, seed=1)
@@ -68,7 +68,7 @@ def test_pretrain_then_resume_then_kd_then_export(data_root: Path, tmp_path: Pat
     assert {p.name for p in folder.iterdir()} >= {"checkpoints", "logs", "metrics", "results", "config.json"}
     config = json.loads((folder / "config.json").read_text())
     assert config["settings"]["optimizer"]["lr"] == 0.002  # the override
-    assert config["settings"]["model"]["encoder"] == "resnet18"  # from ci.yaml
+    assert config["settings"]["model"]["encoder"] == "mobilenet_v2"  # from ci.yaml
     assert config["auxiliary"] == ["demo_aux"]  # ci.yaml's auxiliary_sources
     rows = list(csv.DictReader((folder / "metrics" / "metrics.csv").open()))
     assert [row["epoch"] for row in rows] == ["1", "2"]

@@ -26,6 +26,7 @@ from seg_pipeline.metrics import ConfusionMatrix
 from seg_pipeline.settings import ShardSettings
 from seg_pipeline.settings.inference import ValidationSettings, WindowSettings
 from seg_pipeline.training.validation import make_evaluate_fn
+from seg_pipeline_tests.conftest import scratch_dir
 
 SIDE = 6000
 #: The scene decoded as float32 RGB: what a whole-tile read (training, validation) used to hold.
@@ -79,8 +80,8 @@ class Colour(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def scene(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("scene")
+def scene(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = scratch_dir(request, tmp_path_factory, "scene")
     write_scene(root / "raw")
     return root
 

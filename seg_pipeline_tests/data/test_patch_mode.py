@@ -19,6 +19,7 @@ from seg_pipeline.data.shard_datasets import ShardIterableDataset
 from seg_pipeline.data.shards import write_shards
 from seg_pipeline.data.spec import DatasetSpec
 from seg_pipeline.settings import ShardSettings
+from seg_pipeline_tests.conftest import scratch_dir
 
 IGNORE = 255
 #: (height, width) of the tiles: smaller than a patch, a strip, larger than a patch, exactly one.
@@ -41,7 +42,7 @@ def write_mixed_tiles(raw: Path) -> None:
 
 @pytest.fixture(scope="module", params=["npy", "tif"])
 def shards(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
-    root = tmp_path_factory.mktemp("mixed")
+    root = scratch_dir(request, tmp_path_factory, "mixed")
     write_mixed_tiles(root / "raw")
     catalog = build_headers(DatasetSpec(dataset_id="mixed", root=root / "raw")).catalog
     assert (catalog["status"] == STATUS_OK).all(), catalog[["item_id", "status", "reason"]]

@@ -11,13 +11,14 @@ from seg_pipeline.data.augment import Augmenter
 from seg_pipeline.data.patches import GeoPatchDataset, PatchSizeBatchSampler
 from seg_pipeline.data.raster_io import write_geotiff
 from seg_pipeline.settings import AugmentSettings
+from seg_pipeline_tests.conftest import scratch_dir
 
 IGNORE = 255
 
 
 @pytest.fixture(scope="module")
-def rasters(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    root = tmp_path_factory.mktemp("geo")
+def rasters(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = scratch_dir(request, tmp_path_factory, "geo")
     rng = np.random.default_rng(0)
     big = rng.integers(1, 255, size=(3, 300, 200), dtype=np.uint8)
     big_mask = rng.integers(0, 4, size=(300, 200), dtype=np.uint8)

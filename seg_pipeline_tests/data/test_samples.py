@@ -14,6 +14,7 @@ from seg_pipeline.data.loaders import build_train_loader
 from seg_pipeline.data.samples import split_views
 from seg_pipeline.settings import LoaderSettings
 from seg_pipeline.training.sources import band_stats
+from seg_pipeline_tests.conftest import scratch_dir
 from seg_pipeline_tests.data.test_sampling import drawn, fire_data, ingest_fire_dataset
 
 #: D4 geometry only: a view's pixels are its tile's, moved, so the mask can be read back from band 0.
@@ -21,8 +22,8 @@ GEOMETRY_ONLY = {"brightness": 0.0, "contrast": 0.0, "saturation": 0.0, "noise_s
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> ShardSet:
-    return ingest_fire_dataset(tmp_path_factory.mktemp("views"))
+def shards(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> ShardSet:
+    return ingest_fire_dataset(scratch_dir(request, tmp_path_factory, "views"))
 
 
 def _classes_from_pixels(image: torch.Tensor, shards: ShardSet) -> torch.Tensor:

@@ -36,7 +36,7 @@ from seg_pipeline.settings import (
 from seg_pipeline.training.sources import TrainingSource, band_stats, build_training_data
 from seg_pipeline.workflows import ingest
 from seg_pipeline.workflows.layout import DataLayout
-from seg_pipeline_tests.conftest import TEST_ORIGIN, TEST_PIXEL_SIZE, tiny_stage, write_raster
+from seg_pipeline_tests.conftest import TEST_ORIGIN, TEST_PIXEL_SIZE, scratch_dir, tiny_stage, write_raster
 from seg_pipeline_tests.data.test_shard_datasets import build_sharded_dataset
 
 
@@ -87,8 +87,8 @@ def test_rows_for_items_keeps_order() -> None:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    return build_sharded_dataset(tmp_path_factory.mktemp("sampling"))
+def data(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return build_sharded_dataset(scratch_dir(request, tmp_path_factory, "sampling"))
 
 
 def test_sampler_boosts_tiles_with_rare_classes(data: dict) -> None:
@@ -193,8 +193,8 @@ def fire_share(samples: Sequence[dict[str, Any]]) -> float:
 
 
 @pytest.fixture(scope="module")
-def fire(tmp_path_factory: pytest.TempPathFactory) -> ShardSet:
-    return ingest_fire_dataset(tmp_path_factory.mktemp("fire"))
+def fire(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> ShardSet:
+    return ingest_fire_dataset(scratch_dir(request, tmp_path_factory, "fire"))
 
 
 def _train_counts(shards: ShardSet) -> tuple[int, int]:

@@ -26,7 +26,7 @@ from seg_pipeline.defs.io_manager import ContractIOManager
 from seg_pipeline.defs.metadata import INLINE_MARKDOWN_CHARS
 from seg_pipeline.defs.resources import MlflowResource, StorageResource
 from seg_pipeline.settings import ChampionSettings
-from seg_pipeline_tests.conftest import tiny_stage
+from seg_pipeline_tests.conftest import scratch_dir, tiny_stage
 from seg_pipeline_tests.defs.cli_helpers import instance_for
 
 DEMO_REMAP = {
@@ -40,8 +40,10 @@ DEMO_REMAP = {
 
 
 @pytest.fixture(scope="module")
-def materialized(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dg.ExecuteInProcessResult]:
-    root = tmp_path_factory.mktemp("pipeline")
+def materialized(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, dg.ExecuteInProcessResult]:
+    root = scratch_dir(request, tmp_path_factory, "pipeline")
     # 64 px tiles: the encoder's deepest BatchNorm then sees 2x2 maps, so a rank's trailing batch of
     # one tile still trains (at 32 px it would be 1x1, one value per channel, which BatchNorm refuses).
     spec = SyntheticSpec(grid_rows=4, grid_cols=4, tile_size=64, labeled_fraction=0.8)
@@ -191,7 +193,7 @@ def test_mlflow_runs_hold_params_metrics_tags_and_registered_models(materialized
         version = client.get_model_version(name, value.tracking.registered_version)
         assert version.run_id == value.tracking.run_id
         # the registered version says what it is, and links back to its run and data
-        assert version.description.startswith(f"{stage} stage: unet-resnet18 on demo (data ")
+        assert version.description.startswith(f"{stage} stage: unet-mobilenet_v2 on demo (data ")
         assert version.tags["data_version"] == result.output_for_node("tile_shards").data_version
         assert version.tags["dagster.run_id"] == run_id and version.tags["mlflow_run_id"] == run.info.run_id
         assert version.tags["val/miou"] == f"{value.best_score:.4f}"

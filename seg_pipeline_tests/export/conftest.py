@@ -17,14 +17,14 @@ from seg_pipeline.export import ExportResult, export_model
 from seg_pipeline.models.loading import load_trained_model
 from seg_pipeline.settings import PretrainSettings, SplitSettings
 from seg_pipeline.workflows.train import StageRun, pretrain
-from seg_pipeline_tests.conftest import ingest_synthetic, tiny_stage
+from seg_pipeline_tests.conftest import ingest_synthetic, scratch_dir, tiny_stage
 from seg_pipeline_tests.export.helpers import EXAMPLE_SIZE, LINEAGE
 
 
 @pytest.fixture(scope="package")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """best.pt of a one-step UNet-resnet18 stage on 32x32 synthetic shards."""
-    root = tmp_path_factory.mktemp("export_stage")
+def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """best.pt of a one-step Unet-mobilenet_v2 stage on 32x32 synthetic shards."""
+    root = scratch_dir(request, tmp_path_factory, "export_stage")
     split = SplitSettings(policy="supervised", train_fraction=0.5, val_fraction=0.5, test_fraction=0.0)
     target = ingest_synthetic(
         root, "demo", SyntheticSpec(grid_rows=2, grid_cols=3, tile_size=32), seed=3, split=split
@@ -36,8 +36,10 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="package")
-def exported(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> ExportResult:
-    out_dir = tmp_path_factory.mktemp("export_out") / "model-v1"
+def exported(
+    request: pytest.FixtureRequest, checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+) -> ExportResult:
+    out_dir = scratch_dir(request, tmp_path_factory, "export_out") / "model-v1"
     return export_model(checkpoint, out_dir, example_size=EXAMPLE_SIZE, lineage=LINEAGE)
 
 

@@ -23,6 +23,7 @@ from seg_pipeline.inference.predict import MOSAIC_NAME, LoadedModel, predict_fil
 from seg_pipeline.settings import DatasetSettings, PredictSettings
 from seg_pipeline.workflows.ingest import class_colors
 from seg_pipeline.workflows.predict import georeference_problems
+from seg_pipeline_tests.conftest import scratch_dir
 
 CRS = "EPSG:32636"
 STATS = BandStats((127.0, 127.0, 127.0), (50.0, 50.0, 50.0))
@@ -57,9 +58,11 @@ def _scene(path: Path, left: float, top: float, height: int, width: int, seed: i
 
 
 @pytest.fixture(scope="module")
-def predicted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+def predicted(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, list[Path]]:
     """Two neighbouring georeferenced scenes (one large enough for overviews), predicted once."""
-    root = tmp_path_factory.mktemp("gis")
+    root = scratch_dir(request, tmp_path_factory, "gis")
     scenes = [
         _scene(root / "in" / "west.tif", 500000.0, 100000.0, 1100, 900, 0),
         _scene(root / "in" / "east.tif", 500450.0, 100000.0, 300, 400, 1),  # 900 px x 0.5 m to the east

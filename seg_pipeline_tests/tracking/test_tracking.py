@@ -34,14 +34,15 @@ from seg_pipeline.tracking import (
     set_alias,
     start_run,
 )
+from seg_pipeline_tests.conftest import scratch_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> TrackingSettings:
+def store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> TrackingSettings:
     """One SQLite store + artefact root shared by the module, with its experiment already created."""
-    data_root = tmp_path_factory.mktemp("tracking_data")
+    data_root = scratch_dir(request, tmp_path_factory, "tracking_data")
     settings = TrackingSettings(
         tracking_uri=f"sqlite:///{data_root}/mlflow/mlflow.db",
         experiment_name="tracking-tests",

@@ -15,16 +15,16 @@ from seg_pipeline.evaluation.report import evaluate_pairs
 from seg_pipeline.inference.predict import LoadedModel, predict_files
 from seg_pipeline.settings import PredictSettings, SplitSettings
 from seg_pipeline.workflows.predict import labeled_rows, tune_ensemble
-from seg_pipeline_tests.conftest import ingest_synthetic
+from seg_pipeline_tests.conftest import ingest_synthetic, scratch_dir
 
 FAST = {"tta": {"scales": [1.0], "flips": ["none", "h"]}, "windows": {"window": 32, "overlap": 8}}
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> ShardSet:
+def shards(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> ShardSet:
     split = SplitSettings(policy="supervised", train_fraction=0.4, val_fraction=0.3, test_fraction=0.3)
     spec = SyntheticSpec(grid_rows=4, grid_cols=4, tile_size=32)
-    return ingest_synthetic(tmp_path_factory.mktemp("tune"), "demo", spec, seed=4, split=split)
+    return ingest_synthetic(scratch_dir(request, tmp_path_factory, "tune"), "demo", spec, seed=4, split=split)
 
 
 def _models(shards: ShardSet) -> list[LoadedModel]:

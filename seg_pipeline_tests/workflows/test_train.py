@@ -22,7 +22,7 @@ from seg_pipeline.training.sources import TrainingSource, build_training_data
 from seg_pipeline.workflows.launch import launch_stage
 from seg_pipeline.workflows.stage import StageJob
 from seg_pipeline.workflows.train import StageRun, distill, pretrain, pretraining_sources
-from seg_pipeline_tests.conftest import ingest_synthetic, tiny_stage
+from seg_pipeline_tests.conftest import ingest_synthetic, scratch_dir, tiny_stage
 
 REMAP = {
     "unknown": "",
@@ -36,8 +36,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def sources(tmp_path_factory: pytest.TempPathFactory) -> tuple[ShardSet, AuxiliarySet]:
-    root = tmp_path_factory.mktemp("stages")
+def sources(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[ShardSet, AuxiliarySet]:
+    root = scratch_dir(request, tmp_path_factory, "stages")
     target = ingest_synthetic(root, "demo", SyntheticSpec(grid_rows=3, grid_cols=4, tile_size=32), seed=1)
     aux_spec = SyntheticSpec(
         grid_rows=2,
@@ -83,7 +85,7 @@ def test_stage_without_tracking_trains_and_returns_a_typed_model(sources, tmp_pa
     assert isinstance(model, TrainedModel) and model.tracking is None
     assert model.epochs_run == 1 and Path(model.checkpoint).exists()
     assert set(model.per_class_iou) <= set(TARGET_CLASSES) and model.per_class_iou
-    assert model.normalization.mean and model.spec.encoder == "resnet18"
+    assert model.normalization.mean and model.spec.encoder == "mobilenet_v2"
     assert model.spec.in_channels == 3 and model.spec.num_classes == len(TARGET_CLASSES)  # from the data
     assert TrainedModel.from_json(model.to_json()) == model  # what the IO manager stores
 
