@@ -11,13 +11,13 @@ these two).
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 from seg_pipeline.contracts import ENSEMBLE, DeployableModel
 from seg_pipeline.inference.predict import LoadedModel, PredictionRun, load_stage_model, predict_files
 from seg_pipeline.io import atomic_dir, file_sha256
+from seg_pipeline.models.checkpoint import link_or_copy
 from seg_pipeline.settings import PredictSettings
 
 BUNDLE_FILE = "bundle.json"
@@ -25,16 +25,18 @@ MEMBERS_DIR = "members"
 
 
 def write_bundle(model: DeployableModel, folder: Path) -> Path:
-    """Copy the members' checkpoints into ``folder`` beside ``bundle.json`` (paths made relative).
+    """Put the members' checkpoints into ``folder`` beside ``bundle.json`` (paths made relative).
 
-    Written in a temp folder and renamed into place: a reader never sees half a bundle.
+    Members are hard-linked where the filesystem allows (copied elsewhere): checkpoints are never
+    modified in place, and a copy would cost each run another checkpoint's worth of disk. Written
+    in a temp folder and renamed into place: a reader never sees half a bundle.
     """
     with atomic_dir(folder) as tmp:
         (tmp / MEMBERS_DIR).mkdir()
         members = []
         for member in model.members:
             relative = f"{MEMBERS_DIR}/{member.name}.pt"
-            shutil.copyfile(member.checkpoint, tmp / relative)
+            link_or_copy(member.checkpoint, tmp / relative)
             members.append(member.model_copy(update={"checkpoint": relative}))
         portable = model.model_copy(update={"members": members})
         (tmp / BUNDLE_FILE).write_text(json.dumps(json.loads(portable.to_json()), indent=2) + "\n")

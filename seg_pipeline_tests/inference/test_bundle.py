@@ -19,9 +19,11 @@ from seg_pipeline.inference.bundle import (
     same_predictions,
     write_bundle,
 )
+from seg_pipeline.io import file_sha256
+from seg_pipeline.models.checkpoint import link_or_copy
 from seg_pipeline.settings import PredictSettings, PretrainSettings, SplitSettings
 from seg_pipeline.workflows.train import StageRun, pretrain
-from seg_pipeline_tests.conftest import ingest_synthetic, tiny_stage
+from seg_pipeline_tests.conftest import ingest_synthetic, scratch_dir, tiny_stage
 
 #: Offsets for the 6 synthetic classes.
 BIAS = [0.0, 0.7, 0.0, -0.3, 0.0, 0.0]
@@ -29,9 +31,11 @@ VIEWS = {"tta": {"scales": [1.0], "flips": ["none", "h"]}, "color_png": False}
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """best.pt of two one-step UNet-resnet18 stages (different seeds) on 32x32 synthetic shards."""
-    root = tmp_path_factory.mktemp("bundle_stage")
+def checkpoints(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, Path]:
+    """best.pt of two one-step Unet-mobilenet_v2 stages (different seeds) on 32x32 synthetic shards."""
+    root = scratch_dir(request, tmp_path_factory, "bundle_stage")
     split = SplitSettings(policy="supervised", train_fraction=0.5, val_fraction=0.5, test_fraction=0.0)
     target = ingest_synthetic(
         root, "demo", SyntheticSpec(grid_rows=2, grid_cols=3, tile_size=32), seed=3, split=split
@@ -81,6 +85,18 @@ def test_a_bundle_moved_elsewhere_predicts_as_its_members_did(
     np.testing.assert_array_equal(
         _classes(tmp_path / "from_bundle", "scene"), _classes(tmp_path / "from_checkpoints", "scene")
     )
+
+
+def test_a_bundle_links_its_members_and_keeps_them_when_a_stage_saves_again(
+    checkpoints: tuple[Path, Path], tmp_path: Path
+) -> None:
+    a, b = checkpoints
+    best = tmp_path / "best.pt"
+    shutil.copyfile(a, best)
+    member = write_bundle(_ensemble(best, b), tmp_path / "bundle") / "members" / "a.pt"
+    assert member.stat().st_ino == best.stat().st_ino  # one file on disk, not a second copy
+    link_or_copy(b, best)  # a later save replaces best.pt's directory entry, as every save does
+    assert file_sha256(member) == file_sha256(a) != file_sha256(best)
 
 
 def test_same_predictions_compares_weights_files_by_content_and_every_setting(
