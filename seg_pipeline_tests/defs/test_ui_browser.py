@@ -136,9 +136,12 @@ def _shown_pictures(page: Page, mlflow_url: str) -> list[str]:
     """The alt texts of the pictures on the page that the MLflow UI served (loaded, not broken)."""
     selector = f"img[src^='{mlflow_url}/get-artifact']"
     page.locator(selector).first.wait_for(timeout=30_000)
-    page.wait_for_function(
-        f'[...document.querySelectorAll("{selector}")].every(img => img.complete)', timeout=30_000
-    )
+    # Polled from here: Playwright's wait_for_function evaluates its predicate with eval() in the page,
+    # which the Dagster UI's Content-Security-Policy forbids (no 'unsafe-eval') since Playwright 1.65.
+    deadline = time.monotonic() + 30
+    while not page.eval_on_selector_all(selector, "imgs => imgs.every(img => img.complete)"):
+        assert time.monotonic() < deadline, f"the pictures at {selector} did not finish loading in 30 s"
+        page.wait_for_timeout(200)
     return page.eval_on_selector_all(
         selector, "imgs => imgs.filter(img => img.naturalWidth > 0).map(img => img.alt)"
     )
