@@ -25,7 +25,9 @@ def test_card_holds_classes_bands_normalisation_metrics_and_lineage(
     assert card["normalization"]["mean"] == pytest.approx(raw["config"]["run"]["normalization"]["mean"])
     assert card["normalization"]["std"] == pytest.approx(raw["config"]["run"]["normalization"]["std"])
     assert card["ignore_index"] == 255
-    assert card["architecture"]["architecture"] == "unet" and card["architecture"]["encoder"] == "mobilenet_v2"
+    assert (
+        card["architecture"]["architecture"] == "unet" and card["architecture"]["encoder"] == "mobilenet_v2"
+    )
     assert card["input"]["pad_multiple"] == 32 and card["input"]["min_side"] == 32
     assert "val/miou" in card["metrics"]
     for key, value in raw["metrics"].items():
