@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -102,10 +104,25 @@ def dagster_cli(*args: str, env: dict[str, str], timeout: float = 900) -> subpro
 
 
 def stop_process(process: subprocess.Popen, timeout: float = 20) -> None:
-    """SIGTERM a server the test started, then SIGKILL it if it has not gone within ``timeout``."""
-    process.terminate()
+    """SIGTERM a server the test started, then SIGKILL it if it has not gone within ``timeout``.
+
+    A server started with ``start_new_session=True`` leads its own process group, and the whole
+    group is stopped: the processes it started itself (the daemon's code server, the MLflow UI's
+    workers) would otherwise outlive the test.
+    """
+    group = process.pid if os.getpgid(process.pid) == process.pid else None
+
+    def send(sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            if group is not None:
+                os.killpg(group, sig)
+            else:
+                process.send_signal(sig)
+
+    send(signal.SIGTERM)
     try:
         process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        process.kill()
+        send(signal.SIGKILL)
         process.wait()
+    send(signal.SIGKILL)  # what the leader started and left behind

@@ -60,6 +60,7 @@ def test_queue_runs_one_gpu_tagged_run_at_a_time(tmp_path: Path) -> None:
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
+        start_new_session=True,  # stop_process stops what it starts, too
     )
     try:
         assert {r.status for r in instance.get_runs()} == {dg.DagsterRunStatus.QUEUED}

@@ -87,6 +87,7 @@ def webserver(materialized_pipeline: MaterializedPipeline) -> Iterator[str]:
         env=materialized_pipeline.env,
         stdout=log,
         stderr=subprocess.STDOUT,
+        start_new_session=True,  # stop_process stops what it starts, too
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -124,6 +125,7 @@ def mlflow_ui(materialized_pipeline: MaterializedPipeline) -> Iterator[str]:
              "--default-artifact-root", str(store / "artifacts"), "-h", "127.0.0.1",
              "-p", url.rsplit(":", 1)[1]],
             cwd=REPO, env=materialized_pipeline.env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
         )  # fmt: skip
         try:
             _wait_until_answers(server, f"{url}/health", log_path, "mlflow ui")
