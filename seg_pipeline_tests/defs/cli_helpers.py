@@ -110,7 +110,10 @@ def stop_process(process: subprocess.Popen, timeout: float = 20) -> None:
     group is stopped: the processes it started itself (the daemon's code server, the MLflow UI's
     workers) would otherwise outlive the test.
     """
-    group = process.pid if os.getpgid(process.pid) == process.pid else None
+    try:
+        group = process.pid if os.getpgid(process.pid) == process.pid else None
+    except ProcessLookupError:  # the leader already exited and was reaped; what it started may not have
+        group = process.pid
 
     def send(sig: signal.Signals) -> None:
         with contextlib.suppress(ProcessLookupError):
