@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from seg_pipeline.data.augment import derive_seed
+from seg_pipeline.data.shared_buffers import DEFAULT_MAX_SETS, MappedSets
 from seg_pipeline.settings.batches import LoaderSettings
 
 
@@ -79,6 +80,10 @@ def _common_kwargs(config: LoaderSettings, seed: int) -> dict[str, Any]:
 class FinishingDataLoader(DataLoader):
     """A DataLoader over a dataset in batch mode: workers yield raw batches, and iteration hands
     out finished ones (``dataset.finish_batch``, in the main process, optionally pinned).
+
+    Finishing releases the raw batch's shared buffers to the worker that made it, and the last
+    ones stay mapped here (:mod:`~seg_pipeline.data.shared_buffers`): a worker then refills
+    buffers both processes have already mapped instead of faulting in new ones every batch.
     """
 
     def __init__(self, dataset: Dataset, *, finish_pin_memory: bool = False, **kwargs: Any) -> None:
@@ -89,8 +94,14 @@ class FinishingDataLoader(DataLoader):
 
     def __iter__(self) -> Any:
         finish = self.dataset.finish_batch  # type: ignore[attr-defined]
+        # without workers nothing competes for the cores: finish with torch's threads (1.35x
+        # faster on 2 cores, bench/RESULTS.md 2026-12-07 "shared buffers"); with workers, one
+        threads = torch.get_num_threads() if self.num_workers == 0 else 1
+        mapped = MappedSets(self.num_workers * DEFAULT_MAX_SETS)
         for raw in super().__iter__():
-            yield finish(raw, pin_memory=self.finish_pin_memory)
+            batch = finish(raw, pin_memory=self.finish_pin_memory, threads=threads)
+            mapped.hold(raw, raw.get("in_use"))
+            yield batch
 
 
 class ThreadPrefetchLoader:

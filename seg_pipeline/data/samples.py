@@ -20,7 +20,6 @@ or not) see the new epoch on the next ``iter(loader)``. Call it *before* creatin
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,6 +28,7 @@ from torch.utils.data import get_worker_info
 
 from seg_pipeline.data.augment import IDENTITY, Augmenter, AugmentParams
 from seg_pipeline.data.normalization import BandStats
+from seg_pipeline.data.shared_buffers import BufferSpec, SharedBufferPool, release, shared_tensor
 from seg_pipeline.data.tiles import CACHE_MODES, RawTile
 from seg_pipeline.data.transforms import geometric_stage, photometric_batch, write_sample
 
@@ -56,9 +56,7 @@ def _buffer(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.T
     """
     if not shared or get_worker_info() is None:
         return torch.empty(shape, dtype=dtype)
-    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
-    # torch's stubs want a stride with a size; set_ defaults it to the contiguous one
-    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)  # type: ignore[call-overload]
+    return shared_tensor(shape, dtype)
 
 
 class _SampleMaker:
@@ -74,6 +72,7 @@ class _SampleMaker:
         self.ignore_index = ignore_index
         self.two_views = two_views
         self.seed = seed
+        self._buffers = SharedBufferPool()
 
     def _params(self, tile: RawTile) -> tuple[AugmentParams, tuple[int, int, int]]:
         bands, height, width = tile[0].shape
@@ -107,26 +106,39 @@ class _SampleMaker:
         """Worker half of batch mode: draws and geometric ops only, pixels still raw.
 
         A ``uint8`` RGB batch is 4x smaller than its float32 form and its int64 masks 8x larger
-        than ``uint8`` ones; on CPU, allocating the shared memory a batch travels in costs more
-        than the arithmetic, so the float work happens after the transfer (:meth:`finish`).
+        than ``uint8`` ones; on CPU, filling the shared memory a batch travels in costs more
+        than the arithmetic, so the float work happens after the transfer (:meth:`finish`), and
+        a worker refills the buffers of batches already finished
+        (:mod:`~seg_pipeline.data.shared_buffers`).
         """
         n_views = 2 if self.two_views else 1
         plans = self._plans(items, epoch, n_views)
-        views = []
-        for v in range(n_views):
-            results = [
+        per_view = [
+            [
                 geometric_stage(*tile, params[v][0], self.stats.bands, self.ignore_index)
                 for (_, tile), params in zip(items, plans, strict=True)
             ]
+            for v in range(n_views)
+        ]
+        specs = []
+        for results in per_view:
+            specs += [_stacked_spec([r.image for r in results]), _stacked_spec([r.mask for r in results])]
+        buffers = self._buffers.acquire(specs)
+        views = []
+        for v, results in enumerate(per_view):
+            image, mask = buffers.tensors[2 * v : 2 * v + 2]
+            for i, result in enumerate(results):
+                image[i].copy_(result.image)
+                mask[i].copy_(result.mask)
             views.append(
                 {
-                    "image": _stack([r.image for r in results]),
-                    "mask": _stack([r.mask for r in results]),
+                    "image": image,
+                    "mask": mask,
                     "invalid": _share_maps([r.invalid for r in results]),
                     "params": [params[v][0] for params in plans],
                 }
             )
-        return {"raw_views": views, "item_id": [item_id for item_id, _ in items]}
+        return {"raw_views": views, "item_id": [item_id for item_id, _ in items], "in_use": buffers.in_use}
 
     def finish(self, raw: dict[str, Any], pin_memory: bool = False, threads: int = 1) -> dict[str, Any]:
         """Main-process half of batch mode: photometric ops and normalisation into float32.
@@ -141,6 +153,7 @@ class _SampleMaker:
             return self._finish(raw, pin_memory)
         finally:
             torch.set_num_threads(previous)
+            release(raw.get("in_use"))  # the raw buffers are copied out: the worker may reuse them
 
     def _finish(self, raw: dict[str, Any], pin_memory: bool) -> dict[str, Any]:
         outputs = []
@@ -195,15 +208,12 @@ def split_views(sample: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Stack into a (shared-memory, in a worker) buffer of the common dtype."""
+def _stacked_spec(tensors: list[torch.Tensor]) -> BufferSpec:
+    """Shape and (promoted) dtype of ``tensors`` stacked into one batch."""
     dtype = tensors[0].dtype
     for tensor in tensors[1:]:
         dtype = torch.promote_types(dtype, tensor.dtype)
-    out = _buffer((len(tensors), *tensors[0].shape), dtype, shared=True)
-    for i, tensor in enumerate(tensors):
-        out[i].copy_(tensor)
-    return out
+    return (len(tensors), *tensors[0].shape), dtype
 
 
 def _share_maps(maps: list[torch.Tensor | None]) -> list[torch.Tensor | None]:

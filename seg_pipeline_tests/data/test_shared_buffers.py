@@ -1,0 +1,120 @@
+"""Shared batch buffers: a worker reuses a set only after its consumer released it."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from seg_pipeline.data.augment import Augmenter
+from seg_pipeline.data.loaders import build_train_loader
+from seg_pipeline.data.shard_datasets import ShardIterableDataset
+from seg_pipeline.data.shared_buffers import DEFAULT_MAX_SETS, SharedBufferPool, release
+from seg_pipeline.settings import AugmentSettings, LoaderSettings
+from seg_pipeline_tests.conftest import scratch_dir
+from seg_pipeline_tests.data.test_shard_datasets import build_sharded_dataset
+
+
+@pytest.fixture(scope="module")
+def data(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return build_sharded_dataset(scratch_dir(request, tmp_path_factory, "shared_buffers"))
+
+
+BATCH = (((4, 3, 8, 8), torch.uint8), ((4, 8, 8), torch.uint8))
+
+
+def test_a_released_set_is_refilled_in_place() -> None:
+    pool = SharedBufferPool()
+    first = pool.acquire(BATCH, shared=True)
+    assert first.tensors[0].is_shared() and first.in_use is not None and int(first.in_use) == 1
+    release(first.in_use)
+    second = pool.acquire(BATCH, shared=True)
+    assert second.tensors[0].data_ptr() == first.tensors[0].data_ptr()
+    assert int(second.in_use) == 1 and len(pool) == 1
+
+
+def test_a_set_still_in_use_is_never_handed_out_again() -> None:
+    pool = SharedBufferPool(max_sets=2)
+    held = [pool.acquire(BATCH, shared=True) for _ in range(3)]
+    pointers = {s.tensors[0].data_ptr() for s in held}
+    assert len(pointers) == 3, "a buffer the consumer still reads was given to another batch"
+    assert len(pool) == 2 and held[2].in_use is None  # the pool is full: the third is not kept
+
+
+def test_a_full_pool_makes_room_for_a_new_batch_shape() -> None:
+    pool = SharedBufferPool(max_sets=1)
+    old = pool.acquire(BATCH, shared=True)
+    release(old.in_use)
+    larger = (((4, 3, 16, 16), torch.uint8), ((4, 16, 16), torch.uint8))
+    new = pool.acquire(larger, shared=True)
+    assert new.tensors[0].shape == (4, 3, 16, 16) and new.in_use is not None and len(pool) == 1
+
+
+def test_the_main_process_gets_plain_tensors_and_a_copy_starts_empty() -> None:
+    pool = SharedBufferPool()
+    plain = pool.acquire(BATCH)  # not in a DataLoader worker
+    assert plain.in_use is None and not plain.tensors[0].is_shared() and len(pool) == 0
+    pool.acquire(BATCH, shared=True)
+    assert len(pickle.loads(pickle.dumps(pool))) == 0
+
+
+def _raw_batches(data: dict, **kwargs) -> ShardIterableDataset:
+    return ShardIterableDataset(
+        data["dirs"][("npy", 3)],
+        "train",
+        stats=data["stats"],
+        augmenter=Augmenter(AugmentSettings(noise_p=1.0)),
+        batch_size=2,
+        **kwargs,
+    )
+
+
+def test_workers_refill_released_buffers_and_never_others(data: dict) -> None:
+    """A real worker process: released sets come back (same mapping), unreleased ones never do."""
+    for releasing in (True, False):
+        dataset = _raw_batches(data)
+        loader = DataLoader(dataset, batch_size=None, num_workers=1, persistent_workers=True)
+        held, pointers, batches = [], set(), 0
+        for epoch in range(3):
+            dataset.set_epoch(epoch)
+            for raw in loader:
+                held.append(raw)  # keeps the mapping, so a refilled set arrives at the same address
+                pointers.add(raw["raw_views"][0]["image"].data_ptr())
+                batches += 1
+                if releasing:
+                    release(raw["in_use"])
+        if releasing:
+            assert len(pointers) <= DEFAULT_MAX_SETS < batches  # a few sets served every batch
+        else:
+            assert len(pointers) == batches
+
+
+def test_finishing_a_batch_releases_its_buffers(data: dict) -> None:
+    dataset = _raw_batches(data)
+    raw = next(iter(DataLoader(dataset, batch_size=None, num_workers=1)))
+    assert int(raw["in_use"]) == 1  # set by the worker that filled it
+    dataset.finish_batch(raw)
+    assert int(raw["in_use"]) == 0
+
+
+def test_finished_batches_are_the_same_with_reused_buffers(data: dict) -> None:
+    """Three epochs through two workers that reuse their buffers equal the in-process batches."""
+
+    def epochs(workers: int) -> dict[tuple[int, str], torch.Tensor]:
+        dataset = _raw_batches(data, shuffle=False)
+        loader = build_train_loader(
+            dataset, LoaderSettings(batch_size=2, num_workers=workers, persistent_workers=workers > 0)
+        )
+        out = {}
+        for epoch in range(3):
+            dataset.set_epoch(epoch)
+            for batch in loader:  # every finished batch is kept while the workers go on
+                for i, item_id in enumerate(batch["item_id"]):
+                    out[(epoch, item_id)] = batch["image"][i]
+        return out
+
+    reused, reference = epochs(2), epochs(0)
+    assert reused.keys() == reference.keys()
+    assert all(torch.equal(reused[key], reference[key]) for key in reference)
