@@ -151,6 +151,26 @@ def time_epochs(
     return results
 
 
+def work_cost_ms(dataset: ShardIterableDataset, n_items: int, epochs: int = 2) -> float:
+    """CPU ms per tile of decode + augment alone: a batch-mode dataset read in this process, one
+    torch thread, no workers (so no transfer between processes); the first epoch warms up.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cost = 0.0
+        for epoch in range(epochs + 1):
+            dataset.set_epoch(epoch)
+            start = time.process_time()
+            for raw in dataset:
+                dataset.finish_batch(raw, threads=1)
+            if epoch > 0:
+                cost += time.process_time() - start
+        return cost / (epochs * n_items) * 1e3
+    finally:
+        torch.set_num_threads(previous)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=None, help="existing raw dataset (images/ + masks/)")
@@ -248,6 +268,25 @@ def main(argv: Sequence[str] | None = None) -> None:
             "epoch 1 includes worker start-up; 'epoch 2+' averages the later epochs (served from the "
             "per-worker cache with lru); CPU ms/tile counts the main process and the workers."
         )
+        work = work_cost_ms(
+            ShardIterableDataset(
+                work / "npy",
+                "train",
+                stats=stats,
+                augmenter=Augmenter(config, seed=0),
+                batch_size=args.batch_size,
+            ),
+            n,
+        )
+        ceiling = args.workers / (work / 1e3) if args.workers else 1 / (work / 1e3)
+        print(
+            f"decode + augment alone (npy, batch mode, one process, one thread): {work:.2f} CPU ms/tile; "
+            f"{max(args.workers, 1)} cores at that cost: {ceiling:.0f} tiles/s"
+        )
+        for name, per_epoch in results.items():
+            if "batched" in name:
+                rate = sum(r for r, _ in per_epoch[1:]) / max(len(per_epoch) - 1, 1)
+                print(f"  {name}: {rate / ceiling:.0%} of that")
         print(f"load average after: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 

@@ -100,7 +100,7 @@ class FinishingDataLoader(DataLoader):
         mapped = MappedSets(self.num_workers * DEFAULT_MAX_SETS)
         for raw in super().__iter__():
             batch = finish(raw, pin_memory=self.finish_pin_memory, threads=threads)
-            mapped.hold(raw, raw.get("in_use"))
+            mapped.hold(raw["block"])
             yield batch
 
 

@@ -24,11 +24,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import get_worker_info
 
 from seg_pipeline.data.augment import IDENTITY, Augmenter, AugmentParams
 from seg_pipeline.data.normalization import BandStats
-from seg_pipeline.data.shared_buffers import BufferSpec, SharedBufferPool, release, shared_tensor
+from seg_pipeline.data.shared_buffers import BufferSpec, SharedBufferPool, release, unpack
 from seg_pipeline.data.tiles import CACHE_MODES, RawTile
 from seg_pipeline.data.transforms import geometric_stage, photometric_batch, write_sample
 
@@ -48,15 +47,6 @@ class _EpochState:
     @property
     def epoch(self) -> int:
         return int(self._epoch.item())
-
-
-def _buffer(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Tensor:
-    """An output tensor; in a worker, ``shared`` puts it in shared memory (as ``default_collate``
-    does for its stacked batch), so the batch reaches the main process without another copy.
-    """
-    if not shared or get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
-    return shared_tensor(shape, dtype)
 
 
 class _SampleMaker:
@@ -120,25 +110,32 @@ class _SampleMaker:
             ]
             for v in range(n_views)
         ]
-        specs = []
-        for results in per_view:
-            specs += [_stacked_spec([r.image for r in results]), _stacked_spec([r.mask for r in results])]
-        buffers = self._buffers.acquire(specs)
+        specs: list[BufferSpec] = []
         views = []
         for v, results in enumerate(per_view):
-            image, mask = buffers.tensors[2 * v : 2 * v + 2]
+            slots = {"image": len(specs), "mask": len(specs) + 1}
+            specs += [_stacked_spec([r.image for r in results]), _stacked_spec([r.mask for r in results])]
+            invalid: list[int | None] = []
+            for r in results:
+                invalid.append(None if r.invalid is None else len(specs))
+                if r.invalid is not None:
+                    specs.append((tuple(r.invalid.shape), torch.bool))
+            views.append({**slots, "invalid": invalid, "params": [params[v][0] for params in plans]})
+        buffers = self._buffers.acquire(specs)
+        tensors = buffers.tensors
+        for view, results in zip(views, per_view, strict=True):
             for i, result in enumerate(results):
-                image[i].copy_(result.image)
-                mask[i].copy_(result.mask)
-            views.append(
-                {
-                    "image": image,
-                    "mask": mask,
-                    "invalid": _share_maps([r.invalid for r in results]),
-                    "params": [params[v][0] for params in plans],
-                }
-            )
-        return {"raw_views": views, "item_id": [item_id for item_id, _ in items], "in_use": buffers.in_use}
+                tensors[view["image"]][i].copy_(result.image)
+                tensors[view["mask"]][i].copy_(result.mask)
+                if result.invalid is not None:
+                    tensors[view["invalid"][i]].copy_(result.invalid)
+        # one block travels (one shared file per batch), the views are rebuilt in finish()
+        return {
+            "block": buffers.block,
+            "layout": buffers.layout,
+            "raw_views": views,
+            "item_id": [item_id for item_id, _ in items],
+        }
 
     def finish(self, raw: dict[str, Any], pin_memory: bool = False, threads: int = 1) -> dict[str, Any]:
         """Main-process half of batch mode: photometric ops and normalisation into float32.
@@ -153,16 +150,18 @@ class _SampleMaker:
             return self._finish(raw, pin_memory)
         finally:
             torch.set_num_threads(previous)
-            release(raw.get("in_use"))  # the raw buffers are copied out: the worker may reuse them
+            release(raw["block"])  # the batch is copied out: its worker may refill the block
 
     def _finish(self, raw: dict[str, Any], pin_memory: bool) -> dict[str, Any]:
         outputs = []
         pin = pin_memory and torch.cuda.is_available()
+        tensors = unpack(raw["block"], raw["layout"])
         for view in raw["raw_views"]:
-            images_raw = view["image"]
+            images_raw, masks_raw = tensors[view["image"]], tensors[view["mask"]]
+            invalid = [None if slot is None else tensors[slot] for slot in view["invalid"]]
             images = torch.empty(images_raw.shape, dtype=torch.float32, pin_memory=pin)
-            photometric_batch(images, images_raw, view["invalid"], self.stats, view["params"], self.augmenter)
-            masks = torch.empty(view["mask"].shape, dtype=torch.int64, pin_memory=pin).copy_(view["mask"])
+            photometric_batch(images, images_raw, invalid, self.stats, view["params"], self.augmenter)
+            masks = torch.empty(masks_raw.shape, dtype=torch.int64, pin_memory=pin).copy_(masks_raw)
             outputs.append((images, masks))
         batch: dict[str, Any] = {"image": outputs[0][0], "mask": outputs[0][1], "item_id": raw["item_id"]}
         if self.two_views:
@@ -214,20 +213,6 @@ def _stacked_spec(tensors: list[torch.Tensor]) -> BufferSpec:
     for tensor in tensors[1:]:
         dtype = torch.promote_types(dtype, tensor.dtype)
     return (len(tensors), *tensors[0].shape), dtype
-
-
-def _share_maps(maps: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
-    """Per-sample nodata maps, each moved to shared memory; most tiles have none, so a batch-wide
-    buffer would mostly carry zeros.
-    """
-    shared: list[torch.Tensor | None] = []
-    for invalid in maps:
-        if invalid is None:
-            shared.append(None)
-            continue
-        buffer = _buffer(tuple(invalid.shape), torch.bool, shared=True)
-        shared.append(buffer.copy_(invalid))
-    return shared
 
 
 def _check_common(stats: BandStats, ignore_index: int, cache_mode: str, cache_max_items: int) -> None:

@@ -1,14 +1,20 @@
-"""Shared-memory batch buffers that a DataLoader worker reuses once the main process is done.
+"""Shared-memory batch blocks that a DataLoader worker reuses once the main process is done.
 
-A worker's batch reaches the main process in shared memory. A fresh shared buffer per batch
-costs a page fault on every 4 KiB page the worker writes (and, in a VM, an exit to the host per
-fault): 3.9 ms to fill a new 3 MB buffer against 0.06 ms to refill one already mapped
-(bench/RESULTS.md, 2026-12-07, "shared buffers"). So each worker keeps a few buffer sets and
-reuses one only after the consumer has *released* it: every set carries a one-byte flag in shared
-memory, set by the worker when it hands the set out and cleared by the main process
-(:func:`release`) once it has copied the batch out. A consumer that never releases (a plain
-``DataLoader`` over raw batches) only costs fresh buffers, as before: a set is never reused
-while its flag is up.
+A worker's batch reaches the main process in shared memory, and two costs dominate the transfer
+of a raw batch (bench/RESULTS.md, 2026-12-07, "shared buffers"):
+
+- *fresh memory*: a new shared buffer per batch costs a page fault on every 4 KiB page the
+  worker writes (in a VM, an exit to the host per fault): 3.9 ms to fill a new 3 MB buffer
+  against 0.06 ms to refill one already mapped;
+- *one file descriptor per tensor*: each shared storage travels as its own descriptor, fetched
+  by the main process over a socket from the worker.
+
+So a batch travels as one flat ``uint8`` block (:class:`BufferSet`) holding all its tensors,
+and each worker keeps a few blocks and refills one only after the consumer has *released* it:
+byte 0 of a block is a flag, set by the worker when it hands the block out and cleared by the
+main process (:func:`release`) once it has copied the batch out. A consumer that never releases
+(a plain ``DataLoader`` over raw batches) only costs fresh blocks, as before: a block is never
+refilled while its flag is up.
 """
 
 from __future__ import annotations
@@ -23,10 +29,14 @@ from torch.utils.data import get_worker_info
 
 #: (shape, dtype) of one tensor of a buffer set.
 BufferSpec = tuple[tuple[int, ...], torch.dtype]
+#: Where a tensor lies in a block: (byte offset, shape, dtype).
+Slot = tuple[int, tuple[int, ...], torch.dtype]
 
-#: Buffer sets a worker keeps: batches in flight (prefetch_factor, 2 by default) plus the one
-#: being finished, with room to spare.
+#: Blocks a worker keeps: batches in flight (prefetch_factor, 2 by default) plus the one being
+#: finished, with room to spare.
 DEFAULT_MAX_SETS = 6
+#: Tensors start on this byte boundary in a block (byte 0 holds the in-use flag).
+_ALIGN = 64
 
 
 def shared_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -36,53 +46,77 @@ def shared_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(0, dtype=dtype).set_(storage, 0, shape)  # type: ignore[call-overload]
 
 
+def plan_block(specs: Sequence[BufferSpec]) -> tuple[tuple[Slot, ...], int]:
+    """The slots of ``specs`` in one block, and the block's size in bytes."""
+    slots = []
+    offset = _ALIGN
+    for shape, dtype in specs:
+        slots.append((offset, tuple(shape), dtype))
+        offset += -(-math.prod(shape) * dtype.itemsize // _ALIGN) * _ALIGN
+    return tuple(slots), offset
+
+
+def unpack(block: torch.Tensor, layout: Sequence[Slot]) -> tuple[torch.Tensor, ...]:
+    """The tensors of a block, as views (no copy)."""
+    return tuple(
+        block[offset : offset + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+        for offset, shape, dtype in layout
+    )
+
+
 @dataclass(frozen=True)
 class BufferSet:
-    """Tensors for one batch, and the flag that says whether its consumer still holds them.
+    """One batch's tensors in one flat ``uint8`` block, which is what travels between processes.
 
-    ``in_use`` is ``None`` outside a worker (plain tensors that never travel) and for sets the
-    pool does not keep.
+    ``kept`` says whether the pool refills the block once released; a block made outside a
+    worker (it never travels) or beyond the pool's size is not kept.
     """
 
-    tensors: tuple[torch.Tensor, ...]
-    in_use: torch.Tensor | None
+    block: torch.Tensor
+    layout: tuple[Slot, ...]
+    kept: bool
 
     @property
-    def specs(self) -> tuple[BufferSpec, ...]:
-        """What the set holds, to match it against the next batch."""
-        return tuple((tuple(t.shape), t.dtype) for t in self.tensors)
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The batch's tensors, views into the block."""
+        return unpack(self.block, self.layout)
+
+    @property
+    def in_use(self) -> bool:
+        """Whether the consumer may still read the block."""
+        return bool(self.block[0])
 
 
-def release(in_use: torch.Tensor | None) -> None:
-    """Tell the worker that made a batch that its buffers may be written again."""
-    if in_use is not None:
-        in_use.zero_()
+def release(block: torch.Tensor | None) -> None:
+    """Tell the worker that made a batch that its block may be refilled."""
+    if block is not None:
+        block[0] = 0
 
 
 class MappedSets:
-    """The main process's side: keeps its mappings of released sets open.
+    """The main process's side: keeps its mappings of released blocks open.
 
     torch maps a received shared buffer again unless a live tensor of the main process already
     maps it (``torch.multiprocessing``'s shared cache); holding on to the last ``size`` released
-    sets makes the next batch in the same set arrive without new mappings or page faults. They
-    are the workers' pooled buffers, so holding them costs no memory of its own.
+    blocks makes the next batch in the same block arrive without new mappings or page faults.
+    They are the workers' pooled blocks, so holding them costs no memory of its own.
     """
 
     def __init__(self, size: int) -> None:
-        self._held: deque[object] = deque(maxlen=max(size, 1))
+        self._held: deque[torch.Tensor] = deque(maxlen=max(size, 1))
 
-    def hold(self, raw: object, in_use: torch.Tensor | None) -> None:
-        """Keep ``raw`` (a released batch) mapped if it came from a worker's pool."""
-        if in_use is not None:
-            self._held.append(raw)
+    def hold(self, block: torch.Tensor | None) -> None:
+        """Keep ``block`` (of a released batch) mapped."""
+        if block is not None and block.is_shared():
+            self._held.append(block)
 
 
 class SharedBufferPool:
-    """Buffer sets of one worker process, each reused once its consumer released it.
+    """Blocks of one worker process, each refilled once its consumer released it.
 
-    Holds at most ``max_sets`` sets. When none is free: a new set while there is room; else a
-    free set of other shapes (a patch-size schedule changed the batch) makes room; else, every set
-    still held by the consumer, a fresh set outside the pool.
+    Holds at most ``max_sets`` blocks. When none is free: a new block while there is room; else
+    a free block of another layout (a patch-size schedule changed the batch) makes room; else,
+    every block still held by the consumer, a fresh block outside the pool.
     """
 
     def __init__(self, max_sets: int = DEFAULT_MAX_SETS) -> None:
@@ -92,33 +126,31 @@ class SharedBufferPool:
         self._sets: list[BufferSet] = []
 
     def __getstate__(self) -> dict[str, object]:
-        """A copy (a dataset pickled for a worker) starts empty: buffers belong to one process."""
+        """A copy (a dataset pickled for a worker) starts empty: blocks belong to one process."""
         return {"max_sets": self.max_sets, "_sets": []}
 
     def __len__(self) -> int:
         return len(self._sets)
 
     def acquire(self, specs: Sequence[BufferSpec], *, shared: bool | None = None) -> BufferSet:
-        """Tensors of ``specs`` for the next batch, marked in use.
+        """A block holding tensors of ``specs`` for the next batch, marked in use.
 
-        ``shared=None`` shares them only in a DataLoader worker: in the main process a batch never
-        travels, so it gets plain tensors.
+        ``shared=None`` shares it only in a DataLoader worker: in the main process a batch never
+        travels, so it gets plain memory.
         """
-        specs = tuple((tuple(shape), dtype) for shape, dtype in specs)
+        layout, size = plan_block(specs)
         if not (get_worker_info() is not None if shared is None else shared):
-            return BufferSet(tuple(torch.empty(shape, dtype=dtype) for shape, dtype in specs), None)
-        free = [s for s in self._sets if s.in_use is not None and not bool(s.in_use.item())]
-        chosen = next((s for s in free if s.specs == specs), None)
+            return BufferSet(torch.zeros(size, dtype=torch.uint8), layout, kept=False)
+        free = [s for s in self._sets if not s.in_use]
+        chosen = next((s for s in free if s.layout == layout), None)
         if chosen is None:
-            chosen = BufferSet(
-                tuple(shared_tensor(shape, dtype) for shape, dtype in specs),
-                shared_tensor((1,), torch.uint8),
-            )
+            chosen = BufferSet(shared_tensor((size,), torch.uint8), layout, kept=True)
             if len(self._sets) >= self.max_sets:
-                if not free:  # every set is still being read: this one is not kept
-                    return BufferSet(chosen.tensors, None)
-                self._sets.remove(free[0])
-            self._sets.append(chosen)
-        assert chosen.in_use is not None
-        chosen.in_use.fill_(1)
+                if not free:  # every block is still being read: this one is not kept
+                    chosen = BufferSet(chosen.block, layout, kept=False)
+                else:
+                    self._sets.remove(free[0])
+            if chosen.kept:
+                self._sets.append(chosen)
+        chosen.block[0] = 1
         return chosen

@@ -1,4 +1,4 @@
-"""Shared batch buffers: a worker reuses a set only after its consumer released it."""
+"""Shared batch blocks: a worker refills a block only after its consumer released it."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from seg_pipeline.data.augment import Augmenter
 from seg_pipeline.data.loaders import build_train_loader
 from seg_pipeline.data.shard_datasets import ShardIterableDataset
-from seg_pipeline.data.shared_buffers import DEFAULT_MAX_SETS, SharedBufferPool, release
+from seg_pipeline.data.shared_buffers import DEFAULT_MAX_SETS, SharedBufferPool, plan_block, release, unpack
 from seg_pipeline.settings import AugmentSettings, LoaderSettings
 from seg_pipeline_tests.conftest import scratch_dir
 from seg_pipeline_tests.data.test_shard_datasets import build_sharded_dataset
@@ -22,40 +22,48 @@ def data(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     return build_sharded_dataset(scratch_dir(request, tmp_path_factory, "shared_buffers"))
 
 
-BATCH = (((4, 3, 8, 8), torch.uint8), ((4, 8, 8), torch.uint8))
+BATCH = (((4, 3, 8, 8), torch.uint8), ((4, 8, 8), torch.uint8), ((8, 8), torch.bool))
 
 
-def test_a_released_set_is_refilled_in_place() -> None:
+def test_a_batch_is_one_block_of_aligned_views() -> None:
+    layout, size = plan_block(BATCH)
+    block = torch.zeros(size, dtype=torch.uint8)
+    image, mask, invalid = unpack(block, layout)
+    assert (image.shape, mask.shape, invalid.shape) == ((4, 3, 8, 8), (4, 8, 8), (8, 8))
+    assert invalid.dtype == torch.bool and all(offset % 64 == 0 and offset > 0 for offset, _, _ in layout)
+    image.fill_(7)
+    assert int(mask.sum()) == 0 and int(block[0]) == 0  # views do not overlap, nor the flag byte
+
+
+def test_a_released_block_is_refilled_in_place() -> None:
     pool = SharedBufferPool()
     first = pool.acquire(BATCH, shared=True)
-    assert first.tensors[0].is_shared() and first.in_use is not None and int(first.in_use) == 1
-    release(first.in_use)
+    assert first.block.is_shared() and first.kept and first.in_use
+    release(first.block)
     second = pool.acquire(BATCH, shared=True)
-    assert second.tensors[0].data_ptr() == first.tensors[0].data_ptr()
-    assert int(second.in_use) == 1 and len(pool) == 1
+    assert second.block.data_ptr() == first.block.data_ptr()
+    assert second.in_use and len(pool) == 1
 
 
-def test_a_set_still_in_use_is_never_handed_out_again() -> None:
+def test_a_block_still_in_use_is_never_handed_out_again() -> None:
     pool = SharedBufferPool(max_sets=2)
     held = [pool.acquire(BATCH, shared=True) for _ in range(3)]
-    pointers = {s.tensors[0].data_ptr() for s in held}
-    assert len(pointers) == 3, "a buffer the consumer still reads was given to another batch"
-    assert len(pool) == 2 and held[2].in_use is None  # the pool is full: the third is not kept
+    assert len({s.block.data_ptr() for s in held}) == 3, "a block the consumer still reads was refilled"
+    assert len(pool) == 2 and not held[2].kept  # the pool is full: the third is not kept
 
 
 def test_a_full_pool_makes_room_for_a_new_batch_shape() -> None:
     pool = SharedBufferPool(max_sets=1)
-    old = pool.acquire(BATCH, shared=True)
-    release(old.in_use)
+    release(pool.acquire(BATCH, shared=True).block)
     larger = (((4, 3, 16, 16), torch.uint8), ((4, 16, 16), torch.uint8))
     new = pool.acquire(larger, shared=True)
-    assert new.tensors[0].shape == (4, 3, 16, 16) and new.in_use is not None and len(pool) == 1
+    assert new.tensors[0].shape == (4, 3, 16, 16) and new.kept and len(pool) == 1
 
 
-def test_the_main_process_gets_plain_tensors_and_a_copy_starts_empty() -> None:
+def test_the_main_process_gets_plain_memory_and_a_copy_starts_empty() -> None:
     pool = SharedBufferPool()
     plain = pool.acquire(BATCH)  # not in a DataLoader worker
-    assert plain.in_use is None and not plain.tensors[0].is_shared() and len(pool) == 0
+    assert not plain.kept and not plain.block.is_shared() and len(pool) == 0
     pool.acquire(BATCH, shared=True)
     assert len(pickle.loads(pickle.dumps(pool))) == 0
 
@@ -71,8 +79,8 @@ def _raw_batches(data: dict, **kwargs) -> ShardIterableDataset:
     )
 
 
-def test_workers_refill_released_buffers_and_never_others(data: dict) -> None:
-    """A real worker process: released sets come back (same mapping), unreleased ones never do."""
+def test_workers_refill_released_blocks_and_never_others(data: dict) -> None:
+    """A real worker process: released blocks come back (same mapping), unreleased ones never do."""
     for releasing in (True, False):
         dataset = _raw_batches(data)
         loader = DataLoader(dataset, batch_size=None, num_workers=1, persistent_workers=True)
@@ -80,27 +88,27 @@ def test_workers_refill_released_buffers_and_never_others(data: dict) -> None:
         for epoch in range(3):
             dataset.set_epoch(epoch)
             for raw in loader:
-                held.append(raw)  # keeps the mapping, so a refilled set arrives at the same address
-                pointers.add(raw["raw_views"][0]["image"].data_ptr())
+                held.append(raw)  # keeps the mapping, so a refilled block arrives at the same address
+                pointers.add(raw["block"].data_ptr())
                 batches += 1
                 if releasing:
-                    release(raw["in_use"])
+                    release(raw["block"])
         if releasing:
-            assert len(pointers) <= DEFAULT_MAX_SETS < batches  # a few sets served every batch
+            assert len(pointers) <= DEFAULT_MAX_SETS < batches  # a few blocks served every batch
         else:
             assert len(pointers) == batches
 
 
-def test_finishing_a_batch_releases_its_buffers(data: dict) -> None:
+def test_finishing_a_batch_releases_its_block(data: dict) -> None:
     dataset = _raw_batches(data)
     raw = next(iter(DataLoader(dataset, batch_size=None, num_workers=1)))
-    assert int(raw["in_use"]) == 1  # set by the worker that filled it
+    assert int(raw["block"][0]) == 1  # set by the worker that filled it
     dataset.finish_batch(raw)
-    assert int(raw["in_use"]) == 0
+    assert int(raw["block"][0]) == 0
 
 
-def test_finished_batches_are_the_same_with_reused_buffers(data: dict) -> None:
-    """Three epochs through two workers that reuse their buffers equal the in-process batches."""
+def test_finished_batches_are_the_same_with_reused_blocks(data: dict) -> None:
+    """Three epochs through two workers that refill their blocks equal the in-process batches."""
 
     def epochs(workers: int) -> dict[tuple[int, str], torch.Tensor]:
         dataset = _raw_batches(data, shuffle=False)
