@@ -21,6 +21,7 @@ or not) see the new epoch on the next ``iter(loader)``. Call it *before* creatin
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -47,6 +48,18 @@ class _EpochState:
     @property
     def epoch(self) -> int:
         return int(self._epoch.item())
+
+
+@dataclass(frozen=True)
+class RawView:
+    """One view of a raw batch: which tensors of its block hold the images, the masks and each
+    sample's nodata map (``None``: no nodata), and the photometric draws still to apply.
+    """
+
+    image: int
+    mask: int
+    invalid: list[int | None]
+    params: list[AugmentParams]
 
 
 class _SampleMaker:
@@ -113,22 +126,23 @@ class _SampleMaker:
         specs: list[BufferSpec] = []
         views = []
         for v, results in enumerate(per_view):
-            slots = {"image": len(specs), "mask": len(specs) + 1}
+            image_slot, mask_slot = len(specs), len(specs) + 1
             specs += [_stacked_spec([r.image for r in results]), _stacked_spec([r.mask for r in results])]
             invalid: list[int | None] = []
             for r in results:
                 invalid.append(None if r.invalid is None else len(specs))
                 if r.invalid is not None:
                     specs.append((tuple(r.invalid.shape), torch.bool))
-            views.append({**slots, "invalid": invalid, "params": [params[v][0] for params in plans]})
+            views.append(RawView(image_slot, mask_slot, invalid, [params[v][0] for params in plans]))
         buffers = self._buffers.acquire(specs)
         tensors = buffers.tensors
         for view, results in zip(views, per_view, strict=True):
             for i, result in enumerate(results):
-                tensors[view["image"]][i].copy_(result.image)
-                tensors[view["mask"]][i].copy_(result.mask)
-                if result.invalid is not None:
-                    tensors[view["invalid"][i]].copy_(result.invalid)
+                tensors[view.image][i].copy_(result.image)
+                tensors[view.mask][i].copy_(result.mask)
+                slot = view.invalid[i]
+                if result.invalid is not None and slot is not None:
+                    tensors[slot].copy_(result.invalid)
         # one block travels (one shared file per batch), the views are rebuilt in finish()
         return {
             "block": buffers.block,
@@ -157,10 +171,10 @@ class _SampleMaker:
         pin = pin_memory and torch.cuda.is_available()
         tensors = unpack(raw["block"], raw["layout"])
         for view in raw["raw_views"]:
-            images_raw, masks_raw = tensors[view["image"]], tensors[view["mask"]]
-            invalid = [None if slot is None else tensors[slot] for slot in view["invalid"]]
+            images_raw, masks_raw = tensors[view.image], tensors[view.mask]
+            invalid = [None if slot is None else tensors[slot] for slot in view.invalid]
             images = torch.empty(images_raw.shape, dtype=torch.float32, pin_memory=pin)
-            photometric_batch(images, images_raw, invalid, self.stats, view["params"], self.augmenter)
+            photometric_batch(images, images_raw, invalid, self.stats, view.params, self.augmenter)
             masks = torch.empty(masks_raw.shape, dtype=torch.int64, pin_memory=pin).copy_(masks_raw)
             outputs.append((images, masks))
         batch: dict[str, Any] = {"image": outputs[0][0], "mask": outputs[0][1], "item_id": raw["item_id"]}

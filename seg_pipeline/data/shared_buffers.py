@@ -64,7 +64,7 @@ def unpack(block: torch.Tensor, layout: Sequence[Slot]) -> tuple[torch.Tensor, .
     )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # a set is itself: comparing its tensors would be elementwise
 class BufferSet:
     """One batch's tensors in one flat ``uint8`` block, which is what travels between processes.
 

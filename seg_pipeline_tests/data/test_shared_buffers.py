@@ -60,6 +60,16 @@ def test_a_full_pool_makes_room_for_a_new_batch_shape() -> None:
     assert new.tensors[0].shape == (4, 3, 16, 16) and new.kept and len(pool) == 1
 
 
+def test_a_full_pool_evicts_a_free_block_of_another_shape() -> None:
+    """An epoch's last, smaller batch: the pool swaps a free block for it, never one in use."""
+    pool = SharedBufferPool(max_sets=2)
+    smaller = (((2, 3, 8, 8), torch.uint8), ((2, 8, 8), torch.uint8))
+    busy = pool.acquire(BATCH, shared=True)
+    release(pool.acquire(smaller, shared=True).block)
+    last = pool.acquire((((1, 3, 8, 8), torch.uint8), ((1, 8, 8), torch.uint8)), shared=True)
+    assert last.kept and len(pool) == 2 and busy.in_use
+
+
 def test_the_main_process_gets_plain_memory_and_a_copy_starts_empty() -> None:
     pool = SharedBufferPool()
     plain = pool.acquire(BATCH)  # not in a DataLoader worker
