@@ -140,7 +140,7 @@ class SharedBufferPool:
         """
         layout, size = plan_block(specs)
         if not (get_worker_info() is not None if shared is None else shared):
-            return BufferSet(torch.zeros(size, dtype=torch.uint8), layout, kept=False)
+            return BufferSet(torch.empty(size, dtype=torch.uint8), layout, kept=False)
         free = [s for s in self._sets if not s.in_use]
         chosen = next((s for s in free if s.layout == layout), None)
         if chosen is None:
