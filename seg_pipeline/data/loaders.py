@@ -78,12 +78,14 @@ def _common_kwargs(config: LoaderSettings, seed: int) -> dict[str, Any]:
 
 
 class FinishingDataLoader(DataLoader):
-    """A DataLoader over a dataset in batch mode: workers yield raw batches, and iteration hands
-    out finished ones (``dataset.finish_batch``, in the main process, optionally pinned).
+    """A DataLoader over a dataset in batch mode; iteration hands out standard batches
+    (``dataset.finish_batch``, in the main process, optionally pinned).
 
-    Finishing releases the raw batch's shared buffers to the worker that made it, and the last
-    ones stay mapped here (:mod:`~seg_pipeline.data.shared_buffers`): a worker then refills
-    buffers both processes have already mapped instead of faulting in new ones every batch.
+    Workers send batches they finished in shared blocks: ``finish_batch`` copies one out and
+    releases its block to the worker, and the last blocks stay mapped here
+    (:mod:`~seg_pipeline.data.shared_buffers`), so a worker refills memory both processes have
+    already mapped instead of faulting in new pages every batch. Without workers the raw
+    batches are finished here.
     """
 
     def __init__(self, dataset: Dataset, *, finish_pin_memory: bool = False, **kwargs: Any) -> None:
@@ -227,7 +229,7 @@ def build_train_loader(
                     "build the dataset with the loader's batch size"
                 )
             dataset.drop_last = drop_last  # type: ignore[attr-defined]
-            kwargs["pin_memory"] = False  # raw batches are not what the model sees: pin when finishing
+            kwargs["pin_memory"] = False  # pinned when finish_batch copies the batch out
             return FinishingDataLoader(
                 dataset, finish_pin_memory=config.pin_memory, batch_size=None, **kwargs
             )

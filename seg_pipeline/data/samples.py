@@ -106,13 +106,10 @@ class _SampleMaker:
         return sample
 
     def build_raw(self, items: Sequence[tuple[str, RawTile]], epoch: int) -> dict[str, Any]:
-        """Worker half of batch mode: draws and geometric ops only, pixels still raw.
+        """First half of batch mode: draws and geometric ops only, pixels still raw.
 
-        A ``uint8`` RGB batch is 4x smaller than its float32 form and its int64 masks 8x larger
-        than ``uint8`` ones; on CPU, filling the shared memory a batch travels in costs more
-        than the arithmetic, so the float work happens after the transfer (:meth:`finish`), and
-        a worker refills the buffers of batches already finished
-        (:mod:`~seg_pipeline.data.shared_buffers`).
+        The batch's tensors lie in one block of plain memory (it stays in this process):
+        :meth:`finish` turns it into the standard batch here, :meth:`finish_shared` in a worker.
         """
         n_views = 2 if self.two_views else 1
         plans = self._plans(items, epoch, n_views)
@@ -134,7 +131,7 @@ class _SampleMaker:
                 if r.invalid is not None:
                     specs.append((tuple(r.invalid.shape), torch.bool))
             views.append(RawView(image_slot, mask_slot, invalid, [params[v][0] for params in plans]))
-        buffers = self._buffers.acquire(specs)
+        buffers = self._buffers.acquire(specs, shared=False)
         tensors = buffers.tensors
         for view, results in zip(views, per_view, strict=True):
             for i, result in enumerate(results):
@@ -143,7 +140,6 @@ class _SampleMaker:
                 slot = view.invalid[i]
                 if result.invalid is not None and slot is not None:
                     tensors[slot].copy_(result.invalid)
-        # one block travels (one shared file per batch), the views are rebuilt in finish()
         return {
             "block": buffers.block,
             "layout": buffers.layout,
@@ -151,33 +147,74 @@ class _SampleMaker:
             "item_id": [item_id for item_id, _ in items],
         }
 
-    def finish(self, raw: dict[str, Any], pin_memory: bool = False, threads: int = 1) -> dict[str, Any]:
-        """Main-process half of batch mode: photometric ops and normalisation into float32.
+    def finish_shared(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """Second half of batch mode in a DataLoader worker: the finished float32 images and int64
+        masks, written into a shared block the worker refills once :meth:`finish` released it.
 
-        Runs with ``threads`` torch threads (restored afterwards): the workers already occupy
-        the cores, and torch's default intra-op threads then spin against them (measured: 10x
-        more CPU per tile on 2 cores with the default 2 threads).
+        The main process then only copies the batch out. Finishing in the main process instead
+        (``uint8`` through shared memory, 4x fewer bytes) left its one core the bottleneck: 902
+        against 1015 tiles/s on 2 cores (bench/RESULTS.md, 2026-12-07, "shared buffers").
         """
+        tensors = unpack(raw["block"], raw["layout"])
+        specs: list[BufferSpec] = []
+        for view in raw["raw_views"]:
+            specs += [
+                (tuple(tensors[view.image].shape), torch.float32),
+                (tuple(tensors[view.mask].shape), torch.int64),
+            ]
+        finished = self._buffers.acquire(specs)
+        outputs = finished.tensors
+        self._photometric(raw, [(outputs[i], outputs[i + 1]) for i in range(0, len(outputs), 2)])
+        return {
+            "block": finished.block,
+            "layout": finished.layout,
+            "finished": True,
+            "item_id": raw["item_id"],
+        }
+
+    def finish(self, raw: dict[str, Any], pin_memory: bool = False, threads: int = 1) -> dict[str, Any]:
+        """The standard batch from a batch of batch mode, in the main process.
+
+        A raw batch (:meth:`build_raw`) gets its photometric ops and normalisation here, with
+        ``threads`` torch threads (restored afterwards; with workers busy on the other cores,
+        torch's default threads spin against them: 10x more CPU per tile measured on 2 cores).
+        A batch finished by a worker (:meth:`finish_shared`) is copied out of its block, and the
+        block goes back to the worker.
+        """
+        pin = pin_memory and torch.cuda.is_available()
+        if raw.get("finished"):
+            try:
+                tensors = unpack(raw["block"], raw["layout"])
+                copies = [torch.empty(t.shape, dtype=t.dtype, pin_memory=pin).copy_(t) for t in tensors]
+            finally:
+                release(raw["block"])  # copied out: its worker may refill the block
+            return self._batch([(copies[i], copies[i + 1]) for i in range(0, len(copies), 2)], raw["item_id"])
         previous = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            return self._finish(raw, pin_memory)
+            layout = raw["layout"]
+            outputs = [
+                (
+                    torch.empty(layout[view.image][1], dtype=torch.float32, pin_memory=pin),
+                    torch.empty(layout[view.mask][1], dtype=torch.int64, pin_memory=pin),
+                )
+                for view in raw["raw_views"]
+            ]
+            self._photometric(raw, outputs)
         finally:
             torch.set_num_threads(previous)
-            release(raw["block"])  # the batch is copied out: its worker may refill the block
+        return self._batch(outputs, raw["item_id"])
 
-    def _finish(self, raw: dict[str, Any], pin_memory: bool) -> dict[str, Any]:
-        outputs = []
-        pin = pin_memory and torch.cuda.is_available()
+    def _photometric(self, raw: dict[str, Any], outputs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Write each view's normalised images and int64 masks into ``outputs``."""
         tensors = unpack(raw["block"], raw["layout"])
-        for view in raw["raw_views"]:
-            images_raw, masks_raw = tensors[view.image], tensors[view.mask]
+        for view, (images, masks) in zip(raw["raw_views"], outputs, strict=True):
             invalid = [None if slot is None else tensors[slot] for slot in view.invalid]
-            images = torch.empty(images_raw.shape, dtype=torch.float32, pin_memory=pin)
-            photometric_batch(images, images_raw, invalid, self.stats, view.params, self.augmenter)
-            masks = torch.empty(masks_raw.shape, dtype=torch.int64, pin_memory=pin).copy_(masks_raw)
-            outputs.append((images, masks))
-        batch: dict[str, Any] = {"image": outputs[0][0], "mask": outputs[0][1], "item_id": raw["item_id"]}
+            photometric_batch(images, tensors[view.image], invalid, self.stats, view.params, self.augmenter)
+            masks.copy_(tensors[view.mask])
+
+    def _batch(self, outputs: list[tuple[torch.Tensor, torch.Tensor]], item_ids: list[str]) -> dict[str, Any]:
+        batch: dict[str, Any] = {"image": outputs[0][0], "mask": outputs[0][1], "item_id": item_ids}
         if self.two_views:
             batch.update(
                 image_view1=outputs[0][0],

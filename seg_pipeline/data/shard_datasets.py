@@ -134,10 +134,12 @@ class ShardIterableDataset(_ShardDatasetBase, IterableDataset):
         epoch: Starting epoch (see :meth:`set_epoch`).
         drop_unlabeled: Skip tiles without a mask.
         two_views: Also yield ``image_view1/2``, ``mask_view1/2`` (needs an augmenter).
-        batch_size: Batch mode, the fast path for CPU training: each worker yields *raw* batches
-            (geometric ops done on ``uint8``, ~5x fewer bytes through shared memory) and the main
-            process finishes them (:meth:`finish_batch`: photometric ops, normalisation, int64
-            masks). Results equal the per-sample path exactly. Build the loader with
+        batch_size: Batch mode, the fast path for CPU training: each worker assembles and
+            finishes whole batches (geometric ops on ``uint8``, then photometric ops and
+            normalisation for the batch at once) into shared blocks it refills once the main
+            process has copied them out (:mod:`~seg_pipeline.data.shared_buffers`); without
+            workers the main process finishes raw batches (:meth:`finish_batch`). Results equal
+            the per-sample path exactly. Build the loader with
             :func:`~seg_pipeline.data.loaders.build_train_loader`, which wires this up; ``None``
             yields ordinary samples.
         drop_last: In batch mode, drop each worker's last incomplete batch.
@@ -249,7 +251,8 @@ class ShardIterableDataset(_ShardDatasetBase, IterableDataset):
             chunk = units[start : start + self.batch_size]
             if self.drop_last and len(chunk) < self.batch_size:
                 return
-            yield self._maker.build_raw([self._unit(row, k, epoch) for row, k in chunk], epoch)
+            raw = self._maker.build_raw([self._unit(row, k, epoch) for row, k in chunk], epoch)
+            yield raw if info is None else self._maker.finish_shared(raw)
 
     def _units(self, rows: list[ShardRow], epoch: int) -> list[tuple[ShardRow, int]]:
         """``(row, patch number)`` in reading order; a tile's patches are spread over the epoch."""
@@ -270,7 +273,9 @@ class ShardIterableDataset(_ShardDatasetBase, IterableDataset):
         return key, read_raw_window(row, window, self.ignore_index)
 
     def finish_batch(self, raw: dict[str, Any], pin_memory: bool = False, threads: int = 1) -> dict[str, Any]:
-        """Turn a raw batch of batch mode into the standard batch (done by the train loader)."""
+        """Turn a batch of batch mode into the standard batch (done by the train loader): a raw one
+        read in this process is finished here, one a worker finished is copied out of its block.
+        """
         return self._maker.finish(raw, pin_memory, threads)
 
 

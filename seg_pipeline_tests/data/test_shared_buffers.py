@@ -78,7 +78,7 @@ def test_the_main_process_gets_plain_memory_and_a_copy_starts_empty() -> None:
     assert len(pickle.loads(pickle.dumps(pool))) == 0
 
 
-def _raw_batches(data: dict, **kwargs) -> ShardIterableDataset:
+def _batch_mode(data: dict, **kwargs) -> ShardIterableDataset:
     return ShardIterableDataset(
         data["dirs"][("npy", 3)],
         "train",
@@ -92,17 +92,17 @@ def _raw_batches(data: dict, **kwargs) -> ShardIterableDataset:
 def test_workers_refill_released_blocks_and_never_others(data: dict) -> None:
     """A real worker process: released blocks come back (same mapping), unreleased ones never do."""
     for releasing in (True, False):
-        dataset = _raw_batches(data)
+        dataset = _batch_mode(data)
         loader = DataLoader(dataset, batch_size=None, num_workers=1, persistent_workers=True)
         held, pointers, batches = [], set(), 0
         for epoch in range(3):
             dataset.set_epoch(epoch)
-            for raw in loader:
-                held.append(raw)  # keeps the mapping, so a refilled block arrives at the same address
-                pointers.add(raw["block"].data_ptr())
+            for shared in loader:
+                held.append(shared)  # keeps the mapping, so a refilled block arrives at the same address
+                pointers.add(shared["block"].data_ptr())
                 batches += 1
                 if releasing:
-                    release(raw["block"])
+                    release(shared["block"])
         if releasing:
             assert len(pointers) <= DEFAULT_MAX_SETS < batches  # a few blocks served every batch
         else:
@@ -110,18 +110,29 @@ def test_workers_refill_released_blocks_and_never_others(data: dict) -> None:
 
 
 def test_finishing_a_batch_releases_its_block(data: dict) -> None:
-    dataset = _raw_batches(data)
-    raw = next(iter(DataLoader(dataset, batch_size=None, num_workers=1)))
-    assert int(raw["block"][0]) == 1  # set by the worker that filled it
-    dataset.finish_batch(raw)
-    assert int(raw["block"][0]) == 0
+    dataset = _batch_mode(data)
+    shared = next(iter(DataLoader(dataset, batch_size=None, num_workers=1)))
+    assert shared["finished"] and int(shared["block"][0]) == 1  # set by the worker that filled it
+    dataset.finish_batch(shared)
+    assert int(shared["block"][0]) == 0
+
+
+def test_a_batch_handed_out_owns_its_memory(data: dict) -> None:
+    """The worker may refill a released block at once: the batch must not be a view of it."""
+    dataset = _batch_mode(data)
+    shared = next(iter(DataLoader(dataset, batch_size=None, num_workers=1)))
+    batch = dataset.finish_batch(shared)
+    image, mask = batch["image"].clone(), batch["mask"].clone()
+    shared["block"][1:] = 0  # what refilling does to the block
+    assert torch.equal(batch["image"], image) and torch.equal(batch["mask"], mask)
+    assert batch["image"].dtype == torch.float32 and batch["mask"].dtype == torch.int64
 
 
 def test_finished_batches_are_the_same_with_reused_blocks(data: dict) -> None:
     """Three epochs through two workers that refill their blocks equal the in-process batches."""
 
     def epochs(workers: int) -> dict[tuple[int, str], torch.Tensor]:
-        dataset = _raw_batches(data, shuffle=False)
+        dataset = _batch_mode(data, shuffle=False)
         loader = build_train_loader(
             dataset, LoaderSettings(batch_size=2, num_workers=workers, persistent_workers=workers > 0)
         )
