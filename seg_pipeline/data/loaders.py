@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from seg_pipeline.data.augment import derive_seed
-from seg_pipeline.data.shared_buffers import DEFAULT_MAX_SETS, MappedSets
+from seg_pipeline.data.shared_buffers import DEFAULT_MAX_SETS, BlockCollate, MappedSets, take_block
 from seg_pipeline.settings.batches import LoaderSettings
 
 
@@ -103,6 +103,31 @@ class FinishingDataLoader(DataLoader):
         for raw in super().__iter__():
             batch = finish(raw, pin_memory=self.finish_pin_memory, threads=threads)
             mapped.hold(raw["block"])
+            yield batch
+
+
+class BlockDataLoader(DataLoader):
+    """A DataLoader whose workers stack batches into blocks they refill
+    (:class:`~seg_pipeline.data.shared_buffers.BlockCollate`): iteration copies each batch out,
+    optionally pinned, with one torch thread (the workers use the other cores), and releases its
+    block; the last blocks stay mapped here.
+    """
+
+    def __init__(self, dataset: Dataset, *, copy_pin_memory: bool = False, **kwargs: Any) -> None:
+        self.copy_pin_memory = copy_pin_memory
+        super().__init__(dataset, collate_fn=BlockCollate(), **kwargs)
+
+    def __iter__(self) -> Any:
+        mapped = MappedSets(self.num_workers * DEFAULT_MAX_SETS)
+        pin = self.copy_pin_memory and torch.cuda.is_available()
+        for batch in super().__iter__():
+            previous = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                batch, block = take_block(batch, pin)
+            finally:
+                torch.set_num_threads(previous)
+            mapped.hold(block)
             yield batch
 
 
@@ -210,12 +235,17 @@ def build_train_loader(
     config = config or LoaderSettings()
     _apply_cache(dataset, config)
     kwargs = _common_kwargs(config, seed)
+    loader_class: Any = DataLoader
     if collate_fn is not None:
         kwargs["collate_fn"] = collate_fn
+    elif config.num_workers > 0:  # workers stack into blocks they refill, not fresh shared memory
+        loader_class = BlockDataLoader
+        kwargs["copy_pin_memory"] = kwargs.pop("pin_memory")
+        kwargs["pin_memory"] = False
     if batch_sampler is not None:
         if sampler is not None:
             raise ValueError("give sampler or batch_sampler, not both")
-        return DataLoader(dataset, batch_sampler=batch_sampler, **kwargs)
+        return loader_class(dataset, batch_sampler=batch_sampler, **kwargs)
     if isinstance(dataset, IterableDataset):
         if sampler is not None:
             raise ValueError(
@@ -229,12 +259,13 @@ def build_train_loader(
                     "build the dataset with the loader's batch size"
                 )
             dataset.drop_last = drop_last  # type: ignore[attr-defined]
+            kwargs.pop("copy_pin_memory", None)  # the dataset batches: no collate
             kwargs["pin_memory"] = False  # pinned when finish_batch copies the batch out
             return FinishingDataLoader(
                 dataset, finish_pin_memory=config.pin_memory, batch_size=None, **kwargs
             )
-        return DataLoader(dataset, batch_size=config.batch_size, drop_last=drop_last, **kwargs)
-    return DataLoader(
+        return loader_class(dataset, batch_size=config.batch_size, drop_last=drop_last, **kwargs)
+    return loader_class(
         dataset,
         batch_size=config.batch_size,
         shuffle=sampler is None,

@@ -23,9 +23,10 @@ import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch.utils.data import get_worker_info
+from torch.utils.data import default_collate, get_worker_info
 
 #: (shape, dtype) of one tensor of a buffer set.
 BufferSpec = tuple[tuple[int, ...], torch.dtype]
@@ -154,3 +155,59 @@ class SharedBufferPool:
                 self._sets.append(chosen)
         chosen.block[0] = 1
         return chosen
+
+
+#: The key under which a batch stacked by :class:`BlockCollate` carries its block.
+SHARED_BLOCK = "_shared_block"
+
+
+class BlockCollate:
+    """A ``collate_fn`` for DataLoader workers: samples stacked into one of the worker's blocks.
+
+    ``default_collate`` stacks a worker's batch into fresh shared memory every time; this stacks
+    the samples' tensors into a pooled block instead (other fields go through
+    ``default_collate``), and :func:`take_block` in the main process copies them out and
+    releases the block. Samples whose tensors differ in shape or dtype, and batches built in the
+    main process, are collated by ``default_collate`` as they are.
+    """
+
+    def __init__(self, max_sets: int = DEFAULT_MAX_SETS) -> None:
+        self._pool = SharedBufferPool(max_sets)
+
+    def __call__(self, samples: list[Any]) -> Any:
+        """One batch of ``samples``, its tensors in a block when they stack."""
+        first = samples[0] if samples else None
+        if get_worker_info() is None or not isinstance(first, dict):
+            return default_collate(samples)
+        keys = [key for key, value in first.items() if isinstance(value, torch.Tensor)]
+        stackable = keys and all(
+            isinstance(sample.get(key), torch.Tensor)
+            and sample[key].shape == first[key].shape
+            and sample[key].dtype == first[key].dtype
+            for sample in samples
+            for key in keys
+        )
+        if not stackable:
+            return default_collate(samples)
+        block = self._pool.acquire([((len(samples), *first[key].shape), first[key].dtype) for key in keys])
+        for key, out in zip(keys, block.tensors, strict=True):
+            torch.stack([sample[key] for sample in samples], out=out)
+        rest = default_collate([{k: v for k, v in sample.items() if k not in keys} for sample in samples])
+        return {**rest, SHARED_BLOCK: (block.block, block.layout, keys)}
+
+
+def take_block(batch: Any, pin_memory: bool = False) -> tuple[Any, torch.Tensor | None]:
+    """A batch of :class:`BlockCollate` with its tensors copied out of the block, which is
+    released to its worker; and the block (to keep mapped). Other batches pass unchanged.
+    """
+    if not isinstance(batch, dict) or SHARED_BLOCK not in batch:
+        return batch, None
+    block, layout, keys = batch.pop(SHARED_BLOCK)
+    try:
+        copies = [
+            torch.empty(t.shape, dtype=t.dtype, pin_memory=pin_memory).copy_(t) for t in unpack(block, layout)
+        ]
+    finally:
+        release(block)
+    batch.update(zip(keys, copies, strict=True))
+    return batch, block

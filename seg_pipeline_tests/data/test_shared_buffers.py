@@ -9,9 +9,18 @@ import torch
 from torch.utils.data import DataLoader
 
 from seg_pipeline.data.augment import Augmenter
-from seg_pipeline.data.loaders import build_train_loader
+from seg_pipeline.data.loaders import BlockDataLoader, build_train_loader
 from seg_pipeline.data.shard_datasets import ShardIterableDataset
-from seg_pipeline.data.shared_buffers import DEFAULT_MAX_SETS, SharedBufferPool, plan_block, release, unpack
+from seg_pipeline.data.shared_buffers import (
+    DEFAULT_MAX_SETS,
+    SHARED_BLOCK,
+    BlockCollate,
+    SharedBufferPool,
+    plan_block,
+    release,
+    take_block,
+    unpack,
+)
 from seg_pipeline.settings import AugmentSettings, LoaderSettings
 from seg_pipeline_tests.conftest import scratch_dir
 from seg_pipeline_tests.data.test_shard_datasets import build_sharded_dataset
@@ -147,3 +156,53 @@ def test_finished_batches_are_the_same_with_reused_blocks(data: dict) -> None:
     reused, reference = epochs(2), epochs(0)
     assert reused.keys() == reference.keys()
     assert all(torch.equal(reused[key], reference[key]) for key in reference)
+
+
+# -- the per-sample path: BlockCollate in the workers, BlockDataLoader in the main process ------
+def test_per_sample_batches_through_blocks_equal_the_in_process_ones(data: dict) -> None:
+    """What the stages train on with workers: samples stacked into refilled blocks, 3 epochs."""
+
+    def epochs(workers: int) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+        dataset = ShardIterableDataset(
+            data["dirs"][("npy", 3)],
+            "train",
+            stats=data["stats"],
+            augmenter=Augmenter(AugmentSettings(noise_p=1.0)),
+            shuffle=False,
+        )
+        loader = build_train_loader(
+            dataset, LoaderSettings(batch_size=2, num_workers=workers, persistent_workers=workers > 0)
+        )
+        assert isinstance(loader, BlockDataLoader) == (workers > 0)
+        out = {}
+        for epoch in range(3):
+            dataset.set_epoch(epoch)
+            for batch in loader:  # kept while the workers refill their blocks
+                assert SHARED_BLOCK not in batch
+                for i, item_id in enumerate(batch["item_id"]):
+                    out[(epoch, item_id)] = (batch["image"][i], batch["mask"][i])
+        return out
+
+    blocks, reference = epochs(2), epochs(0)
+    assert blocks.keys() == reference.keys()
+    for key, (image, mask) in reference.items():
+        assert torch.equal(blocks[key][0], image) and torch.equal(blocks[key][1], mask)
+
+
+def test_a_collated_batch_is_copied_out_of_its_block() -> None:
+    collate = BlockCollate()
+    samples = [{"image": torch.full((3, 4, 4), float(i)), "item_id": f"t{i}"} for i in range(2)]
+    block = collate._pool.acquire([((2, 3, 4, 4), torch.float32)], shared=True)
+    torch.stack([s["image"] for s in samples], out=block.tensors[0])
+    batch = {"item_id": ["t0", "t1"], SHARED_BLOCK: (block.block, block.layout, ["image"])}
+    taken, held = take_block(batch)
+    assert held is block.block and not block.in_use  # released to the worker
+    block.block[1:] = 0  # the worker refills it
+    assert taken["image"][1].eq(1.0).all() and taken["item_id"] == ["t0", "t1"]
+    assert take_block({"image": torch.ones(1)}) == ({"image": torch.ones(1)}, None)
+
+
+def test_outside_a_worker_the_collate_is_the_default_one() -> None:
+    samples = [{"image": torch.ones(2, 2), "item_id": "a"}, {"image": torch.zeros(2, 2), "item_id": "b"}]
+    batch = BlockCollate()(samples)
+    assert SHARED_BLOCK not in batch and batch["image"].shape == (2, 2, 2) and batch["item_id"] == ["a", "b"]
