@@ -25,7 +25,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from seg_pipeline.data.augment import derive_seed
-from seg_pipeline.data.shared_buffers import DEFAULT_MAX_SETS, BlockCollate, MappedSets, take_block
+from seg_pipeline.data.shared_buffers import (
+    DEFAULT_MAX_SETS,
+    SHARED_BLOCK,
+    BlockCollate,
+    MappedSets,
+    take_block,
+)
 from seg_pipeline.settings.batches import LoaderSettings
 
 
@@ -102,7 +108,7 @@ class FinishingDataLoader(DataLoader):
         mapped = MappedSets(self.num_workers * DEFAULT_MAX_SETS)
         for raw in super().__iter__():
             batch = finish(raw, pin_memory=self.finish_pin_memory, threads=threads)
-            mapped.hold(raw["block"])
+            mapped.hold(raw[SHARED_BLOCK][0] if SHARED_BLOCK in raw else None)
             yield batch
 
 

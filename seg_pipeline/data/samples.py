@@ -28,7 +28,7 @@ import torch
 
 from seg_pipeline.data.augment import IDENTITY, Augmenter, AugmentParams
 from seg_pipeline.data.normalization import BandStats
-from seg_pipeline.data.shared_buffers import BufferSpec, SharedBufferPool, release, unpack
+from seg_pipeline.data.shared_buffers import SHARED_BLOCK, BufferSpec, SharedBufferPool, take_block, unpack
 from seg_pipeline.data.tiles import CACHE_MODES, RawTile
 from seg_pipeline.data.transforms import geometric_stage, photometric_batch, write_sample
 
@@ -165,12 +165,12 @@ class _SampleMaker:
         finished = self._buffers.acquire(specs)
         outputs = finished.tensors
         self._photometric(raw, [(outputs[i], outputs[i + 1]) for i in range(0, len(outputs), 2)])
-        return {
-            "block": finished.block,
-            "layout": finished.layout,
-            "finished": True,
-            "item_id": raw["item_id"],
-        }
+        keys = (
+            ["image_view1", "mask_view1", "image_view2", "mask_view2"]
+            if self.two_views
+            else ["image", "mask"]
+        )
+        return {"item_id": raw["item_id"], SHARED_BLOCK: (finished.block, finished.layout, keys)}
 
     def finish(self, raw: dict[str, Any], pin_memory: bool = False, threads: int = 1) -> dict[str, Any]:
         """The standard batch from a batch of batch mode, in the main process.
@@ -186,23 +186,20 @@ class _SampleMaker:
         previous = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            if raw.get("finished"):
-                try:
-                    tensors = unpack(raw["block"], raw["layout"])
-                    copies = [torch.empty(t.shape, dtype=t.dtype, pin_memory=pin).copy_(t) for t in tensors]
-                finally:
-                    release(raw["block"])  # copied out: its worker may refill the block
-                outputs = [(copies[i], copies[i + 1]) for i in range(0, len(copies), 2)]
-            else:
-                layout = raw["layout"]
-                outputs = [
-                    (
-                        torch.empty(layout[view.image][1], dtype=torch.float32, pin_memory=pin),
-                        torch.empty(layout[view.mask][1], dtype=torch.int64, pin_memory=pin),
-                    )
-                    for view in raw["raw_views"]
-                ]
-                self._photometric(raw, outputs)
+            if SHARED_BLOCK in raw:
+                batch, _ = take_block(dict(raw), pin)  # copied out: the block goes back to its worker
+                if self.two_views:
+                    batch.update(image=batch["image_view1"], mask=batch["mask_view1"])
+                return batch
+            layout = raw["layout"]
+            outputs = [
+                (
+                    torch.empty(layout[view.image][1], dtype=torch.float32, pin_memory=pin),
+                    torch.empty(layout[view.mask][1], dtype=torch.int64, pin_memory=pin),
+                )
+                for view in raw["raw_views"]
+            ]
+            self._photometric(raw, outputs)
         finally:
             torch.set_num_threads(previous)
         return self._batch(outputs, raw["item_id"])

@@ -108,10 +108,10 @@ def test_workers_refill_released_blocks_and_never_others(data: dict) -> None:
             dataset.set_epoch(epoch)
             for shared in loader:
                 held.append(shared)  # keeps the mapping, so a refilled block arrives at the same address
-                pointers.add(shared["block"].data_ptr())
+                pointers.add(shared[SHARED_BLOCK][0].data_ptr())
                 batches += 1
                 if releasing:
-                    release(shared["block"])
+                    release(shared[SHARED_BLOCK][0])
         if releasing:
             assert len(pointers) <= DEFAULT_MAX_SETS < batches  # a few blocks served every batch
         else:
@@ -121,9 +121,10 @@ def test_workers_refill_released_blocks_and_never_others(data: dict) -> None:
 def test_finishing_a_batch_releases_its_block(data: dict) -> None:
     dataset = _batch_mode(data)
     shared = next(iter(DataLoader(dataset, batch_size=None, num_workers=1)))
-    assert shared["finished"] and int(shared["block"][0]) == 1  # set by the worker that filled it
+    block = shared[SHARED_BLOCK][0]
+    assert int(block[0]) == 1  # set by the worker that filled it
     dataset.finish_batch(shared)
-    assert int(shared["block"][0]) == 0
+    assert int(block[0]) == 0
 
 
 def test_a_batch_handed_out_owns_its_memory(data: dict) -> None:
@@ -132,16 +133,18 @@ def test_a_batch_handed_out_owns_its_memory(data: dict) -> None:
     shared = next(iter(DataLoader(dataset, batch_size=None, num_workers=1)))
     batch = dataset.finish_batch(shared)
     image, mask = batch["image"].clone(), batch["mask"].clone()
-    shared["block"][1:] = 0  # what refilling does to the block
+    shared[SHARED_BLOCK][0][1:] = 0  # what refilling does to the block
     assert torch.equal(batch["image"], image) and torch.equal(batch["mask"], mask)
     assert batch["image"].dtype == torch.float32 and batch["mask"].dtype == torch.int64
 
 
-def test_finished_batches_are_the_same_with_reused_blocks(data: dict) -> None:
+@pytest.mark.parametrize("two_views", [False, True])
+def test_finished_batches_are_the_same_with_reused_blocks(data: dict, two_views: bool) -> None:
     """Three epochs through two workers that refill their blocks equal the in-process batches."""
+    keys = ["image_view1", "mask_view1", "image_view2", "mask_view2"] if two_views else ["image", "mask"]
 
-    def epochs(workers: int) -> dict[tuple[int, str], torch.Tensor]:
-        dataset = _batch_mode(data, shuffle=False)
+    def epochs(workers: int) -> dict[tuple[int, str, str], torch.Tensor]:
+        dataset = _batch_mode(data, shuffle=False, two_views=two_views)
         loader = build_train_loader(
             dataset, LoaderSettings(batch_size=2, num_workers=workers, persistent_workers=workers > 0)
         )
@@ -149,8 +152,10 @@ def test_finished_batches_are_the_same_with_reused_blocks(data: dict) -> None:
         for epoch in range(3):
             dataset.set_epoch(epoch)
             for batch in loader:  # every finished batch is kept while the workers go on
-                for i, item_id in enumerate(batch["item_id"]):
-                    out[(epoch, item_id)] = batch["image"][i]
+                assert batch["image"] is batch[keys[0]]
+                for key in keys:
+                    for i, item_id in enumerate(batch["item_id"]):
+                        out[(epoch, item_id, key)] = batch[key][i]
         return out
 
     reused, reference = epochs(2), epochs(0)
