@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 #: The CPU flag that makes bf16 autocast pay off (Intel AMX tiles with bf16 support).
@@ -83,3 +86,18 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     if kind == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"device={name!r} but only {torch.cuda.device_count()} CUDA device(s) are visible.")
     return device
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Run the block with ``threads`` torch intra-op threads, restoring the previous count.
+
+    Main-process work beside busy DataLoader workers wants one: torch's default threads spin
+    against the workers (bench/RESULTS.md, 2026-12-07).
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -32,6 +32,7 @@ from seg_pipeline.data.shared_buffers import (
     MappedSets,
     take_block,
 )
+from seg_pipeline.hardware import torch_threads
 from seg_pipeline.settings.batches import LoaderSettings
 
 
@@ -127,12 +128,8 @@ class BlockDataLoader(DataLoader):
         mapped = MappedSets(self.num_workers * DEFAULT_MAX_SETS)
         pin = self.copy_pin_memory and torch.cuda.is_available()
         for batch in super().__iter__():
-            previous = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
+            with torch_threads(1):
                 batch, block = take_block(batch, pin)
-            finally:
-                torch.set_num_threads(previous)
             mapped.hold(block)
             yield batch
 

@@ -28,9 +28,10 @@ import torch
 
 from seg_pipeline.data.augment import IDENTITY, Augmenter, AugmentParams
 from seg_pipeline.data.normalization import BandStats
-from seg_pipeline.data.shared_buffers import SHARED_BLOCK, BufferSpec, SharedBufferPool, take_block, unpack
+from seg_pipeline.data.shared_buffers import SHARED_BLOCK, BufferSpec, SharedBufferPool, take_block
 from seg_pipeline.data.tiles import CACHE_MODES, RawTile
 from seg_pipeline.data.transforms import geometric_stage, photometric_batch, write_sample
+from seg_pipeline.hardware import torch_threads
 
 
 class _EpochState:
@@ -52,13 +53,13 @@ class _EpochState:
 
 @dataclass(frozen=True)
 class RawView:
-    """One view of a raw batch: which tensors of its block hold the images, the masks and each
-    sample's nodata map (``None``: no nodata), and the photometric draws still to apply.
+    """One view of a raw batch: stacked images and masks after the geometric ops, each sample's
+    nodata map (``None``: no nodata), and the photometric draws still to apply.
     """
 
-    image: int
-    mask: int
-    invalid: list[int | None]
+    image: torch.Tensor
+    mask: torch.Tensor
+    invalid: list[torch.Tensor | None]
     params: list[AugmentParams]
 
 
@@ -108,8 +109,8 @@ class _SampleMaker:
     def build_raw(self, items: Sequence[tuple[str, RawTile]], epoch: int) -> dict[str, Any]:
         """First half of batch mode: draws and geometric ops only, pixels still raw.
 
-        The batch's tensors lie in one block of plain memory (it stays in this process):
-        :meth:`finish` turns it into the standard batch here, :meth:`finish_shared` in a worker.
+        The raw batch stays in the process that read it: :meth:`finish` turns it into the
+        standard batch here, :meth:`finish_shared` in a worker.
         """
         n_views = 2 if self.two_views else 1
         plans = self._plans(items, epoch, n_views)
@@ -120,32 +121,16 @@ class _SampleMaker:
             ]
             for v in range(n_views)
         ]
-        specs: list[BufferSpec] = []
-        views = []
-        for v, results in enumerate(per_view):
-            image_slot, mask_slot = len(specs), len(specs) + 1
-            specs += [_stacked_spec([r.image for r in results]), _stacked_spec([r.mask for r in results])]
-            invalid: list[int | None] = []
-            for r in results:
-                invalid.append(None if r.invalid is None else len(specs))
-                if r.invalid is not None:
-                    specs.append((tuple(r.invalid.shape), torch.bool))
-            views.append(RawView(image_slot, mask_slot, invalid, [params[v][0] for params in plans]))
-        buffers = self._buffers.acquire(specs, shared=False)
-        tensors = buffers.tensors
-        for view, results in zip(views, per_view, strict=True):
-            for i, result in enumerate(results):
-                tensors[view.image][i].copy_(result.image)
-                tensors[view.mask][i].copy_(result.mask)
-                slot = view.invalid[i]
-                if result.invalid is not None and slot is not None:
-                    tensors[slot].copy_(result.invalid)
-        return {
-            "block": buffers.block,
-            "layout": buffers.layout,
-            "raw_views": views,
-            "item_id": [item_id for item_id, _ in items],
-        }
+        views = [
+            RawView(
+                _stack([r.image for r in results]),
+                _stack([r.mask for r in results]),
+                [r.invalid for r in results],
+                [params[v][0] for params in plans],
+            )
+            for v, results in enumerate(per_view)
+        ]
+        return {"raw_views": views, "item_id": [item_id for item_id, _ in items]}
 
     def finish_shared(self, raw: dict[str, Any]) -> dict[str, Any]:
         """Second half of batch mode in a DataLoader worker: the finished float32 images and int64
@@ -155,13 +140,9 @@ class _SampleMaker:
         (``uint8`` through shared memory, 4x fewer bytes) left its one core the bottleneck: 902
         against 1015 tiles/s on 2 cores (bench/RESULTS.md, 2026-12-07, "shared buffers").
         """
-        tensors = unpack(raw["block"], raw["layout"])
         specs: list[BufferSpec] = []
         for view in raw["raw_views"]:
-            specs += [
-                (tuple(tensors[view.image].shape), torch.float32),
-                (tuple(tensors[view.mask].shape), torch.int64),
-            ]
+            specs += [(tuple(view.image.shape), torch.float32), (tuple(view.mask.shape), torch.int64)]
         finished = self._buffers.acquire(specs)
         outputs = finished.tensors
         self._photometric(raw, [(outputs[i], outputs[i + 1]) for i in range(0, len(outputs), 2)])
@@ -183,34 +164,27 @@ class _SampleMaker:
         where 1 thread cost 1.8).
         """
         pin = pin_memory and torch.cuda.is_available()
-        previous = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
+        with torch_threads(threads):
             if SHARED_BLOCK in raw:
                 batch, _ = take_block(dict(raw), pin)  # copied out: the block goes back to its worker
                 if self.two_views:
                     batch.update(image=batch["image_view1"], mask=batch["mask_view1"])
                 return batch
-            layout = raw["layout"]
             outputs = [
                 (
-                    torch.empty(layout[view.image][1], dtype=torch.float32, pin_memory=pin),
-                    torch.empty(layout[view.mask][1], dtype=torch.int64, pin_memory=pin),
+                    torch.empty(view.image.shape, dtype=torch.float32, pin_memory=pin),
+                    torch.empty(view.mask.shape, dtype=torch.int64, pin_memory=pin),
                 )
                 for view in raw["raw_views"]
             ]
             self._photometric(raw, outputs)
-        finally:
-            torch.set_num_threads(previous)
         return self._batch(outputs, raw["item_id"])
 
     def _photometric(self, raw: dict[str, Any], outputs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Write each view's normalised images and int64 masks into ``outputs``."""
-        tensors = unpack(raw["block"], raw["layout"])
         for view, (images, masks) in zip(raw["raw_views"], outputs, strict=True):
-            invalid = [None if slot is None else tensors[slot] for slot in view.invalid]
-            photometric_batch(images, tensors[view.image], invalid, self.stats, view.params, self.augmenter)
-            masks.copy_(tensors[view.mask])
+            photometric_batch(images, view.image, view.invalid, self.stats, view.params, self.augmenter)
+            masks.copy_(view.mask)
 
     def _batch(self, outputs: list[tuple[torch.Tensor, torch.Tensor]], item_ids: list[str]) -> dict[str, Any]:
         batch: dict[str, Any] = {"image": outputs[0][0], "mask": outputs[0][1], "item_id": item_ids}
@@ -257,12 +231,15 @@ def split_views(sample: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def _stacked_spec(tensors: list[torch.Tensor]) -> BufferSpec:
-    """Shape and (promoted) dtype of ``tensors`` stacked into one batch."""
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Stack into one batch tensor of the common (promoted) dtype."""
     dtype = tensors[0].dtype
     for tensor in tensors[1:]:
         dtype = torch.promote_types(dtype, tensor.dtype)
-    return (len(tensors), *tensors[0].shape), dtype
+    out = torch.empty((len(tensors), *tensors[0].shape), dtype=dtype)
+    for i, tensor in enumerate(tensors):
+        out[i].copy_(tensor)
+    return out
 
 
 def _check_common(stats: BandStats, ignore_index: int, cache_mode: str, cache_max_items: int) -> None:
