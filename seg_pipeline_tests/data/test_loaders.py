@@ -26,13 +26,6 @@ from seg_pipeline.data.loaders import (
 )
 from seg_pipeline.data.raster_io import write_geotiff
 from seg_pipeline.settings import AugmentSettings, LoaderSettings
-from seg_pipeline_tests.conftest import scratch_dir
-from seg_pipeline_tests.data.test_shard_datasets import build_sharded_dataset
-
-
-@pytest.fixture(scope="module")
-def data(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    return build_sharded_dataset(scratch_dir(request, tmp_path_factory, "loaders"))
 
 
 @pytest.mark.parametrize(

@@ -37,7 +37,6 @@ from seg_pipeline.training.sources import TrainingSource, band_stats, build_trai
 from seg_pipeline.workflows import ingest
 from seg_pipeline.workflows.layout import DataLayout
 from seg_pipeline_tests.conftest import TEST_ORIGIN, TEST_PIXEL_SIZE, scratch_dir, tiny_stage, write_raster
-from seg_pipeline_tests.data.test_shard_datasets import build_sharded_dataset
 
 
 def _catalog() -> pd.DataFrame:
@@ -84,11 +83,6 @@ def test_rows_for_items_keeps_order() -> None:
     assert rows["item_id"].tolist() == ["c", "a"]
     with pytest.raises(ValueError, match="not in the catalog"):
         rows_for_items(_catalog(), ["zz"])
-
-
-@pytest.fixture(scope="module")
-def data(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    return build_sharded_dataset(scratch_dir(request, tmp_path_factory, "sampling"))
 
 
 def test_sampler_boosts_tiles_with_rare_classes(data: dict) -> None:

@@ -22,7 +22,6 @@ from seg_pipeline.data.shards import read_shard_index, shard_dirs, write_shards
 from seg_pipeline.data.spec import DatasetSpec
 from seg_pipeline.data.synthetic import SyntheticSpec, write_synthetic_dataset
 from seg_pipeline.settings import AugmentSettings, ShardSettings
-from seg_pipeline_tests.conftest import scratch_dir
 
 IGNORE = 255
 
@@ -51,11 +50,6 @@ def build_sharded_dataset(root: Path, *, rows: int = 4, cols: int = 4, tile_size
         "dirs": dirs,
         "stats": band_stats_from_catalog(catalog),
     }
-
-
-@pytest.fixture(scope="module")
-def data(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    return build_sharded_dataset(scratch_dir(request, tmp_path_factory, "shards"))
 
 
 def _raw(catalog: pd.DataFrame, item_id: str) -> tuple[np.ndarray, np.ndarray | None]:

@@ -22,14 +22,6 @@ from seg_pipeline.data.shared_buffers import (
     unpack,
 )
 from seg_pipeline.settings import AugmentSettings, LoaderSettings
-from seg_pipeline_tests.conftest import scratch_dir
-from seg_pipeline_tests.data.test_shard_datasets import build_sharded_dataset
-
-
-@pytest.fixture(scope="module")
-def data(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    return build_sharded_dataset(scratch_dir(request, tmp_path_factory, "shared_buffers"))
-
 
 BATCH = (((4, 3, 8, 8), torch.uint8), ((4, 8, 8), torch.uint8), ((8, 8), torch.bool))
 
