@@ -88,8 +88,8 @@ class FinishingDataLoader(DataLoader):
     """A DataLoader over a dataset in batch mode; iteration hands out standard batches
     (``dataset.finish_batch``, in the main process, optionally pinned).
 
-    Workers send batches they finished in shared blocks: ``finish_batch`` copies one out and
-    releases its block to the worker, and the last blocks stay mapped here
+    Workers send batches they finished in shared blocks: ``finish_batch`` hands one out as views
+    of its block, released to the worker once the batch is gone, and the last blocks stay mapped here
     (:mod:`~seg_pipeline.data.shared_buffers`), so a worker refills memory both processes have
     already mapped instead of faulting in new pages every batch. Without workers the raw
     batches are finished here.
@@ -115,9 +115,10 @@ class FinishingDataLoader(DataLoader):
 
 class BlockDataLoader(DataLoader):
     """A DataLoader whose workers stack batches into blocks they refill
-    (:class:`~seg_pipeline.data.shared_buffers.BlockCollate`): iteration copies each batch out,
-    optionally pinned, with one torch thread (the workers use the other cores), and releases its
-    block; the last blocks stay mapped here.
+    (:class:`~seg_pipeline.data.shared_buffers.BlockCollate`): iteration hands each batch out as
+    views of its block, released to the worker once the batch is gone (with ``pin_memory`` on
+    CUDA: a pinned copy made with one torch thread, the workers using the other cores); the last
+    blocks stay mapped here.
     """
 
     def __init__(self, dataset: Dataset, *, copy_pin_memory: bool = False, **kwargs: Any) -> None:

@@ -157,16 +157,16 @@ class _SampleMaker:
         """The standard batch from a batch of batch mode, in the main process.
 
         A raw batch (:meth:`build_raw`) gets its photometric ops and normalisation here; a batch
-        finished by a worker (:meth:`finish_shared`) is copied out of its block, and the block
-        goes back to the worker. Either runs with ``threads`` torch threads (restored afterwards):
-        with workers busy on the other cores, torch's default threads spin against them (10x
-        more CPU per tile measured on 2 cores; a copy-out with 2 threads cost 3.1 CPU ms per tile
-        where 1 thread cost 1.8).
+        finished by a worker (:meth:`finish_shared`) is handed out as views of its block, which
+        goes back to the worker once they are all gone (``shared_buffers.lease``). Either runs
+        with ``threads`` torch threads (restored afterwards): with workers busy on the other
+        cores, torch's default threads spin against them (10x more CPU per tile measured on 2
+        cores; a copy-out with 2 threads cost 3.1 CPU ms per tile where 1 thread cost 1.8).
         """
         pin = pin_memory and torch.cuda.is_available()
         with torch_threads(threads):
             if SHARED_BLOCK in raw:
-                batch, _ = take_block(dict(raw), pin)  # copied out: the block goes back to its worker
+                batch, _ = take_block(dict(raw), pin)  # leased: the block goes back when the batch dies
                 if self.two_views:
                     batch.update(image=batch["image_view1"], mask=batch["mask_view1"])
                 return batch

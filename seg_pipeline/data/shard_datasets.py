@@ -274,7 +274,7 @@ class ShardIterableDataset(_ShardDatasetBase, IterableDataset):
 
     def finish_batch(self, raw: dict[str, Any], pin_memory: bool = False, threads: int = 1) -> dict[str, Any]:
         """Turn a batch of batch mode into the standard batch (done by the train loader): a raw one
-        read in this process is finished here, one a worker finished is copied out of its block.
+        read in this process is finished here, one a worker finished is handed out as views of its block.
         """
         return self._maker.finish(raw, pin_memory, threads)
 

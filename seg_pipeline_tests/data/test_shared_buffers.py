@@ -110,24 +110,34 @@ def test_workers_refill_released_blocks_and_never_others(data: dict) -> None:
             assert len(pointers) == batches
 
 
-def test_finishing_a_batch_releases_its_block(data: dict) -> None:
+def test_a_finished_batch_keeps_its_block_until_its_last_view_is_gone(data: dict) -> None:
+    """The batch is handed out as views of the worker's block (no copy), so the block goes back to
+    the worker only when nothing can read it any more: not the batch, nor a view taken from it.
+    """
     dataset = _batch_mode(data)
     shared = next(iter(DataLoader(dataset, batch_size=None, num_workers=1)))
     block = shared[SHARED_BLOCK][0]
     assert int(block[0]) == 1  # set by the worker that filled it
-    dataset.finish_batch(shared)
+    batch = dataset.finish_batch(shared)
+    assert batch["image"].dtype == torch.float32 and batch["mask"].dtype == torch.int64
+    first_row = batch["image"][0]
+    del batch
+    assert int(block[0]) == 1, "the block was released while a view of its batch was alive"
+    del first_row
     assert int(block[0]) == 0
 
 
-def test_a_batch_handed_out_owns_its_memory(data: dict) -> None:
-    """The worker may refill a released block at once: the batch must not be a view of it."""
+def test_a_dropped_batch_lets_the_worker_refill_its_block(data: dict) -> None:
+    """A consumer that drops each batch (a training loop) is served by a few blocks, refilled."""
     dataset = _batch_mode(data)
-    shared = next(iter(DataLoader(dataset, batch_size=None, num_workers=1)))
-    batch = dataset.finish_batch(shared)
-    image, mask = batch["image"].clone(), batch["mask"].clone()
-    shared[SHARED_BLOCK][0][1:] = 0  # what refilling does to the block
-    assert torch.equal(batch["image"], image) and torch.equal(batch["mask"], mask)
-    assert batch["image"].dtype == torch.float32 and batch["mask"].dtype == torch.int64
+    loader = build_train_loader(dataset, LoaderSettings(batch_size=2, num_workers=1, persistent_workers=True))
+    addresses, batches = set(), 0
+    for epoch in range(3):
+        dataset.set_epoch(epoch)
+        for batch in loader:
+            addresses.add(batch["image"].data_ptr())
+            batches += 1
+    assert len(addresses) <= DEFAULT_MAX_SETS < batches
 
 
 @pytest.mark.parametrize("two_views", [False, True])
@@ -186,16 +196,18 @@ def test_per_sample_batches_through_blocks_equal_the_in_process_ones(data: dict)
         assert torch.equal(blocks[key][0], image) and torch.equal(blocks[key][1], mask)
 
 
-def test_a_collated_batch_is_copied_out_of_its_block() -> None:
+def test_a_collated_batch_is_handed_out_as_views_of_its_block() -> None:
     collate = BlockCollate()
     samples = [{"image": torch.full((3, 4, 4), float(i)), "item_id": f"t{i}"} for i in range(2)]
     block = collate._pool.acquire([((2, 3, 4, 4), torch.float32)], shared=True)
     torch.stack([s["image"] for s in samples], out=block.tensors[0])
     batch = {"item_id": ["t0", "t1"], SHARED_BLOCK: (block.block, block.layout, ["image"])}
     taken, held = take_block(batch)
-    assert held is block.block and not block.in_use  # released to the worker
-    block.block[1:] = 0  # the worker refills it
+    assert held is block.block and block.in_use  # the consumer still reads it
     assert taken["image"][1].eq(1.0).all() and taken["item_id"] == ["t0", "t1"]
+    assert taken["image"].data_ptr() == block.tensors[0].data_ptr()  # no copy
+    del taken, batch  # the same dict
+    assert not block.in_use  # released to the worker
     assert take_block({"image": torch.ones(1)}) == ({"image": torch.ones(1)}, None)
 
 
