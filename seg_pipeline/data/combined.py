@@ -141,6 +141,16 @@ class InterleavedSources(IterableDataset):
                 raise ValueError(f"source {source.name!r} has no tile cache; use loader.cache_mode='none'")
             configure(cache_mode, cache_max_items)
 
+    def cache_bytes(self) -> int:
+        """Memory the sources' tile caches take once every cached tile was read (all workers together)."""
+        total = 0
+        for source in self.sources:
+            size = getattr(source.dataset, "cache_bytes", None)
+            if size is None:
+                raise ValueError(f"source {source.name!r} has no tile cache; use loader.cache_mode='none'")
+            total += size()
+        return total
+
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle every source and the interleaving for ``epoch``."""
         self.epoch = epoch

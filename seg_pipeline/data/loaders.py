@@ -32,7 +32,7 @@ from seg_pipeline.data.shared_buffers import (
     MappedSets,
     take_block,
 )
-from seg_pipeline.hardware import torch_threads
+from seg_pipeline.hardware import available_memory, torch_threads
 from seg_pipeline.settings.batches import LoaderSettings
 
 
@@ -54,8 +54,43 @@ def _rank() -> int:
     return 0
 
 
+def cache_budget(config: LoaderSettings, available: int | None = None) -> int:
+    """Bytes the decoded tiles may take for ``cache_mode: auto``: ``loader.cache_budget_mb``, and at
+    most a quarter of the memory available now (``available``: measured when not given).
+    """
+    budget = config.cache_budget_mb * 2**20
+    available = available_memory() if available is None else available
+    return budget if available is None else min(budget, available // 4)
+
+
+def cache_choice(config: LoaderSettings, dataset: Dataset, budget: int | None = None) -> tuple[str, str]:
+    """The tile cache a training loader over ``dataset`` uses (``none`` or ``lru``), and why.
+
+    ``auto`` caches when every tile the dataset would cache fits :func:`cache_budget` (``budget``
+    bytes when given): from the second epoch on, no tile is decoded again (the demo's data wait fell
+    from 4-6 % to 1 % of each epoch, bench/RESULTS.md 2026-12-07 "leases"). Workers that restart
+    every epoch would start with empty caches, so they get none.
+    """
+    if config.cache_mode != "auto":
+        return config.cache_mode, f"loader.cache_mode={config.cache_mode}"
+    size = getattr(dataset, "cache_bytes", None)
+    if size is None:
+        return "none", f"{type(dataset).__name__} has no tile cache"
+    if config.num_workers > 0 and not config.persistent_workers:
+        return "none", "workers restart every epoch (loader.persistent_workers=false): it would never hit"
+    need = size()
+    budget = cache_budget(config) if budget is None else budget
+    fits = need <= budget
+    return "lru" if fits else "none", (
+        f"auto: the decoded tiles take {need / 2**20:.1f} MB, {'within' if fits else 'over'} the "
+        f"budget of {budget / 2**20:.0f} MB (loader.cache_budget_mb, at most a quarter of free memory)"
+    )
+
+
 def _apply_cache(dataset: Dataset, config: LoaderSettings) -> None:
     configure = getattr(dataset, "configure_cache", None)
+    if config.cache_mode == "auto":
+        config = config.replace(cache_mode=cache_choice(config, dataset)[0])
     if configure is not None:
         configure(config.cache_mode, config.cache_max_items)
     elif config.cache_mode != "none":
@@ -286,8 +321,13 @@ def build_eval_loader(
     seed: int = 0,
     collate_fn: Any = None,
 ) -> DataLoader:
-    """An evaluation DataLoader: dataset order, nothing dropped (use a map-style dataset)."""
+    """An evaluation DataLoader: dataset order, nothing dropped (use a map-style dataset).
+
+    ``cache_mode: auto`` caches nothing here: an evaluation reads each tile once.
+    """
     config = config or LoaderSettings()
+    if config.cache_mode == "auto":
+        config = config.replace(cache_mode="none")
     _apply_cache(dataset, config)
     kwargs = _common_kwargs(config, seed)
     if collate_fn is not None:

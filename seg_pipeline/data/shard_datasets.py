@@ -24,7 +24,14 @@ from seg_pipeline.data.partition import _distributed_position, partition_rows
 from seg_pipeline.data.patching import draw_window, patches_per_tile
 from seg_pipeline.data.samples import _check_common, _EpochState, _SampleMaker
 from seg_pipeline.data.shards import ShardRow, read_shard_index, shard_dirs
-from seg_pipeline.data.tiles import RawTile, TileCache, cut_window, read_raw_tile, read_raw_window
+from seg_pipeline.data.tiles import (
+    RawTile,
+    TileCache,
+    cut_window,
+    decoded_bytes,
+    read_raw_tile,
+    read_raw_window,
+)
 
 
 def _load_shards(
@@ -96,6 +103,14 @@ class _ShardDatasetBase:
         self.cache_mode = cache_mode
         self.cache_max_items = cache_max_items
         self.cache = TileCache(cache_max_items) if cache_mode == "lru" else None
+
+    def cache_bytes(self) -> int:
+        """Memory the LRU cache takes once every tile it keeps was read (for ``cache_mode: auto``)."""
+        return sum(decoded_bytes(row) for shard in self.shards for row in shard if self._cached(row))
+
+    def _cached(self, row: ShardRow) -> bool:
+        """Whether ``row``'s decoded tile goes through the cache."""
+        return True
 
     def _tile(self, row: ShardRow) -> RawTile:
         if self.cache is None:
@@ -254,6 +269,14 @@ class ShardIterableDataset(_ShardDatasetBase, IterableDataset):
             raw = self._maker.build_raw([self._unit(row, k, epoch) for row, k in chunk], epoch)
             yield raw if info is None else self._maker.finish_shared(raw)
 
+    def _cached(self, row: ShardRow) -> bool:
+        """Outside patch mode every tile; in patch mode tiles that fit a read (larger ones are read
+        window by window).
+        """
+        if self.read_size is None:
+            return True
+        return int(row.extra["height"]) <= self.read_size and int(row.extra["width"]) <= self.read_size
+
     def _units(self, rows: list[ShardRow], epoch: int) -> list[tuple[ShardRow, int]]:
         """``(row, patch number)`` in reading order; a tile's patches are spread over the epoch."""
         units = [(row, k) for row in rows for k in range(self._patches(row))]
@@ -268,7 +291,7 @@ class ShardIterableDataset(_ShardDatasetBase, IterableDataset):
         height, width = int(row.extra["height"]), int(row.extra["width"])
         window = draw_window(height, width, self.read_size, (self.seed, epoch, row.item_id, k))
         key = f"{row.item_id}#{k}"
-        if height <= self.read_size and width <= self.read_size:
+        if self._cached(row):
             return key, cut_window(self._tile(row), window, self.ignore_index)
         return key, read_raw_window(row, window, self.ignore_index)
 

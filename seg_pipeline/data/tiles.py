@@ -74,6 +74,18 @@ def load_npy(path: Path | str) -> np.ndarray:
         return array
 
 
+def decoded_bytes(row: ShardRow) -> int:
+    """Memory a decoded tile of ``row`` takes in the cache: image, mask (counted at 2 bytes a pixel,
+    the widest mask dtype) and, where the tile has a nodata value, its nodata map.
+    """
+    height, width = int(row.extra["height"]), int(row.extra["width"])
+    bands = int(row.extra.get("bands") or 1)
+    itemsize = np.dtype(row.extra.get("dtype") or "float64").itemsize
+    mask = 2 if row.target_path is not None else 0
+    nodata = 1 if row.extra.get("nodata") is not None else 0
+    return height * width * (bands * itemsize + mask + nodata)
+
+
 def read_raw_tile(row: ShardRow) -> RawTile:
     """Decode one shard row: ``.npy`` with :func:`load_npy`, anything else with rasterio."""
 

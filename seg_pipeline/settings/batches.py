@@ -69,10 +69,18 @@ class LoaderSettings(Settings):
         "off on the CPU (its cores are busy with the step: measured slower there).",
     )
     pin_memory: bool = Field(default=False, description="Page-locked batches for faster GPU copies.")
-    cache_mode: Literal["none", "lru"] = Field(
-        default="none", description="Per-worker cache of decoded tiles."
+    cache_mode: Literal["auto", "none", "lru"] = Field(
+        default="auto",
+        description="Per-worker cache of decoded tiles. auto: lru when the training tiles fit "
+        "cache_budget_mb decoded (and workers, if any, persist), else none; the stage logs the choice.",
     )
     cache_max_items: int = Field(default=0, ge=0, description="LRU capacity per worker; 0 = unbounded.")
+    cache_budget_mb: int = Field(
+        default=2048,
+        ge=0,
+        description="cache_mode auto: the most memory the decoded training tiles may take to be cached "
+        "(also at most a quarter of the memory available when the loader is built).",
+    )
     rare_class_weight: float | None = Field(
         default=None,
         gt=0.0,

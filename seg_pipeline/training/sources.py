@@ -134,8 +134,7 @@ def build_training_data(
                 "augmenter": Augmenter(settings.augment, seed=seed + index, rare_values=source_rare),
                 "ignore_index": ignore_index,
                 "seed": seed + index,
-                "cache_mode": settings.loader.cache_mode,
-                "cache_max_items": settings.loader.cache_max_items,
+                "cache_mode": "none",  # the training loader switches it (loader.cache_mode)
                 "drop_unlabeled": not include_unlabeled,
                 "two_views": views == 2,
                 "patch_size": size,

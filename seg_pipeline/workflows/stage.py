@@ -24,6 +24,7 @@ from seg_pipeline.data.combined import InterleavedSources
 from seg_pipeline.data.loaders import (
     build_eval_loader,
     build_train_loader,
+    cache_choice,
     prefetch_thread_wanted,
     with_prefetch_thread,
 )
@@ -298,6 +299,9 @@ def prepare_stage(job: StageJob, log: LogFn) -> PreparedStage:
     if streamed:
         log(f"{job.stage}: {len(streamed)} validation scenes above {STREAM_PIXELS} px are scored from disk")
     loader_settings = job.settings.loader
+    cache, why = cache_choice(loader_settings, train_data)
+    log(f"{job.stage}: tile cache {cache} ({why})")
+    loader_settings = loader_settings.replace(cache_mode=cache)
     device_type = resolve_device(job.settings.loop.device).type
     prefetch, why = prefetch_thread_wanted(loader_settings, device_type)
     log(f"{job.stage}: batches read {'ahead in a thread' if prefetch else 'in the step'} ({why})")

@@ -20,6 +20,8 @@ from seg_pipeline.data.loaders import (
     ThreadPrefetchLoader,
     build_eval_loader,
     build_train_loader,
+    cache_budget,
+    cache_choice,
     prefetch_thread_wanted,
     seed_worker,
     with_prefetch_thread,
@@ -51,8 +53,9 @@ def test_defaults_follow_seed_000() -> None:
         "persistent_workers": False,
         "prefetch_thread": None,
         "pin_memory": False,
-        "cache_mode": "none",
+        "cache_mode": "auto",
         "cache_max_items": 0,
+        "cache_budget_mb": 2048,
         "batch_size": 8,
         "rare_class_weight": None,
         "rare_classes": [],
@@ -132,6 +135,34 @@ def test_cache_knobs_reach_the_dataset(data: dict) -> None:
     assert dataset.cache is not None and dataset.cache.max_items == 3
     with pytest.warns(UserWarning, match="persistent_workers"):
         build_train_loader(dataset, LoaderSettings(num_workers=2, cache_mode="lru"))
+
+
+def test_auto_caches_the_tiles_when_they_fit_the_budget(data: dict) -> None:
+    dataset = ShardIterableDataset(data["dirs"][("npy", 3)], "train", stats=data["stats"])
+    need = dataset.cache_bytes()
+    ok = data["catalog"][data["catalog"]["status"] == "ok"]
+    per_pixel = 3 + 2 * ok["has_label"].astype(int) + ok["nodata"].notna().astype(int)
+    assert need == int((32 * 32 * per_pixel).sum())  # uint8 RGB, a 2-byte mask, a nodata map
+    assert cache_choice(LoaderSettings(), dataset, budget=need)[0] == "lru"
+    mode, why = cache_choice(LoaderSettings(), dataset, budget=need - 1)
+    assert mode == "none" and "over the budget" in why
+    restarting = LoaderSettings(num_workers=2, persistent_workers=False)
+    assert cache_choice(restarting, dataset, budget=need)[0] == "none"
+    assert cache_choice(LoaderSettings(cache_mode="none"), dataset, budget=need)[0] == "none"
+    build_train_loader(dataset, LoaderSettings())  # the demo-sized split fits the default budget
+    assert dataset.cache is not None
+
+
+def test_the_budget_is_at_most_a_quarter_of_free_memory() -> None:
+    config = LoaderSettings(cache_budget_mb=100)
+    assert cache_budget(config, available=4000 * 2**20) == 100 * 2**20
+    assert cache_budget(config, available=200 * 2**20) == 50 * 2**20
+
+
+def test_an_evaluation_loader_never_caches_by_default(data: dict) -> None:
+    dataset = ShardMapDataset(data["dirs"][("npy", 3)], "train", stats=data["stats"])
+    build_eval_loader(dataset, LoaderSettings())
+    assert dataset.cache is None
 
 
 def test_lru_loader_reads_each_tile_once_across_epochs(data: dict) -> None:
