@@ -14,18 +14,42 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
-from seg_pipeline.data.samples import split_views
+from seg_pipeline.data.samples import PendingView, split_views
 
 #: Mask values are at most uint16, so a 65536-entry table covers every possible label.
 _LUT_SIZE = 1 << 16
 #: A remap's keys: class names, class ids, or both (``Mapping`` is invariant in its key type).
 RemapKey = TypeVar("RemapKey", bound=str | int)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class SourcedView:
+    """One training sample (one view of it) of a source, drawn but not yet written, and what its
+    source does to it: the mask lookup into the target classes.
+
+    ``index`` is the view's number in a two-view sample (``None``: one view), as the per-sample
+    path's ``view`` field.
+    """
+
+    key: str
+    view: PendingView
+    index: int | None
+    source: str
+    lut: torch.Tensor | None
+
+    def write(self, image: torch.Tensor, mask: torch.Tensor) -> None:
+        """Write the finished sample into ``image`` and ``mask`` (rows of a batch)."""
+        self.view.write(image, mask)
+        if self.lut is not None:
+            mask.copy_(self.lut[mask])
 
 
 class ClassRemapError(ValueError):
@@ -99,6 +123,17 @@ class RemappedSource(IterableDataset):
     def __len__(self) -> int:
         return self.views * len(self.dataset)  # type: ignore[arg-type]
 
+    def pending(self) -> Iterator[SourcedView]:
+        """The samples ``__iter__`` yields, in the same order, drawn but not written (one per view)."""
+        pending = getattr(self.dataset, "pending", None)
+        if pending is None:
+            raise ValueError(f"{self.name}: {type(self.dataset).__name__} cannot draw samples ahead")
+        for key, views in pending():
+            if self.views != len(views):
+                raise ValueError(f"{self.name}: views={self.views} but the dataset draws {len(views)}")
+            for index, view in enumerate(views):
+                yield SourcedView(key, view, index if self.views > 1 else None, self.name, self.lut)
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for two_view in self.dataset:
             if self.views > 1 and "image_view1" not in two_view:
@@ -168,9 +203,16 @@ class InterleavedSources(IterableDataset):
         return sum(self.per_epoch())
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self._interleave([iter(s) for s in self.sources])
+
+    def pending(self) -> Iterator[SourcedView]:
+        """The samples ``__iter__`` yields, in the same order, drawn but not written (one per view)."""
+        return self._interleave([s.pending() for s in self.sources])
+
+    def _interleave(self, iterators: list[Iterator[T]]) -> Iterator[T]:
+        """One item of each source's iterator at a time, in this reader's seeded order."""
         info = torch.utils.data.get_worker_info()
         rng = random.Random(f"{self.seed}:{self.epoch}:{info.id if info else 0}")
-        iterators = [iter(s) for s in self.sources]
         # each worker reads its own share of every source, so each takes its share of a cap
         remaining = [max(n, 1) for n in self.per_epoch(info.num_workers if info else 1)]
         capped = [n is not None for n in self.limits]

@@ -63,6 +63,23 @@ class RawView:
     params: list[AugmentParams]
 
 
+@dataclass(frozen=True)
+class PendingView:
+    """One view of a sample: its raw tile and augmentation draws, written on demand into the
+    tensors a batch assembler gives it (rows of a batch: no per-sample tensor, no collate copy).
+    """
+
+    maker: _SampleMaker
+    tile: RawTile
+    params: AugmentParams
+    shape: tuple[int, int, int]
+
+    def write(self, image: torch.Tensor, mask: torch.Tensor) -> None:
+        """Augment, normalise and write into ``image`` (float32 ``shape``) and ``mask`` (int64)."""
+        maker = self.maker
+        write_sample(image, mask, *self.tile, maker.stats, self.params, maker.augmenter, maker.ignore_index)
+
+
 class _SampleMaker:
     """Turns raw tiles into samples or batches: augment, normalise, nodata -> 0 / ignore_index."""
 
@@ -87,14 +104,18 @@ class _SampleMaker:
         out_h, out_w = params.out_size if params.out_size is not None else (height, width)
         return params, (bands, out_h, out_w)
 
+    def draw(self, item_id: str, tile: RawTile, epoch: int) -> list[PendingView]:
+        """The sample's views, drawn but not yet written (two with ``two_views``)."""
+        n_views = 2 if self.two_views else 1
+        return [PendingView(self, tile, p, s) for p, s in self._plans([(item_id, tile)], epoch, n_views)[0]]
+
     def make(self, item_id: str, tile: RawTile, epoch: int) -> dict[str, Any]:
         """One finished sample (the per-sample path; the default collate batches these)."""
-        n_views = 2 if self.two_views else 1
         views = []
-        for params, shape in self._plans([(item_id, tile)], epoch, n_views)[0]:
-            image = torch.empty(shape, dtype=torch.float32)
-            mask = torch.empty(shape[1:], dtype=torch.int64)
-            write_sample(image, mask, *tile, self.stats, params, self.augmenter, self.ignore_index)
+        for view in self.draw(item_id, tile, epoch):
+            image = torch.empty(view.shape, dtype=torch.float32)
+            mask = torch.empty(view.shape[1:], dtype=torch.int64)
+            view.write(image, mask)
             views.append((image, mask))
         sample: dict[str, Any] = {"image": views[0][0], "mask": views[0][1], "item_id": item_id}
         if self.two_views:

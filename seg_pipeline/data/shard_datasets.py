@@ -22,7 +22,7 @@ from seg_pipeline.data.augment import Augmenter, derive_seed
 from seg_pipeline.data.normalization import BandStats
 from seg_pipeline.data.partition import _distributed_position, partition_rows
 from seg_pipeline.data.patching import draw_window, patches_per_tile
-from seg_pipeline.data.samples import _check_common, _EpochState, _SampleMaker
+from seg_pipeline.data.samples import PendingView, _check_common, _EpochState, _SampleMaker
 from seg_pipeline.data.shards import ShardRow, read_shard_index, shard_dirs
 from seg_pipeline.data.tiles import (
     RawTile,
@@ -252,12 +252,26 @@ class ShardIterableDataset(_ShardDatasetBase, IterableDataset):
             order_seed=derive_seed("order", self.seed, epoch),
         )
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def _reader_units(self) -> tuple[list[tuple[ShardRow, int]], int]:
+        """This reader's ``(row, patch number)`` units of the current epoch, and the epoch."""
         rank, world_size = _distributed_position(self._position)
         info = get_worker_info()
         worker_id, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         epoch = self.epoch
-        units = self._units(self.rows_for(rank, world_size, worker_id, num_workers, epoch), epoch)
+        return self._units(self.rows_for(rank, world_size, worker_id, num_workers, epoch), epoch), epoch
+
+    def pending(self) -> Iterator[tuple[str, list[PendingView]]]:
+        """What ``__iter__`` yields without ``batch_size``, drawn but not written: each sample's key and
+        views (:class:`~seg_pipeline.data.samples.PendingView`), for a batch assembler to write in place.
+        """
+        units, epoch = self._reader_units()
+        for row, k in units:
+            key, tile = self._unit(row, k, epoch)
+            yield key, self._maker.draw(key, tile, epoch)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        units, epoch = self._reader_units()
+        info = get_worker_info()
         if self.batch_size is None:
             for row, k in units:
                 yield self._maker.make(*self._unit(row, k, epoch), epoch)

@@ -20,6 +20,7 @@ from pydantic import ConfigDict, Field
 
 from seg_pipeline.contracts import BandStatistics, Catalog, ShardSet, TrackingRecord, TrainedModel
 from seg_pipeline.contracts.base import Contract
+from seg_pipeline.data.batching import SourceBatches
 from seg_pipeline.data.combined import InterleavedSources
 from seg_pipeline.data.loaders import (
     build_eval_loader,
@@ -312,7 +313,11 @@ def prepare_stage(job: StageJob, log: LogFn) -> PreparedStage:
     return PreparedStage(
         trainer=_trainer(job, model, _objective(job, weights), len(train_data), log),
         train_loader=with_prefetch_thread(
-            build_train_loader(train_data, loader_settings, seed=job.settings.loop.seed),
+            build_train_loader(
+                SourceBatches(train_data, loader_settings.batch_size),
+                loader_settings,
+                seed=job.settings.loop.seed,
+            ),
             loader_settings,
             device_type,
         ),
