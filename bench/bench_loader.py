@@ -28,6 +28,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from seg_pipeline.data.augment import Augmenter
+from seg_pipeline.data.batching import SourceBatches
+from seg_pipeline.data.combined import InterleavedSources, RemappedSource
 from seg_pipeline.data.datasets import ShardIterableDataset
 from seg_pipeline.data.headers import STATUS_OK, build_headers
 from seg_pipeline.data.loaders import build_train_loader
@@ -217,6 +219,21 @@ def main(argv: Sequence[str] | None = None) -> None:
             )
             return build_train_loader(dataset, loader_config, seed=0), dataset.set_epoch
 
+        def stage(fmt: str, batches: bool) -> tuple[DataLoader, Callable[[int], None]]:
+            """What a training stage builds: one source interleaved, collated or in SourceBatches."""
+            source = ShardIterableDataset(
+                work / fmt, "train", stats=stats, augmenter=Augmenter(config, seed=0)
+            )
+            stream = InterleavedSources([RemappedSource(source, None, name="bench/train")], seed=0)
+            dataset: Any = SourceBatches(stream, args.batch_size) if batches else stream
+            loader_config = LoaderSettings(
+                num_workers=args.workers,
+                batch_size=args.batch_size,
+                persistent_workers=args.workers > 0,
+                cache_mode="none",
+            )
+            return build_train_loader(dataset, loader_config, seed=0), dataset.set_epoch
+
         def baseline() -> tuple[DataLoader, Callable[[int], None]]:
             dataset = PerFileRasterioDataset(data["rows"], stats, Augmenter(config, seed=0))
             loader = DataLoader(
@@ -241,8 +258,22 @@ def main(argv: Sequence[str] | None = None) -> None:
             "ShardIterableDataset npy, batched": lambda: ours("npy", "none", batched=True),
             "ShardIterableDataset tif, batched": lambda: ours("tif", "none", batched=True),
             "ShardIterableDataset tif, batched + lru": lambda: ours("tif", "lru", batched=True),
+            "stage path npy, per sample + collate": lambda: stage("npy", batches=False),
+            "stage path npy, SourceBatches": lambda: stage("npy", batches=True),
         }
-        results: dict[str, list[float]] = {}
+
+        def alone() -> float:
+            dataset = ShardIterableDataset(
+                work / "npy",
+                "train",
+                stats=stats,
+                augmenter=Augmenter(config, seed=0),
+                batch_size=args.batch_size,
+            )
+            return work_cost_ms(dataset, n)
+
+        work_before = alone()
+        results: dict[str, list[tuple[float, float]]] = {}
         for name, make in candidates.items():
             if args.only and not any(key in name for key in args.only):
                 continue
@@ -268,23 +299,15 @@ def main(argv: Sequence[str] | None = None) -> None:
             "epoch 1 includes worker start-up; 'epoch 2+' averages the later epochs (served from the "
             "per-worker cache with lru); CPU ms/tile counts the main process and the workers."
         )
-        work = work_cost_ms(
-            ShardIterableDataset(
-                work / "npy",
-                "train",
-                stats=stats,
-                augmenter=Augmenter(config, seed=0),
-                batch_size=args.batch_size,
-            ),
-            n,
-        )
+        work = (work_before + alone()) / 2
         ceiling = args.workers / (work / 1e3) if args.workers else 1 / (work / 1e3)
         print(
-            f"decode + augment alone (npy, batch mode, one process, one thread): {work:.2f} CPU ms/tile; "
-            f"{max(args.workers, 1)} cores at that cost: {ceiling:.0f} tiles/s"
+            f"decode + augment alone (npy, batch mode, one process, one thread): {work:.2f} CPU ms/tile "
+            f"(mean of {work_before:.2f} before the loaders and {2 * work - work_before:.2f} after: this VM "
+            f"drifts); {max(args.workers, 1)} cores at that cost: {ceiling:.0f} tiles/s"
         )
         for name, per_epoch in results.items():
-            if "batched" in name:
+            if "batched" in name or "SourceBatches" in name:
                 rate = sum(r for r, _ in per_epoch[1:]) / max(len(per_epoch) - 1, 1)
                 print(f"  {name}: {rate / ceiling:.0%} of that")
         print(f"load average after: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")

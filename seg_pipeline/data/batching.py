@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from seg_pipeline.data.combined import InterleavedSources, SourcedView
+from seg_pipeline.data.samples import write_views
 from seg_pipeline.data.shared_buffers import SHARED_BLOCK, SharedBufferPool, take_block
 from seg_pipeline.hardware import torch_threads
 
@@ -79,8 +80,15 @@ class SourceBatches(IterableDataset):
             [((len(chunk), *shape), torch.float32), ((len(chunk), *shape[1:]), torch.int64)]
         )
         images, masks = block.tensors
-        for row, sample in enumerate(chunk):
-            sample.write(images[row], masks[row])
+        start = 0
+        for end in range(1, len(chunk) + 1):  # runs of one source: photometric ops for the run at once
+            if end < len(chunk) and chunk[end].view.maker is chunk[start].view.maker:
+                continue
+            run = chunk[start:end]
+            write_views([s.view for s in run], images[start:end], masks[start:end])
+            if run[0].lut is not None:
+                masks[start:end] = run[0].lut[masks[start:end]]
+            start = end
         batch: dict[str, Any] = {
             "item_id": [sample.key for sample in chunk],
             "source": [sample.source for sample in chunk],

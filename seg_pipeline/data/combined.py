@@ -45,12 +45,6 @@ class SourcedView:
     source: str
     lut: torch.Tensor | None
 
-    def write(self, image: torch.Tensor, mask: torch.Tensor) -> None:
-        """Write the finished sample into ``image`` and ``mask`` (rows of a batch)."""
-        self.view.write(image, mask)
-        if self.lut is not None:
-            mask.copy_(self.lut[mask])
-
 
 class ClassRemapError(ValueError):
     """A class remap names a class that does not exist; the message lists the valid names."""

@@ -80,6 +80,30 @@ class PendingView:
         write_sample(image, mask, *self.tile, maker.stats, self.params, maker.augmenter, maker.ignore_index)
 
 
+def write_views(views: Sequence[PendingView], images: torch.Tensor, masks: torch.Tensor) -> None:
+    """Write views drawn by one maker into ``images``/``masks`` (consecutive rows of a batch):
+    geometric ops one by one on the raw pixels, photometric ops and normalisation for all at once,
+    exactly as :meth:`PendingView.write` would one by one (batch mode's split, without its stack of
+    finished samples).
+    """
+    if len(views) == 1:
+        views[0].write(images[0], masks[0])
+        return
+    maker = views[0].maker
+    if any(view.maker is not maker for view in views):
+        raise ValueError("write_views takes views of one maker (one source); write the others apart")
+    results = [
+        geometric_stage(*view.tile, view.params, maker.stats.bands, maker.ignore_index) for view in views
+    ]
+    raw = RawView(
+        _stack([r.image for r in results]),
+        _stack([r.mask for r in results]),
+        [r.invalid for r in results],
+        [view.params for view in views],
+    )
+    maker._photometric({"raw_views": [raw]}, [(images, masks)])
+
+
 class _SampleMaker:
     """Turns raw tiles into samples or batches: augment, normalise, nodata -> 0 / ignore_index."""
 
