@@ -124,6 +124,11 @@ class Augmenter:
         self.rare_values = tuple(sorted({int(v) for v in rare_values}))
         self.generator = torch.Generator().manual_seed(derive_seed("augmenter", self.seed))
         self._bank: torch.Tensor | None = None
+        cfg = self.config
+        if cfg.enabled and cfg.noise_bank_size > 0 and cfg.noise_std > 0 and cfg.noise_p > 0:
+            # made now, not in the first batch: 4 M values take ~50 ms, 1.5 % of the demo's first
+            # epoch; forked workers inherit it (bench/RESULTS.md, 2026-12-07 "leases")
+            self._bank = self._make_bank(cfg.noise_bank_size)
 
     def __getstate__(self) -> dict[str, Any]:
         """Workers rebuild the noise bank themselves instead of receiving 16 MB through a pipe."""
@@ -220,11 +225,14 @@ class Augmenter:
             generator = torch.Generator().manual_seed(derive_seed("noise", self.seed, offset))
             return torch.randn(numel, generator=generator)
         if self._bank is None or self._bank.numel() < 2 * numel:
-            size = max(bank_size, 2 * numel)
-            bank_generator = torch.Generator().manual_seed(derive_seed("noise-bank", self.seed))
-            self._bank = torch.randn(size, generator=bank_generator)
+            self._bank = self._make_bank(max(bank_size, 2 * numel))
         start = offset % (self._bank.numel() - numel + 1)
         return self._bank[start : start + numel]
+
+    def _make_bank(self, size: int) -> torch.Tensor:
+        """``size`` standard-normal values, a function of the augmenter's seed only."""
+        generator = torch.Generator().manual_seed(derive_seed("noise-bank", self.seed))
+        return torch.randn(size, generator=generator)
 
     # -- applying -----------------------------------------------------------------------------
     def __call__(

@@ -219,6 +219,17 @@ def test_noise_is_zero_mean_with_drawn_sigma(bank: int) -> None:
     assert noise.std() == pytest.approx(sigma, rel=0.05)
 
 
+def test_the_noise_bank_is_made_with_the_augmenter_and_equals_a_lazy_one() -> None:
+    """Made up front (not inside the first batch's data wait), with the values a first draw made."""
+    config = _plain(noise_std=0.5, noise_p=1.0, noise_bank_size=1 << 16, **NO_GEOMETRY)
+    eager = Augmenter(config, seed=3)
+    assert eager._bank is not None and eager._bank.numel() == 1 << 16
+    lazy = Augmenter(config, seed=3)
+    lazy._bank = None
+    assert torch.equal(lazy.noise(3 * 64 * 64, 1234), eager.noise(3 * 64 * 64, 1234))
+    assert Augmenter(_plain(noise_p=0.0), seed=3)._bank is None  # no noise drawn: no bank
+
+
 def test_nodata_follows_the_geometry() -> None:
     rng = np.random.default_rng(8)
     image, mask = _image_like_mask(rng)
