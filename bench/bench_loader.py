@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import multiprocessing as mp
 import os
 import platform
 import resource
@@ -173,6 +174,34 @@ def work_cost_ms(dataset: ShardIterableDataset, n_items: int, epochs: int = 2) -
         torch.set_num_threads(previous)
 
 
+def _timed_work(make: Callable[[], ShardIterableDataset], n_items: int, out: Any) -> None:
+    """In a child process: wall seconds of one epoch of decode + augment alone, after a warm-up one."""
+    torch.set_num_threads(1)
+    dataset = make()
+    for epoch in range(2):  # the first epoch warms up
+        dataset.set_epoch(epoch)
+        start = time.perf_counter()
+        for raw in dataset:
+            dataset.finish_batch(raw, threads=1)
+    out.put(time.perf_counter() - start)
+
+
+def side_by_side_rate(make: Callable[[], ShardIterableDataset], n_items: int, copies: int) -> float:
+    """Tiles/s of ``copies`` processes doing decode + augment alone at the same time (fork): what
+    the cores give when all of them work, which can be less than ``copies`` x one process alone
+    (shared caches and memory bandwidth; on a VM, the host).
+    """
+    context = mp.get_context("fork")
+    out = context.Queue()
+    processes = [context.Process(target=_timed_work, args=(make, n_items, out)) for _ in range(copies)]
+    for process in processes:
+        process.start()
+    walls = [out.get() for _ in processes]
+    for process in processes:
+        process.join()
+    return sum(n_items / wall for wall in walls)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=None, help="existing raw dataset (images/ + masks/)")
@@ -299,17 +328,36 @@ def main(argv: Sequence[str] | None = None) -> None:
             "epoch 1 includes worker start-up; 'epoch 2+' averages the later epochs (served from the "
             "per-worker cache with lru); CPU ms/tile counts the main process and the workers."
         )
-        work = (work_before + alone()) / 2
-        ceiling = args.workers / (work / 1e3) if args.workers else 1 / (work / 1e3)
+        cost = (work_before + alone()) / 2
+        ceiling = args.workers / (cost / 1e3) if args.workers else 1 / (cost / 1e3)
         print(
-            f"decode + augment alone (npy, batch mode, one process, one thread): {work:.2f} CPU ms/tile "
-            f"(mean of {work_before:.2f} before the loaders and {2 * work - work_before:.2f} after: this VM "
+            f"decode + augment alone (npy, batch mode, one process, one thread): {cost:.2f} CPU ms/tile "
+            f"(mean of {work_before:.2f} before the loaders and {2 * cost - work_before:.2f} after: this VM "
             f"drifts); {max(args.workers, 1)} cores at that cost: {ceiling:.0f} tiles/s"
+        )
+        copies = max(args.workers, 1)
+        together = side_by_side_rate(
+            lambda: ShardIterableDataset(
+                work / "npy",
+                "train",
+                stats=stats,
+                augmenter=Augmenter(config, seed=0),
+                batch_size=args.batch_size,
+            ),
+            n,
+            copies,
+        )
+        print(
+            f"{copies} copies of decode + augment alone side by side (one process each): "
+            f"{together:.0f} tiles/s together, {together / ceiling:.0%} of {copies} x one alone"
         )
         for name, per_epoch in results.items():
             if "batched" in name or "SourceBatches" in name:
                 rate = sum(r for r, _ in per_epoch[1:]) / max(len(per_epoch) - 1, 1)
-                print(f"  {name}: {rate / ceiling:.0%} of that")
+                print(
+                    f"  {name}: {rate / ceiling:.0%} of {copies} x one alone, "
+                    f"{rate / together:.0%} of side by side"
+                )
         print(f"load average after: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 
