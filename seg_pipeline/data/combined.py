@@ -164,21 +164,22 @@ class InterleavedSources(IterableDataset):
 
     def configure_cache(self, cache_mode: str, cache_max_items: int = 0) -> None:
         """Switch the per-worker tile cache of every source (each source's shard dataset keeps its own)."""
-        for source in self.sources:
-            configure = getattr(source.dataset, "configure_cache", None)
-            if configure is None:
-                raise ValueError(f"source {source.name!r} has no tile cache; use loader.cache_mode='none'")
+        for configure in self._cache_methods("configure_cache"):
             configure(cache_mode, cache_max_items)
 
     def cache_bytes(self) -> int:
         """Memory the sources' tile caches take once every cached tile was read (all workers together)."""
-        total = 0
+        return sum(size() for size in self._cache_methods("cache_bytes"))
+
+    def _cache_methods(self, name: str) -> list[Any]:
+        """Each source dataset's tile-cache method ``name``; a source without a cache is an error."""
+        methods = []
         for source in self.sources:
-            size = getattr(source.dataset, "cache_bytes", None)
-            if size is None:
+            method = getattr(source.dataset, name, None)
+            if method is None:
                 raise ValueError(f"source {source.name!r} has no tile cache; use loader.cache_mode='none'")
-            total += size()
-        return total
+            methods.append(method)
+        return methods
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle every source and the interleaving for ``epoch``."""

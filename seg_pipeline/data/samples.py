@@ -30,7 +30,7 @@ from seg_pipeline.data.augment import IDENTITY, Augmenter, AugmentParams
 from seg_pipeline.data.normalization import BandStats
 from seg_pipeline.data.shared_buffers import SHARED_BLOCK, BufferSpec, SharedBufferPool, take_block
 from seg_pipeline.data.tiles import CACHE_MODES, RawTile
-from seg_pipeline.data.transforms import geometric_stage, photometric_batch, write_sample
+from seg_pipeline.data.transforms import GeometricResult, geometric_stage, photometric_batch, write_sample
 from seg_pipeline.hardware import torch_threads
 
 
@@ -92,15 +92,8 @@ def write_views(views: Sequence[PendingView], images: torch.Tensor, masks: torch
     maker = views[0].maker
     if any(view.maker is not maker for view in views):
         raise ValueError("write_views takes views of one maker (one source); write the others apart")
-    results = [
-        geometric_stage(*view.tile, view.params, maker.stats.bands, maker.ignore_index) for view in views
-    ]
-    raw = RawView(
-        _stack([r.image for r in results]),
-        _stack([r.mask for r in results]),
-        [r.invalid for r in results],
-        [view.params for view in views],
-    )
+    params = [view.params for view in views]
+    raw = _raw_view([maker.geometric(view.tile, p) for view, p in zip(views, params, strict=True)], params)
     maker._photometric({"raw_views": [raw]}, [(images, masks)])
 
 
@@ -159,23 +152,16 @@ class _SampleMaker:
         """
         n_views = 2 if self.two_views else 1
         plans = self._plans(items, epoch, n_views)
-        per_view = [
-            [
-                geometric_stage(*tile, params[v][0], self.stats.bands, self.ignore_index)
-                for (_, tile), params in zip(items, plans, strict=True)
-            ]
-            for v in range(n_views)
-        ]
-        views = [
-            RawView(
-                _stack([r.image for r in results]),
-                _stack([r.mask for r in results]),
-                [r.invalid for r in results],
-                [params[v][0] for params in plans],
-            )
-            for v, results in enumerate(per_view)
-        ]
+        views = []
+        for v in range(n_views):
+            params = [plan[v][0] for plan in plans]
+            results = [self.geometric(tile, p) for (_, tile), p in zip(items, params, strict=True)]
+            views.append(_raw_view(results, params))
         return {"raw_views": views, "item_id": [item_id for item_id, _ in items]}
+
+    def geometric(self, tile: RawTile, params: AugmentParams) -> GeometricResult:
+        """The geometric ops of ``params`` on a raw tile (first half of batch mode)."""
+        return geometric_stage(*tile, params, self.stats.bands, self.ignore_index)
 
     def finish_shared(self, raw: dict[str, Any]) -> dict[str, Any]:
         """Second half of batch mode in a DataLoader worker: the finished float32 images and int64
@@ -274,6 +260,16 @@ def split_views(sample: dict[str, Any]) -> list[dict[str, Any]]:
         {**rest, "image": sample[f"image_view{v + 1}"], "mask": sample[f"mask_view{v + 1}"], "view": v}
         for v in range(2)
     ]
+
+
+def _raw_view(results: Sequence[GeometricResult], params: list[AugmentParams]) -> RawView:
+    """Samples after their geometric ops, stacked as one view of a raw batch."""
+    return RawView(
+        _stack([r.image for r in results]),
+        _stack([r.mask for r in results]),
+        [r.invalid for r in results],
+        params,
+    )
 
 
 def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:

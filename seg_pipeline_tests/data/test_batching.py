@@ -12,12 +12,12 @@ from torch.utils.data import DataLoader
 from seg_pipeline.data.batching import SourceBatches
 from seg_pipeline.data.combined import InterleavedSources
 from seg_pipeline.data.loaders import FinishingDataLoader, build_train_loader
-from seg_pipeline.data.shared_buffers import DEFAULT_MAX_SETS
 from seg_pipeline.data.synthetic import TARGET_CLASSES, SyntheticSpec
 from seg_pipeline.settings import LoaderSettings, PretrainSettings
 from seg_pipeline.training.sources import TrainingSource, build_training_data
 from seg_pipeline_tests.conftest import ingest_synthetic, tiny_stage
 from seg_pipeline_tests.data.test_combined import AUX_TO_TARGET
+from seg_pipeline_tests.data.test_shared_buffers import assert_dropped_batches_reuse_blocks
 
 
 @pytest.fixture(scope="module")
@@ -82,15 +82,7 @@ def test_samples_of_different_sizes_name_the_sample(sources: list[TrainingSource
 
 def test_workers_write_batches_into_blocks_they_refill(sources: list[TrainingSource]) -> None:
     """A consumer that drops each batch (a training loop) is served by a few reused blocks."""
-    batched = SourceBatches(_stream(sources), batch_size=2)
-    loader = build_train_loader(batched, LoaderSettings(batch_size=2, num_workers=1, persistent_workers=True))
-    addresses, batches = set(), 0
-    for epoch in range(3):
-        batched.set_epoch(epoch)
-        for batch in loader:
-            addresses.add(batch["image"].data_ptr())
-            batches += 1
-    assert len(addresses) <= DEFAULT_MAX_SETS < batches
+    assert_dropped_batches_reuse_blocks(SourceBatches(_stream(sources), batch_size=2))
 
 
 def test_a_plain_dataloader_gets_batches_in_main_process_memory(sources: list[TrainingSource]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from typing import Any
 
 import pytest
 import torch
@@ -127,9 +128,10 @@ def test_a_finished_batch_keeps_its_block_until_its_last_view_is_gone(data: dict
     assert int(block[0]) == 0
 
 
-def test_a_dropped_batch_lets_the_worker_refill_its_block(data: dict) -> None:
-    """A consumer that drops each batch (a training loop) is served by a few blocks, refilled."""
-    dataset = _batch_mode(data)
+def assert_dropped_batches_reuse_blocks(dataset: Any) -> None:
+    """Three epochs through one persistent worker, each batch dropped at once (as a training loop
+    does): a few blocks serve every batch, so the worker refilled released ones.
+    """
     loader = build_train_loader(dataset, LoaderSettings(batch_size=2, num_workers=1, persistent_workers=True))
     addresses, batches = set(), 0
     for epoch in range(3):
@@ -138,6 +140,11 @@ def test_a_dropped_batch_lets_the_worker_refill_its_block(data: dict) -> None:
             addresses.add(batch["image"].data_ptr())
             batches += 1
     assert len(addresses) <= DEFAULT_MAX_SETS < batches
+
+
+def test_a_dropped_batch_lets_the_worker_refill_its_block(data: dict) -> None:
+    """A consumer that drops each batch (a training loop) is served by a few blocks, refilled."""
+    assert_dropped_batches_reuse_blocks(_batch_mode(data))
 
 
 @pytest.mark.parametrize("two_views", [False, True])
