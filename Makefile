@@ -41,8 +41,9 @@ run: install $(DAGSTER_HOME)/dagster.yaml demo-data
 		--tags '{"dagster/partition": "$(DATASET)"}'
 	$(PY) -m seg_pipeline.cli --data-root data summary --dataset $(DATASET)
 
+# One pytest worker per core; a module's tests stay on one worker, which builds its fixtures once.
 test: install
-	$(BIN)/pytest
+	$(BIN)/pytest -n auto --dist loadfile
 
 # Lint, format check, type check (mypy) and the layer contracts (import-linter): what .ci/run runs.
 lint: install

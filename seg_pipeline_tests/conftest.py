@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,21 @@ TEST_PIXEL_SIZE = 0.5
 
 MakeDataset = Callable[..., Path]
 WriteRaster = Callable[..., Path]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under ``pytest -n N`` (``make test``), give each of the N workers its share of the cores.
+
+    torch sizes its thread pool to all cores in every worker, and N pools spinning on the same
+    cores are slower than one pool each; subprocesses the tests start inherit ``OMP_NUM_THREADS``.
+    """
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        threads = max(1, len(os.sched_getaffinity(0)) // workers)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def scratch_dir(request: pytest.FixtureRequest, factory: pytest.TempPathFactory, name: str) -> Path:
