@@ -16,7 +16,7 @@ JOB ?= full_pipeline_job
 DATASET ?= demo
 PY_DIRS := seg_pipeline seg_pipeline_tests bench deploy
 
-.PHONY: install run test lint format ui mlflow-ui demo-data bench clean-demo screenshots
+.PHONY: install run test lint format ui mlflow-ui demo-data bench gpu-wheels clean-demo screenshots
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -70,6 +70,14 @@ screenshots: install
 
 bench: install
 	for b in bench/bench_*.py; do $(PY) $$b || exit 1; done
+
+# The packages a lent GPU machine lacks, as CPython 3.12 wheels in .whl/ for bench/gpu_checks.sh.
+gpu-wheels: install
+	rm -rf .whl
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl -r bench/gpu_requirements.txt
+	du -sh .whl
 
 clean-demo:
 	rm -rf data/raw/demo data/raw/demo_aux data/processed/* data/models/* data/predictions/* data/reports/* data/exports/* data/mlflow/* .dagster

@@ -18,6 +18,10 @@ A smaller overlap is cheaper but blends fewer pixels, so the script also prints 
 for the default windows and for the former 512 px / 64 px ones: what the windows cost in agreement.
 
     .venv/bin/python bench/bench_predict.py --tiles 8 --side 4000
+    python bench/bench_predict.py --device cuda --tiles 64 --side 8000   # on a GPU: same comparison
+
+With ``--device cuda`` ours and the bare passes run on the GPU (the bare passes wait for the device
+before their clock stops), at the GPU defaults of ``windows.batch_size`` and precision.
 """
 
 from __future__ import annotations
@@ -69,19 +73,24 @@ def models() -> list[LoadedModel]:
 
 
 def bare_passes(
-    members: list[torch.nn.Module], paths: list[Path], window: int, batch: int, tta: TTAConfig
+    members: list[torch.nn.Module],
+    paths: list[Path],
+    window: int,
+    batch: int,
+    tta: TTAConfig,
+    device: torch.device,
 ) -> float:
     """Seconds of the forward passes alone over the same windows, views, precision and layout."""
     layout = torch.channels_last if tta.channels_last else torch.contiguous_format
-    nets = [member.to(memory_format=layout) for member in members]  # once, outside the timing
+    nets = [member.to(device, memory_format=layout) for member in members]  # once, outside the timing
     started = time.perf_counter()
     for path in paths:
         with rasterio.open(path) as src:
             grid = window_grid(src.height, src.width, window, 0)
             for start in range(0, len(grid), batch):
                 crops = [src.read(window=w).astype(np.float32) for w in grid[start : start + batch]]
-                x = torch.from_numpy(np.stack(crops))
-                with torch.inference_mode(), torch.autocast("cpu", dtype=tta.amp_dtype or torch.float32,
+                x = torch.from_numpy(np.stack(crops)).to(device)
+                with torch.inference_mode(), torch.autocast(device.type, dtype=tta.amp_dtype or torch.float32,
                                                             enabled=tta.amp_dtype is not None):  # fmt: skip
                     for net in nets:
                         for scale in SCALES:
@@ -90,12 +99,15 @@ def bare_passes(
                             for flip in FLIPS:
                                 view = apply_transform(scaled, flip).contiguous(memory_format=layout)
                                 invert_transform(net(view), flip)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return time.perf_counter() - started
 
 
 def seam_disagreement(member: LoadedModel, side: int, windows: WindowSettings) -> float:
     """Percent of a ``side`` px crop whose windowed class differs from one whole-crop forward pass."""
     image = torch.from_numpy(np.random.default_rng(7).normal(0.0, 1.0, (3, side, side)).astype(np.float32))
+    image = image.to(next(member.model.parameters()).device)
 
     def predict(x: torch.Tensor) -> torch.Tensor:
         return member.model(x).softmax(1)
@@ -114,21 +126,32 @@ def main() -> None:
         "--batch-size", type=int, default=None, help="windows per pass (default: the CPU default, 1)"
     )
     parser.add_argument("--seam-side", type=int, default=1536, help="crop side of the seam check (0 = skip)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where both sides run")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here")
     flags = " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in cpu_flags())
     now, cpu = f"{datetime.datetime.now():%Y-%m-%d %H:%M}", platform.processor() or platform.machine()
     print(f"# {now} | {cpu} | {os.cpu_count()} cores | flags: {flags} | torch {torch.__version__} | "
           f"threads {torch.get_num_threads()}")  # fmt: skip
+    if device.type == "cuda":
+        print(f"# device: {torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}")
     members = models()
     tta_settings = {"scales": list(SCALES), "flips": list(FLIPS)}
     settings = PredictSettings.parse(
-        {"tta": tta_settings, "windows": {"batch_size": args.batch_size}, "color_png": False}
+        {
+            "tta": tta_settings,
+            "windows": {"batch_size": args.batch_size},
+            "color_png": False,
+            "device": args.device,
+        }
     )
-    amp_dtype, reason = inference_dtype(torch.device("cpu"), settings.bf16)
-    channels_last = inference_channels_last(torch.device("cpu"), settings.channels_last)
+    amp_dtype, reason = inference_dtype(device, settings.bf16)
+    channels_last = inference_channels_last(device, settings.channels_last)
     tta = TTAConfig.from_settings(settings.tta, amp_dtype=amp_dtype, channels_last=channels_last)
     print(f"precision: {reason}; channels_last={channels_last}; "
-          f"windows per pass {settings.windows.for_device('cpu').windows_per_pass}")  # fmt: skip
+          f"windows per pass {settings.windows.for_device(device.type).windows_per_pass}")  # fmt: skip
     overheads = []
     with tempfile.TemporaryDirectory(prefix="bench_predict_") as tmp:
         work = Path(tmp)
@@ -148,10 +171,10 @@ def main() -> None:
             started = time.perf_counter()
             predict_files(members, [(p.stem, p) for p in paths], outs, settings)
             ours = time.perf_counter() - started
-            batch = settings.windows.for_device("cpu").windows_per_pass
-            bare = bare_passes([m.model for m in members], paths, settings.windows.window, batch, tta)
+            batch = settings.windows.for_device(device.type).windows_per_pass
+            bare = bare_passes([m.model for m in members], paths, settings.windows.window, batch, tta, device)
             folded = [fold_batchnorm(m.model).model for m in members]
-            bare_folded = bare_passes(folded, paths, settings.windows.window, batch, tta)
+            bare_folded = bare_passes(folded, paths, settings.windows.window, batch, tta, device)
             pixels = sum(rasterio.open(p).width * rasterio.open(p).height for p in paths)
             overhead = 100 * (ours - bare) / bare
             machinery = 100 * (ours - bare_folded) / bare_folded

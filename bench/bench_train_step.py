@@ -9,6 +9,9 @@ Rows (same model: SMP Unet-resnet18, encoder_weights=None, 3 -> 6 classes; data 
   e  our fit() with CPU AMP forced on (bf16 autocast + channels_last)
 Goals (issue 13): b within 5% of a; e within 5% of c (our bf16 fit() vs the bare bf16 loop); on an
 AMX CPU the default (d) picks bf16 by itself.
+``--device cuda`` runs the same rows on the GPU (model and batch on the device, autocast on CUDA,
+row d = fit()'s CUDA default policy), synchronizing the device at each step boundary so the wall
+times are the GPU's; the CPU-time columns then only say how busy the host was.
 ``--detail`` adds a2 (bare loop with the same fused AdamW as ours, isolating the machinery cost)
 and b0 (our fit() fp32 without EMA, isolating the EMA cost).
 
@@ -19,6 +22,7 @@ CPU time (all threads) are reported: on a shared 2-core machine wall time swings
 other people's load, CPU time much less. With a quiet machine, CPU s/step is ~threads x wall s/step.
 
     .venv/bin/python bench/bench_train_step.py --size 256 --batch 8 --steps 6 --rounds 2
+    python bench/bench_train_step.py --device cuda --size 512 --batch 8 --steps 30 --rounds 3
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from seg_pipeline.training.trainer import fit
 CLASSES = 6
 IGNORE_INDEX = 255
 Sample = tuple[float, float]  # (wall seconds, CPU seconds) of one step
+DEVICE = torch.device("cpu")  # set from --device in main()
 
 
 def make_model(seed: int = 0) -> nn.Module:
@@ -73,6 +78,8 @@ def _durations(stamps: list[Sample]) -> list[Sample]:
 
 
 def _stamp() -> Sample:
+    if DEVICE.type == "cuda":  # the step's kernels are queued: wait for them so the wall time is theirs
+        torch.cuda.synchronize(DEVICE)
     return time.perf_counter(), time.process_time()
 
 
@@ -80,7 +87,7 @@ def bare_loop(
     batch: dict[str, Any], steps: int, amp: bool, channels_last: bool, fused: bool | None = None
 ) -> list[Sample]:
     """What a user writes by hand: AdamW (torch default unless ``fused``), no clipping/EMA/logging."""
-    model = make_model()
+    model = make_model().to(DEVICE)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=1e-2, fused=fused)
@@ -88,7 +95,7 @@ def bare_loop(
     for _ in range(steps + 1):
         stamps.append(_stamp())
         image = batch["image"].to(memory_format=memory_format)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=amp):
             loss = loss_fn(model(image), batch["mask"])
         loss.backward()
         optimizer.step()
@@ -121,7 +128,7 @@ def our_fit(
     objective = TimedObjective(SupervisedObjective(loss_fn))
     config = LoopSettings(
         epochs=1,
-        device="cpu",
+        device=DEVICE.type,
         amp=amp,
         channels_last=channels_last,
         clip_grad_norm=1.0,
@@ -158,20 +165,29 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="steps excluded at the start of each run")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of all rows")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the rows run")
     parser.add_argument("--detail", action="store_true", help="add rows a2 and b0 (see module doc)")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here")
     torch.set_num_threads(args.threads)
     batch = make_batch(args.batch, args.size)
+    batch.update(image=batch["image"].to(DEVICE), mask=batch["mask"].to(DEVICE))
     total = args.warmup + args.steps
 
-    default_policy = PrecisionPolicy.from_rule(torch.device("cpu")).describe()
-    default_policy = default_policy.removeprefix("cpu ").split(" (")[0]
+    def policy(amp: bool | None, channels_last: bool | None) -> str:
+        """What fit() resolves these settings to on this device (CUDA keeps AMP on even with amp=False)."""
+        described = PrecisionPolicy.from_rule(DEVICE, amp, channels_last).describe()
+        return described.removeprefix(f"{DEVICE.type} ").split(" (")[0]
+
     rows: dict[str, tuple[str, Callable[[], list[Sample]]]] = {
         "a": ("bare SMP loop, fp32", lambda: bare_loop(batch, total, amp=False, channels_last=False)),
-        "b": ("our fit(), fp32 contiguous (clip+EMA+log+sched)", lambda: our_fit(batch, total, False, False)),
+        "b": (f"our fit(), amp=False ({policy(False, False)})", lambda: our_fit(batch, total, False, False)),
         "c": ("bare loop, bf16 autocast + channels_last", lambda: bare_loop(batch, total, True, True)),
-        "d": (f"our fit(), CPU default ({default_policy})", lambda: our_fit(batch, total, None, None)),
-        "e": ("our fit(), amp=True (bf16 + channels_last)", lambda: our_fit(batch, total, True, None)),
+        "d": (f"our fit(), default ({policy(None, None)})", lambda: our_fit(batch, total, None, None)),
+        "e": (f"our fit(), amp=True ({policy(True, None)})", lambda: our_fit(batch, total, True, None)),
     }
     if args.detail:
         rows["a2"] = (
@@ -197,6 +213,8 @@ def main() -> None:
         f"# machine: {cpu_name()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
         f"threads {args.threads}, python {platform.python_version()}"
     )
+    if DEVICE.type == "cuda":
+        print(f"# device: {torch.cuda.get_device_name(DEVICE)}, CUDA {torch.version.cuda}")
     wanted = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2")
     present = [flag for flag in wanted if flag in cpu_flags()]
     print(f"# CPU flags: {' '.join(present) or 'none of ' + ' '.join(wanted)}")
@@ -218,7 +236,7 @@ def main() -> None:
         print(
             f"[{label}] fit() fp32 overhead vs bare (b/a - 1): {metric['b'] / metric['a'] - 1:+.1%} "
             "(goal <= +5%); "
-            f"CPU default speed-up (a/d): {metric['a'] / metric['d']:.2f}x; "
+            f"{DEVICE.type} default speed-up (a/d): {metric['a'] / metric['d']:.2f}x; "
             f"amp=True speed-up (a/e): {metric['a'] / metric['e']:.2f}x; "
             f"our bf16 fit() vs bare bf16 (e/c - 1): {metric['e'] / metric['c'] - 1:+.1%} (goal <= +5%)"
         )
