@@ -41,9 +41,10 @@ run: install $(DAGSTER_HOME)/dagster.yaml demo-data
 		--tags '{"dagster/partition": "$(DATASET)"}'
 	$(PY) -m seg_pipeline.cli --data-root data summary --dataset $(DATASET)
 
-# One pytest worker per core; a module's tests stay on one worker, which builds its fixtures once.
+# One pytest worker per core; a module's tests stay on one worker, which builds its fixtures once;
+# modules with slow tests first (seg_pipeline_tests/conftest.py).
 test: install
-	$(BIN)/pytest -n auto --dist loadfile
+	$(BIN)/pytest -n auto --dist loadfile --no-loadscope-reorder
 
 # Lint, format check, type check (mypy) and the layer contracts (import-linter): what .ci/run runs.
 lint: install

@@ -56,6 +56,7 @@ def test_bad_overrides_are_one_line_naming_the_field_before_any_work(data_root: 
     assert not out.exists()  # nothing was written for a run that could not start
 
 
+@pytest.mark.slow
 def test_pretrain_then_resume_then_kd_then_export(data_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "experiments"
     first = cli("train", "--stage", "pretrain", "--config", str(CONFIG), "--output", str(out),

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import dagster as dg
+import pytest
 import yaml
 
 from seg_pipeline.data.catalog import read_catalog_mask_values
@@ -22,6 +23,7 @@ SMALL = {
 }
 
 
+@pytest.mark.slow
 def test_configs_kampala_runs_the_full_pipeline_on_real_tiles(tmp_path: Path) -> None:
     raw = tmp_path / "shared"
     kampala, nairobi = copy_real("kampala", raw), copy_real("nairobi", raw)

@@ -50,6 +50,7 @@ def write_mixed_dataset(raw: Path) -> None:
     (raw / "classes.txt").write_text("background\nbuilding\nroad\n")
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
 def test_a_mixed_size_dataset_trains_through_train_job(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch

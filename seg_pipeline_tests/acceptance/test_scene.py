@@ -86,6 +86,7 @@ def scene(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tile_format", ["tif", "npy"])
 def test_a_6000_px_scene_runs_every_step_in_bounded_memory(scene: Path, tile_format: str) -> None:
     peaks: dict[str, int] = {}
@@ -119,6 +120,7 @@ def test_a_6000_px_scene_runs_every_step_in_bounded_memory(scene: Path, tile_for
     assert all(peak < LIMIT for peak in peaks.values()), (peaks, LIMIT)
 
 
+@pytest.mark.slow
 def test_streamed_validation_scores_every_pixel_like_a_whole_tile_pass(scene: Path) -> None:
     catalog = build_headers(DatasetSpec(dataset_id="scene", root=scene / "raw")).catalog
     out = scene / "shards_check"

@@ -29,6 +29,8 @@ from seg_pipeline.settings import ChampionSettings
 from seg_pipeline_tests.conftest import scratch_dir, tiny_stage
 from seg_pipeline_tests.defs.cli_helpers import instance_for
 
+pytestmark = pytest.mark.slow  # every test reads the one materialized pipeline (its module fixture)
+
 DEMO_REMAP = {
     "unknown": "",
     "bareland": "bare_soil",
