@@ -174,7 +174,7 @@ def work_cost_ms(dataset: ShardIterableDataset, n_items: int, epochs: int = 2) -
         torch.set_num_threads(previous)
 
 
-def _timed_work(make: Callable[[], ShardIterableDataset], n_items: int, out: Any) -> None:
+def _timed_work(make: Callable[[], ShardIterableDataset], out: Any) -> None:
     """In a child process: wall seconds of one epoch of decode + augment alone, after a warm-up one."""
     torch.set_num_threads(1)
     dataset = make()
@@ -193,7 +193,7 @@ def side_by_side_rate(make: Callable[[], ShardIterableDataset], n_items: int, co
     """
     context = mp.get_context("fork")
     out = context.Queue()
-    processes = [context.Process(target=_timed_work, args=(make, n_items, out)) for _ in range(copies)]
+    processes = [context.Process(target=_timed_work, args=(make, out)) for _ in range(copies)]
     for process in processes:
         process.start()
     walls = [out.get() for _ in processes]
@@ -291,15 +291,18 @@ def main(argv: Sequence[str] | None = None) -> None:
             "stage path npy, SourceBatches": lambda: stage("npy", batches=True),
         }
 
-        def alone() -> float:
-            dataset = ShardIterableDataset(
+        def batch_mode_dataset() -> ShardIterableDataset:
+            """Decode + augment alone: the npy shards in batch mode, read where it is made."""
+            return ShardIterableDataset(
                 work / "npy",
                 "train",
                 stats=stats,
                 augmenter=Augmenter(config, seed=0),
                 batch_size=args.batch_size,
             )
-            return work_cost_ms(dataset, n)
+
+        def alone() -> float:
+            return work_cost_ms(batch_mode_dataset(), n)
 
         work_before = alone()
         results: dict[str, list[tuple[float, float]]] = {}
@@ -336,17 +339,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"drifts); {max(args.workers, 1)} cores at that cost: {ceiling:.0f} tiles/s"
         )
         copies = max(args.workers, 1)
-        together = side_by_side_rate(
-            lambda: ShardIterableDataset(
-                work / "npy",
-                "train",
-                stats=stats,
-                augmenter=Augmenter(config, seed=0),
-                batch_size=args.batch_size,
-            ),
-            n,
-            copies,
-        )
+        together = side_by_side_rate(batch_mode_dataset, n, copies)
         print(
             f"{copies} copies of decode + augment alone side by side (one process each): "
             f"{together:.0f} tiles/s together, {together / ceiling:.0%} of {copies} x one alone"

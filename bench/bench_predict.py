@@ -41,7 +41,7 @@ import segmentation_models_pytorch as smp
 import torch
 
 from seg_pipeline.data.normalization import BandStats
-from seg_pipeline.hardware import cpu_flags
+from seg_pipeline.hardware import cpu_flags, resolve_device
 from seg_pipeline.inference.ensemble import inference_channels_last, inference_dtype
 from seg_pipeline.inference.folding import fold_batchnorm
 from seg_pipeline.inference.predict import LoadedModel, predict_files
@@ -128,9 +128,7 @@ def main() -> None:
     parser.add_argument("--seam-side", type=int, default=1536, help="crop side of the seam check (0 = skip)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where both sides run")
     args = parser.parse_args()
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: torch sees no CUDA device here")
+    device = resolve_device(args.device)  # refuses cuda where torch sees no GPU
     flags = " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in cpu_flags())
     now, cpu = f"{datetime.datetime.now():%Y-%m-%d %H:%M}", platform.processor() or platform.machine()
     print(f"# {now} | {cpu} | {os.cpu_count()} cores | flags: {flags} | torch {torch.__version__} | "

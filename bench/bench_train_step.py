@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seg_pipeline.hardware import cpu_flags
+from seg_pipeline.hardware import cpu_flags, resolve_device
 from seg_pipeline.settings import LoopSettings
 from seg_pipeline.training.objectives import SupervisedObjective
 from seg_pipeline.training.optim import build_optimizer, build_scheduler
@@ -169,9 +169,7 @@ def main() -> None:
     parser.add_argument("--detail", action="store_true", help="add rows a2 and b0 (see module doc)")
     args = parser.parse_args()
     global DEVICE
-    DEVICE = torch.device(args.device)
-    if DEVICE.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: torch sees no CUDA device here")
+    DEVICE = resolve_device(args.device)  # refuses cuda where torch sees no GPU
     torch.set_num_threads(args.threads)
     batch = make_batch(args.batch, args.size)
     batch.update(image=batch["image"].to(DEVICE), mask=batch["mask"].to(DEVICE))

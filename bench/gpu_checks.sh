@@ -27,7 +27,9 @@ QUICK=${QUICK:-0}     # 1: toy sizes for the benches too (dry run)
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-if compgen -G ".whl/*.whl" >/dev/null; then
+# the carried wheels only where the interpreter lacks the project's packages (the GPU image does)
+if ! $PY -c "import rasterio, segmentation_models_pytorch, pydantic, mlflow" 2>/dev/null \
+  && compgen -G ".whl/*.whl" >/dev/null; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD
 else
